@@ -1,0 +1,45 @@
+# segsweep: `make demo` runs the quickstart on the embedded dataset; `make test` runs the tests.
+# Both set up .venv first (idempotent: a second `make install` returns at once).
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Deterministic, quiet CPU runs: two cores, no oversubscription between torch and workers.
+export OMP_NUM_THREADS ?= 2
+export RAY_DEDUP_LOGS ?= 0
+export PYTHONWARNINGS ?= ignore
+
+.PHONY: install demo test test-fast lint dashboard clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (segsweep needs Python 3.11)"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/segsweep run experiments/run.yaml
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not cluster and not browser"
+
+lint: install
+	$(VENV)/bin/ruff check platform tests
+	$(VENV)/bin/ruff format --check platform tests
+
+clean:
+	rm -rf mlflow.db mlflow.db-* mlartifacts runs sweeps .pytest_cache
+
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^segsweep' > requirements.lock.new
+	{ sed -n '1,2p' requirements.lock; cat requirements.lock.new; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock && rm requirements.lock.new

@@ -1,0 +1,223 @@
+"""The ``segsweep`` command line.
+
+Every user error prints one line, ``error: <what is wrong, naming the file or field>``, and
+exits with code 2; a diverged run exits 1; an interrupted one 130. Python tracebacks are
+kept for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from segsweep.errors import ConfigError, UserError, one_line
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one ``error:`` line and exit code 2 like the rest."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {self.prog}: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _echo(quiet: bool) -> Callable[[str], None]:
+    return (lambda _m: None) if quiet else (lambda m: print(m, flush=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# segsweep run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from segsweep.config import apply_overrides, load_run_config, read_yaml, validate_run_config
+    from segsweep.runner import execute, make_tracker, prepare
+
+    sets = list(args.set or [])
+    if args.tracking_uri:
+        sets.append(f"tracking.uri={args.tracking_uri}")
+    resume_ckpt = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        resume_ckpt = run_dir / "checkpoints" / "last.pt"
+        if not resume_ckpt.is_file():
+            raise ConfigError(f"{resume_ckpt}: no checkpoint to resume from")
+        saved = run_dir / "config.yaml"
+        source = Path(args.config) if args.config else saved
+        cfg = validate_run_config(apply_overrides(read_yaml(source), sets), str(source))
+        run_key = run_dir.name
+    else:
+        if not args.config:
+            raise ConfigError("segsweep run: give a CONFIG file (or --resume RUN_DIR)")
+        cfg = load_run_config(Path(args.config), sets)
+        run_key = uuid.uuid4().hex[:12]
+        run_dir = cfg.output_dir / run_key
+
+    echo = _echo(args.quiet)
+    prepared = prepare(cfg, echo)
+    tracker = make_tracker(cfg, prepared.data, run_key=run_key)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from segsweep.config import dump_yaml
+
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    result = execute(prepared, tracker, run_dir, resume_from=resume_ckpt)
+    if result.status == "diverged":
+        print(
+            f"error: {result.message}; run {tracker.run_id} marked FAILED (segsweep.status=diverged)",
+            file=sys.stderr,
+        )
+        return 1
+    m = result.metrics
+    print(f"done: {cfg.method} run {tracker.run_id or run_key} finished")
+    for key, label in (
+        ("val/mIoU_last", "val/mIoU, last evaluation"),
+        ("val/mIoU_at_best_tune", "val/mIoU, checkpoint picked on the tune split"),
+        ("val/mIoU_best", "val/mIoU, best evaluation (optimistic)"),
+        ("val_teacher/mIoU_last", "teacher val/mIoU, last evaluation"),
+    ):
+        if key in m:
+            print(f"  {label:<48} {m[key]:.4f}")
+    print(f"  checkpoints: {run_dir / 'checkpoints'}")
+    print(f"  resume: segsweep run --resume {run_dir}")
+    print(f"  MLflow: {tracker.ui_hint()}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# segsweep sweep
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from segsweep.sweepspec import plan_sweep
+
+    plan = plan_sweep(Path(args.spec), list(args.set or []), tracking_uri=args.tracking_uri)
+    from segsweep.sweep import run_sweep
+
+    result = run_sweep(
+        plan, Path(args.dir), resume=args.resume, ray_address=args.ray_address, echo=_echo(False)
+    )
+    uri = result.tracking_uri
+    print(
+        f"\nsweep {plan.spec.name} done: parent run {result.parent_run_id} "
+        f"in MLflow experiment '{plan.experiment}'"
+    )
+    if uri.startswith("sqlite:///"):
+        print(f"  browse:  mlflow ui --backend-store-uri {uri} --port 5000")
+        print(f"           then open http://127.0.0.1:5000/#/experiments/{result.experiment_id}")
+    else:
+        print(f"  browse:  {uri}/#/experiments/{result.experiment_id}")
+    print(
+        "  compare: in the runs table, group by the tag segsweep.cell or the params method and "
+        "label_ratio; filter tags.`segsweep.phase` = 'final' for the seed runs"
+    )
+    print(
+        f"  curves:  segsweep curve --experiment {plan.experiment}"
+        + (f" --tracking-uri {uri}" if args.tracking_uri else "")
+    )
+    storage = plan.spec.optuna_storage or f"sqlite:///{result.sweep_dir / 'optuna.db'}"
+    print(f"  optuna:  optuna-dashboard {storage}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# listings
+
+
+def cmd_methods(_args: argparse.Namespace) -> int:
+    from segsweep.methods import METHODS
+
+    for name, cls in METHODS.items():
+        knobs = ", ".join(cls.Knobs.model_fields) or "-"
+        print(f"{name:<12} {cls.summary}\n{'':<12} knobs: {knobs}")
+    return 0
+
+
+def cmd_datasets(_args: argparse.Namespace) -> int:
+    from segsweep.data import DATASETS
+
+    for name, (summary, _) in DATASETS.items():
+        print(f"{name:<12} {summary}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="segsweep", description="Label-efficient semantic segmentation sweeps.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "run",
+        help="train one run and track it in MLflow",
+        description="Train one run of CONFIG (a YAML run config) and track it in MLflow.",
+    )
+    p.add_argument("config", nargs="?", help="run config YAML (e.g. experiments/run.yaml)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.label_ratio=0.25 (repeatable)",
+    )
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run a sweep spec through Ray Tune and Optuna",
+        description="Run every cell of a sweep spec (method x label ratio x seed x ...) "
+        "through Ray Tune, with an Optuna search per cell and per-cell ASHA.",
+    )
+    p.add_argument("spec", help="sweep spec YAML (e.g. experiments/quickstart.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start Ray locally)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the base run config of every trial (repeatable)",
+    )
+    p.add_argument("--dir", default="sweeps", help="folder of sweep state (default: ./sweeps)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "methods", help="list the methods and their knobs", description="List the methods and their knobs."
+    )
+    p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("datasets", help="list the dataset readers", description="List the dataset readers.")
+    p.set_defaults(func=cmd_datasets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        # DataLoader workers re-raise our DataError as RuntimeError(traceback text).
+        text = str(exc)
+        if "DataError: " in text or "ConfigError: " in text:
+            print(f"error: {one_line(exc).split('Error: ', 1)[-1]}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

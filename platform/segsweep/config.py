@@ -1,0 +1,264 @@
+"""Run configuration: pydantic models validated at load, YAML files, ``--set a.b=c`` overrides.
+
+A run config is one YAML file (see ``experiments/``). Every field has a default, so the
+smallest valid config is ``method: supervised``. Method knobs live in a section named after
+the method (``fixmatch: {conf_threshold: 0.9}``); only the active method's section is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from segsweep.errors import ConfigError
+from segsweep.methods import KNOBS, METHODS
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Section):
+    """The embedded synthetic dataset (generated offline from a seed, cached on disk)."""
+
+    image_size: int = Field(64, ge=32, le=1024, description="side of the square images, px")
+    num_train: int = Field(1200, ge=16, description="training pool size")
+    num_val: int = Field(200, ge=8, description="validation (reported) split size")
+    seed: int = Field(0, description="generator seed; a different seed is a different dataset")
+
+
+class AugmentConfig(Section):
+    """Joint image/mask augmentation. Weak: scale, crop, flip. Strong: photometric + CutMix box."""
+
+    scale_min: float = Field(0.75, gt=0)
+    scale_max: float = Field(1.5, gt=0)
+    hflip: bool = True
+    color_jitter: float = Field(0.5, ge=0, le=1, description="strength of the strong view's jitter")
+    grayscale_prob: float = Field(0.2, ge=0, le=1)
+    blur_prob: float = Field(0.5, ge=0, le=1)
+    cutmix_prob: float = Field(0.5, ge=0, le=1, description="chance that a strong view gets a box")
+
+    @model_validator(mode="after")
+    def _scale_order(self) -> AugmentConfig:
+        if self.scale_min > self.scale_max:
+            raise ValueError("scale_min must not exceed scale_max")
+        return self
+
+
+DatasetName = Literal["synthetic", "voc", "voc_aug", "cityscapes", "folder"]
+
+
+class DataConfig(Section):
+    name: DatasetName = "synthetic"
+    root: Path | None = Field(None, description="dataset root; for synthetic, the cache folder")
+    label_ratio: float = Field(0.125, gt=0, le=1, description="fraction of training images labeled")
+    num_labeled: int | None = Field(None, ge=1, description="labeled count; overrides label_ratio")
+    split: Path | None = Field(
+        None, description="a published split folder holding labeled.txt and unlabeled.txt"
+    )
+    split_seed: int = Field(0, description="seed of the generated labeled/unlabeled partition")
+    tune_size: int = Field(
+        64, ge=0, description="training images held out (from the unlabeled pool) for tuning"
+    )
+    crop_size: int = Field(64, ge=32)
+    num_workers: int = Field(0, ge=0, description="DataLoader workers per loader")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("crop_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError("must be a multiple of 32 (encoders downsample 32x)")
+        return v
+
+
+class ModelConfig(Section):
+    arch: Literal["deeplabv3plus", "unet", "fpn"] = "unet"
+    encoder: str = "tu-mobilenetv3_small_050"
+    encoder_weights: Path | None = Field(
+        None, description="local encoder state_dict; weights are never downloaded"
+    )
+    decoder_channels: int | None = Field(64, ge=8, description="decoder width; None: smp's default")
+
+
+class TrainConfig(Section):
+    steps: int = Field(300, ge=1, description="optimizer steps of the main training stage")
+    batch_size: int = Field(16, ge=1, description="labeled images per step")
+    unlabeled_batch_size: int | None = Field(None, ge=1, description="None: same as batch_size")
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(0.003, gt=0, description="learning rate at lr_reference_batch_size")
+    lr_reference_batch_size: int = Field(
+        16, ge=1, description="lr scales linearly: lr * batch_size / lr_reference_batch_size"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    decoder_lr_mult: float = Field(
+        1.0, gt=0, description="lr multiplier of non-encoder layers (10 with a pretrained encoder)"
+    )
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
+    channels_last: bool | None = Field(None, description="None: on for CUDA, off for CPU")
+    compile: bool = False
+    eval_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+
+    def scaled_lr(self) -> float:
+        """The linear scaling rule (Goyal et al. 2017): lr grows with the labeled batch size."""
+        return self.lr * self.batch_size / self.lr_reference_batch_size
+
+
+class EvalConfig(Section):
+    mode: Literal["whole", "sliding"] = "whole"
+    window: int = Field(512, ge=32, description="sliding-window crop side")
+    stride: int = Field(341, ge=1, description="sliding-window stride")
+    batch_size: int = Field(32, ge=1)
+    panel_samples: int = Field(4, ge=0, description="unlabeled images drawn in sample panels")
+    diag_samples: int = Field(64, ge=0, description="held unlabeled images scored for pseudo-mask quality")
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="None: sqlite:///mlflow.db in the working folder")
+    experiment: str = Field("segsweep", min_length=1, max_length=250)
+    run_name: str | None = Field(None, max_length=250)
+    log_checkpoints: bool = True
+
+
+class DebugConfig(Section):
+    """Fault injection, for tests of retries and resume."""
+
+    fail_at_step: int | None = Field(
+        None, ge=1, description="raise once at this step (not again after a resume)"
+    )
+    nan_at_step: int | None = Field(None, ge=1, description="make the loss NaN at this step")
+
+
+class RunConfig(Section):
+    method: str = "supervised"
+    seed: int = 0
+    output_dir: Path = Field(Path("runs"), description="local checkpoints and run files")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    debug: DebugConfig = DebugConfig()
+    # One section per method (its knobs); only the section of `method` is used.
+    supervised: KNOBS[supervised] = KNOBS["supervised"]()  # type: ignore[valid-type]
+    fixmatch: KNOBS[fixmatch] = KNOBS["fixmatch"]()  # type: ignore[valid-type]
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method '{v}'; valid methods: {', '.join(METHODS)}")
+        return v
+
+    def knobs(self) -> BaseModel:
+        """The active method's knobs."""
+        return getattr(self, self.method)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened ``a.b.c: value`` view for tracking: the active method's knobs only."""
+        raw = self.model_dump(mode="json", exclude=set(METHODS) - {self.method})
+        return flatten(raw)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], c) with ``c`` parsed as a YAML scalar (0.5, true, null, [1, 2])."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set data.label_ratio=0.25")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``tree`` with each ``a.b=c`` applied (missing sections are created)."""
+    import copy
+
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``, or a one-line ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(tree).__name__}")
+    return tree
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line naming the first offending field: ``file: data.label_ratio: <reason>``."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def validate_run_config(tree: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from None
+
+
+def load_run_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load ``path`` (or the defaults when None), apply ``--set`` overrides, and validate."""
+    tree = read_yaml(path) if path is not None else {}
+    tree = apply_overrides(tree, overrides or [])
+    return validate_run_config(tree, str(path) if path is not None else "config")
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,578 @@
+"""The trainer: one plain loop per stage that owns AMP, the loaders, the LR schedule,
+evaluation and checkpoint/resume. Methods plug in through ``training_step``; nothing here
+branches on a method's name.
+
+A run is a list of stages (``Method.stages``; one for single-loop methods). Each stage
+builds its own optimizer, streams its batches, evaluates every ``train.eval_every`` steps
+and at its end, and checkpoints at each evaluation. A checkpoint holds the method (student,
+teacher, heads), optimizer, AMP scaler, stage and step, best-so-far bookkeeping and every
+RNG state; the data streams are pure functions of (seed, position), so resuming continues
+the exact same run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from segsweep.config import RunConfig
+from segsweep.data import Data
+from segsweep.data.loaders import eval_loader, hash_seed, stream_loader
+from segsweep.data.sources import Sample
+from segsweep.data.transforms import denormalize, pad_to_multiple
+from segsweep.errors import Diverged
+from segsweep.methods import Method, Stage, get_method
+from segsweep.models import build_model
+from segsweep.primitives import IGNORE, confusion_matrix, poly_lr, scores_from_confusion
+from segsweep.tracking import NullTracker, RunTracker
+
+#: Called at each evaluation with the metrics and the folder of the checkpoint just written
+#: (the sweep layer hands both to Ray Tune).
+Reporter = Callable[[dict[str, Any], Path], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and numerics
+
+
+@dataclass(frozen=True)
+class Numerics:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full precision
+    channels_last: bool
+
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def numerics_for(cfg: RunConfig) -> Numerics:
+    t = cfg.train
+    name = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if t.amp == "auto":
+        amp = torch.bfloat16 if device.type == "cuda" else None
+    else:
+        amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
+    channels_last = t.channels_last if t.channels_last is not None else device.type == "cuda"
+    return Numerics(device, amp, channels_last)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_device(batch: dict[str, Tensor], numerics: Numerics) -> dict[str, Tensor]:
+    out = {}
+    for key, value in batch.items():
+        value = value.to(numerics.device, non_blocking=True)
+        if numerics.channels_last and value.dim() == 4:
+            value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, image: Tensor, mode: str, window: int, stride: int, numerics: Numerics
+) -> Tensor:
+    """Logits (B, C, H, W) for a batch of whole images.
+
+    ``whole``: one pass over the image padded to a multiple of 32. ``sliding``: windows of
+    ``window`` px every ``stride`` px, logits averaged where windows overlap (for images
+    larger than the training crop, e.g. Cityscapes at 1024 x 2048).
+    """
+    h, w = image.shape[-2:]
+    with numerics.autocast():
+        if mode == "whole" or (h <= window and w <= window):
+            padded, _ = pad_to_multiple(image)
+            return model(padded)[..., :h, :w].float()
+        win_h, win_w = min(window, h), min(window, w)
+        logits = None
+        count = torch.zeros(1, 1, h, w, device=image.device)
+        tops = list(range(0, max(h - win_h, 0) + 1, stride))
+        lefts = list(range(0, max(w - win_w, 0) + 1, stride))
+        tops += [h - win_h] if tops[-1] != h - win_h else []
+        lefts += [w - win_w] if lefts[-1] != w - win_w else []
+        for top in tops:
+            for left in lefts:
+                crop = image[..., top : top + win_h, left : left + win_w]
+                padded, _ = pad_to_multiple(crop)
+                out = model(padded)[..., :win_h, :win_w].float()
+                if logits is None:
+                    logits = torch.zeros(image.shape[0], out.shape[1], h, w, device=image.device)
+                logits[..., top : top + win_h, left : left + win_w] += out
+                count[..., top : top + win_h, left : left + win_w] += 1
+        return logits / count
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    num_classes: int,
+    numerics: Numerics,
+    mode: str = "whole",
+    window: int = 512,
+    stride: int = 341,
+) -> dict[str, Any]:
+    """mIoU, per-class IoU and pixel accuracy of ``model`` over ``loader`` (255 ignored)."""
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=numerics.device)
+    for batch in loader:
+        image = batch["image"].to(numerics.device)
+        if numerics.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        pred = predict_logits(model, image, mode, window, stride, numerics).argmax(1)
+        conf += confusion_matrix(pred, batch["mask"].to(numerics.device), num_classes)
+    model.train(was_training)
+    return scores_from_confusion(conf.cpu())
+
+
+@torch.no_grad()
+def pseudo_mask_quality(method: Method, loader: Any, numerics: Numerics) -> dict[str, float]:
+    """How good the method's pseudo masks are on held unlabeled images with ground truth.
+
+    ``pseudo/mIoU``: the pseudo masks (every pixel) against the truth; ``pseudo/kept_share``:
+    share of labeled pixels kept by the threshold; ``pseudo/kept_acc``: accuracy of the kept
+    ones. What one needs to choose a confidence threshold.
+    """
+    was_training = method.training
+    method.eval()
+    n = method.num_classes
+    conf = torch.zeros(n, n, dtype=torch.long, device=numerics.device)
+    kept = correct = total = 0
+    for batch in loader:
+        image, mask = batch["image"].to(numerics.device), batch["mask"].to(numerics.device)
+        padded, (h, w) = pad_to_multiple(image)
+        with numerics.autocast():
+            pseudo, _, keep = method.pseudo_label(padded)
+        pseudo, keep = pseudo[..., :h, :w], keep[..., :h, :w]
+        conf += confusion_matrix(pseudo, mask, n)
+        labeled = mask != IGNORE
+        kept += int((keep & labeled).sum())
+        correct += int((keep & labeled & (pseudo == mask)).sum())
+        total += int(labeled.sum())
+    method.train(was_training)
+    return {
+        "pseudo/mIoU": float(scores_from_confusion(conf.cpu())["mIoU"]),
+        "pseudo/kept_share": kept / max(total, 1),
+        "pseudo/kept_acc": correct / kept if kept else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample panels
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """A fixed colour per class id; ignore (255) is white."""
+    rng = np.random.default_rng(7)
+    pal = rng.integers(40, 256, size=(256, 3)).astype(np.uint8)
+    pal[0] = (0, 0, 0)
+    pal[IGNORE] = (255, 255, 255)
+    return pal
+
+
+@torch.no_grad()
+def sample_panel(method: Method, batch: dict[str, Tensor], numerics: Numerics) -> np.ndarray:
+    """Rows of image | ground truth | prediction | pseudo mask (dropped pixels white) |
+    confidence, one row per held unlabeled image: the MLflow image slider shows it per step."""
+    was_training = method.training
+    method.eval()
+    image, mask = batch["image"].to(numerics.device), batch["mask"]
+    padded, (h, w) = pad_to_multiple(image)
+    with numerics.autocast():
+        pred = method.model(padded).argmax(1)[..., :h, :w].cpu()
+        pseudo, conf, keep = method.pseudo_label(padded)
+    method.train(was_training)
+    pseudo, conf, keep = pseudo[..., :h, :w].cpu(), conf[..., :h, :w].float().cpu(), keep[..., :h, :w].cpu()
+    pal = palette(method.num_classes)
+    rows = []
+    for i in range(image.shape[0]):
+        dropped = torch.where(keep[i], pseudo[i], torch.full_like(pseudo[i], IGNORE))
+        heat = (conf[i].numpy() * 255).astype(np.uint8)
+        tiles = [
+            denormalize(image[i]).permute(1, 2, 0).numpy(),
+            pal[mask[i].numpy().astype(np.uint8)],
+            pal[pred[i].numpy().astype(np.uint8)],
+            pal[dropped.numpy().astype(np.uint8)],
+            np.stack([heat, heat // 2, 255 - heat], -1),
+        ]
+        sep = np.full((h, 2, 3), 128, dtype=np.uint8)
+        rows.append(np.concatenate([t for tile in tiles for t in (tile, sep)][:-1], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary and rename: a crash never leaves a truncated checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Progress:
+    """Where a run is, and the best-so-far bookkeeping; saved in every checkpoint."""
+
+    stage: int = 0
+    step: int = 0  # optimizer steps done in the current stage
+    best_tune: float = -math.inf
+    best_val: float = -math.inf  # the flattering number peers report; kept apart
+    val_at_best_tune: float = float("nan")
+    last: dict[str, float] = field(default_factory=dict)
+    resumed: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunResult:
+    status: str  # finished | diverged
+    metrics: dict[str, float]
+    run_dir: Path
+    message: str = ""
+
+
+class Trainer:
+    """Trains one run of ``cfg`` on ``data``; tracking and sweep reporting are injected."""
+
+    def __init__(self, cfg: RunConfig, data: Data, echo: Callable[[str], None] | None = None) -> None:
+        """Build model, method and evaluation loaders; raises ConfigError before any run exists."""
+        self.cfg, self.data = cfg, data
+        self.run_dir = Path(cfg.output_dir)
+        self.tracker: RunTracker | NullTracker = NullTracker()
+        self.reporter: Reporter | None = None
+        self.echo = echo or (lambda _msg: None)
+        self.numerics = numerics_for(cfg)
+        seed_everything(cfg.seed)
+        num_classes = data.source.num_classes
+        model = build_model(
+            cfg.model.arch,
+            cfg.model.encoder,
+            num_classes,
+            cfg.model.encoder_weights,
+            cfg.model.decoder_channels,
+        )
+        self.method: Method = get_method(cfg.method)(model, cfg.knobs(), num_classes)
+        self.method.to(self.numerics.device)
+        if self.numerics.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            # Compile the encoder and decoder in place: both ``model(x)`` and the methods'
+            # ``forward_features`` run through the compiled graphs.
+            model.net.encoder.compile()
+            model.net.decoder.compile()
+        self.stages = self.method.stages(cfg.train.steps)
+        self.progress = Progress()
+        self.final_report: dict[str, Any] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler = torch.amp.GradScaler(enabled=self.numerics.amp_dtype == torch.float16)
+        e = cfg.eval
+        workers = cfg.data.num_workers
+        self.val_loader = eval_loader(data.source, data.source.val, e.batch_size, workers)
+        self.tune_loader = (
+            eval_loader(data.source, data.split.tune, e.batch_size, workers) if data.split.tune else None
+        )
+        diag = self._diagnostic_samples(e.diag_samples)
+        self.diag_loader = eval_loader(data.source, diag, e.batch_size, 0) if diag else None
+        self.panel_batch = (
+            next(iter(eval_loader(data.source, diag[: e.panel_samples], e.panel_samples, 0)))
+            if diag and e.panel_samples and data.source.fixed_size
+            else None
+        )
+
+    def _diagnostic_samples(self, count: int) -> list[Sample]:
+        """A fixed sample of unlabeled images whose ground truth exists (never trained on)."""
+        out = []
+        for s in self.data.split.unlabeled:
+            if len(out) == count:
+                break
+            if isinstance(s.mask, int) or (
+                isinstance(s.mask, str) and (self.data.source.root / s.mask).is_file()
+            ):
+                out.append(s)
+        return out
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save_checkpoint(self, name: str) -> Path:
+        path = self.checkpoint_dir / name
+        atomic_save(
+            {
+                "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "scaler": self.scaler.state_dict(),
+                "progress": self.progress.__dict__,
+                "rng": rng_state(),
+                "config": self.cfg.model_dump(mode="json"),
+                "run_id": self.tracker.run_id,
+            },
+            path,
+        )
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.numerics.device, weights_only=False)
+        self.method.load_state_dict(state["method"])
+        self.progress = Progress(**{**state["progress"], "resumed": True})
+        self._pending_optimizer = state["optimizer"]
+        self.scaler.load_state_dict(state["scaler"])
+        self._pending_rng = state["rng"]
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """Encoder at the scaled lr, everything else (decoder, method heads) at lr x mult."""
+        t = self.cfg.train
+        encoder = {id(p) for p in self.method.model.encoder.parameters()}
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if id(p) in encoder], "lr_mult": 1.0},
+            {"params": [p for p in params if id(p) not in encoder], "lr_mult": t.decoder_lr_mult},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=t.scaled_lr(), momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.scaled_lr(), weight_decay=t.weight_decay)
+
+    def _streams(self, stage: Stage, start: int) -> Callable[[], dict[str, Tensor]]:
+        """A function returning the next batch of this stage (labeled and/or unlabeled)."""
+        t, d = self.cfg.train, self.data
+        workers = self.cfg.data.num_workers
+        pin = self.numerics.device.type == "cuda"
+        ub = t.unlabeled_batch_size or t.batch_size
+        seed = hash_seed(self.cfg.seed, self.progress.stage)
+        iters: list[Iterator[dict[str, Tensor]]] = []
+        if stage.batch in ("labeled", "tags", "semi"):
+            iters.append(stream_loader(d.labeled(), t.batch_size, hash_seed(seed, 1), start, workers, pin))
+        if stage.batch == "semi":
+            iters.append(stream_loader(d.unlabeled(), ub, hash_seed(seed, 2), start, workers, pin))
+        if stage.batch == "all":
+            iters.append(stream_loader(d.all_images(), ub, hash_seed(seed, 3), start, workers, pin))
+
+        def next_batch() -> dict[str, Tensor]:
+            batch: dict[str, Tensor] = {}
+            for it in iters:
+                batch.update(next(it))
+            return to_device(batch, self.numerics)
+
+        return next_batch
+
+    def run(
+        self,
+        run_dir: Path,
+        tracker: RunTracker | NullTracker | None = None,
+        reporter: Reporter | None = None,
+        resume_from: Path | None = None,
+    ) -> RunResult:
+        """Train every stage (from ``resume_from``'s stage and step when given)."""
+        self.run_dir = run_dir
+        self.tracker = tracker or NullTracker()
+        self.reporter = reporter
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self.echo(
+            f"run {self.tracker.run_id or '(untracked)'}: {self.cfg.method} on "
+            f"{self.data.source.name}, {len(self.data.split.labeled)} labeled / "
+            f"{len(self.data.split.unlabeled)} unlabeled images, device {self.numerics.device}"
+        )
+        for index in range(self.progress.stage, len(self.stages)):
+            if index != self.progress.stage:  # entering a new stage from the previous one
+                self.progress.stage, self.progress.step = index, 0
+            self._run_stage(self.stages[index], last=index == len(self.stages) - 1)
+        return RunResult("finished", self._final_metrics(), self.run_dir)
+
+    def _prefix(self, stage: Stage) -> str:
+        return "" if stage.name == "train" else f"{stage.name}/"
+
+    def _run_stage(self, stage: Stage, last: bool) -> None:
+        cfg, t, prefix = self.cfg, self.cfg.train, self._prefix(stage)
+        self.method.begin_stage(stage)
+        if stage.steps == 0:  # a stage of pure computation (e.g. writing pseudo masks)
+            if not self.progress.step:
+                metrics = self.method.run_stage(stage, self.data)
+                self.progress.step = 1
+                self.tracker.log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, 0)
+                self._checkpoint_and_report(stage, {f"{prefix}{k}": v for k, v in metrics.items()})
+            return
+
+        self.optimizer = self._optimizer()
+        pending = getattr(self, "_pending_optimizer", None)
+        if pending is not None:
+            self.optimizer.load_state_dict(pending)
+            self._pending_optimizer = None
+        next_batch = self._streams(stage, self.progress.step)
+        rng = getattr(self, "_pending_rng", None)
+        if rng is not None:  # after the loaders exist: restore the exact random stream
+            set_rng_state(rng)
+            self._pending_rng = None
+        base_lr = t.scaled_lr()
+        self.method.train()
+        window: dict[str, list[float]] = {}
+        tic, tic_step = time.perf_counter(), self.progress.step
+
+        while self.progress.step < stage.steps:
+            step = self.progress.step
+            if cfg.debug.fail_at_step == step + 1 and last:
+                self._inject_failure(step + 1)
+            lr = poly_lr(base_lr, step, stage.steps, t.poly_power)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+
+            batch = next_batch()
+            with self.numerics.autocast():
+                loss, logs = self.method.training_step(batch, step)
+            if cfg.debug.nan_at_step == step + 1 and last:
+                loss = loss * float("nan")
+                logs["loss"] = float("nan")
+            bad = next((k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)), None)
+            if bad is not None:
+                raise Diverged(step + 1, bad, logs[bad])
+
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if t.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.method.after_step(step)
+            self.progress.step = step = step + 1
+
+            for k, v in logs.items():
+                window.setdefault(k, []).append(v)
+            if step % t.log_every == 0 or step == stage.steps:
+                means = {f"{prefix}train/{k}": sum(v) / len(v) for k, v in window.items()}
+                means[f"{prefix}lr"] = lr
+                self.tracker.log_metrics(means, step)
+                rate = (step - tic_step) / max(time.perf_counter() - tic, 1e-9)
+                self.echo(
+                    f"  {prefix}step {step}/{stage.steps}  loss {means[f'{prefix}train/loss']:.4f}"
+                    f"  lr {lr:.2e}  {rate:.1f} it/s"
+                )
+                window = {}
+            if step % t.eval_every == 0 or step == stage.steps:
+                if stage.evaluate:
+                    self._evaluate(stage, step)
+                else:  # still checkpoint: a crash costs at most eval_every steps
+                    self._checkpoint_and_report(stage, {})
+
+    def _inject_failure(self, step: int) -> None:
+        """Fault injection for retry tests: fail once per run folder, not again on the retry."""
+        marker = self.run_dir / ".fault_injected"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise RuntimeError(f"debug.fail_at_step: injected failure at step {step}")
+
+    def _evaluate(self, stage: Stage, step: int) -> None:
+        """Score every eval model on val (reported) and tune (held out), log, checkpoint, report."""
+        e, p, prefix = self.cfg.eval, self.progress, self._prefix(stage)
+        n = self.data.source.num_classes
+        names = self.data.source.class_names
+        metrics: dict[str, float] = {}
+        for role, model in self.method.eval_models().items():
+            suffix = f"_{role}" if role else ""
+            val = evaluate(model, self.val_loader, n, self.numerics, e.mode, e.window, e.stride)
+            metrics[f"{prefix}val{suffix}/mIoU"] = val["mIoU"]
+            metrics[f"{prefix}val{suffix}/pixel_acc"] = val["pixel_acc"]
+            for name, iou in zip(names, val["iou"], strict=True):
+                metrics[f"{prefix}val{suffix}/iou/{name}"] = iou
+            if self.tune_loader is not None:
+                tune = evaluate(model, self.tune_loader, n, self.numerics, e.mode, e.window, e.stride)
+                metrics[f"{prefix}tune{suffix}/mIoU"] = tune["mIoU"]
+        if self.diag_loader is not None and self.method.uses_unlabeled and not prefix:
+            metrics.update(pseudo_mask_quality(self.method, self.diag_loader, self.numerics))
+
+        if not prefix:  # best/last bookkeeping concerns the reported (main) stage
+            val_miou = metrics["val/mIoU"]
+            tune_miou = metrics.get("tune/mIoU", float("nan"))
+            p.best_val = max(p.best_val, val_miou)
+            is_best = not math.isnan(tune_miou) and tune_miou > p.best_tune
+            if is_best:
+                p.best_tune, p.val_at_best_tune = tune_miou, val_miou
+            p.last = {k: v for k, v in metrics.items() if not math.isnan(v)}
+            if is_best:
+                self.save_checkpoint("best.pt")
+        self.tracker.log_metrics(metrics, step)
+        if self.panel_batch is not None and self.method.uses_unlabeled and not prefix:
+            self.tracker.log_image(
+                sample_panel(self.method, self.panel_batch, self.numerics), "panels/pseudo_masks", step
+            )
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("mIoU"))
+        self.echo(f"  eval @ {prefix}step {step}: {shown}")
+        self._checkpoint_and_report(stage, {**metrics, "step": step} if not prefix else metrics)
+
+    def _checkpoint_and_report(self, stage: Stage, metrics: dict[str, float]) -> None:
+        self.save_checkpoint("last.pt")
+        # Everything logged so far reaches the store before the sweep may stop this trial.
+        self.tracker.flush()
+        report = {k: v for k, v in metrics.items() if "/iou/" not in k}
+        report.update(stage=stage.name, stage_step=self.progress.step, mlflow_run_id=self.tracker.run_id)
+        if stage is self.stages[-1] and self.progress.step == stage.steps:
+            # The run's last report waits until its MLflow run is closed (``runner.execute``):
+            # a scheduler may stop a trial at any report, and nothing after it would run.
+            self.final_report = {**report, **self._final_metrics(), "final": True}
+        elif self.reporter is not None:
+            self.reporter(report, self.checkpoint_dir)
+
+    def _final_metrics(self) -> dict[str, float]:
+        """Summary values of the run: the last evaluation, and the best kept apart from it.
+
+        ``val/mIoU_at_best_tune`` is the honest model-selection number (picked on the tuning
+        split); ``val/mIoU_best`` is the best over evaluations on the reported split itself,
+        which flatters, and is logged only so the two can be compared.
+        """
+        p = self.progress
+        out = {f"{k}_last": v for k, v in p.last.items() if k.endswith("/mIoU")}
+        if p.best_val > -math.inf:
+            out["val/mIoU_best"] = p.best_val
+        if not math.isnan(p.val_at_best_tune):
+            out["val/mIoU_at_best_tune"] = p.val_at_best_tune
+            out["tune/mIoU_best"] = p.best_tune
+        return out

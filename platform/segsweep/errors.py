@@ -1,0 +1,47 @@
+"""User-facing errors.
+
+Anything the user can fix (a config field, a dataset file, a sweep spec) raises a
+``UserError``. The CLI prints it as one line, ``error: <message>``, and exits with code 2;
+no traceback is shown. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An input the user can fix. The message names the file or field at fault."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A run config or sweep spec is missing, malformed or invalid."""
+
+
+class DataError(UserError):
+    """A dataset root, split list, image or mask is missing or unreadable."""
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite. Not retried: the same seed diverges again."""
+
+    def __init__(self, step: int, name: str, value: float) -> None:
+        super().__init__(f"loss '{name}' is {value} at step {step}: the run diverged")
+        self.step = step
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` as a single line.
+
+    DataLoader workers re-raise an exception as ``<type>(traceback text)``; the useful line is
+    the last one, ``pkg.module.DataError: <message>``, so strip it back to ``<message>``.
+    """
+    text = str(exc).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1].strip()
+    name = type(exc).__name__
+    for prefix in (f"{type(exc).__module__}.{name}: ", f"{name}: "):
+        if last.startswith(prefix):
+            return last[len(prefix) :]
+    return last

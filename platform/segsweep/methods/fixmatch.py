@@ -1,0 +1,107 @@
+"""FixMatch for segmentation: weak-to-strong consistency with a confidence threshold.
+
+Sohn et al., "FixMatch: Simplifying Semi-Supervised Learning with Consistency and
+Confidence", NeurIPS 2020, Sec. 2.3 (Eq. 4), in the segmentation form of UniMatch's
+FixMatch baseline (Yang et al., CVPR 2023, Sec. 3.1): a pseudo mask is the arg-max of the
+prediction on the weak view, kept where its confidence reaches ``conf_threshold``, and
+supervises the prediction on the strong view; the strong view also gets a CutMix box
+(Yun et al. 2019) pasted from another unlabeled image of the batch, with the pseudo masks
+mixed the same way (French et al., BMVC 2020).
+
+Shapes: labeled (B, 3, H, W) + (B, H, W); unlabeled weak/strong views (U, 3, H, W),
+CutMix boxes and valid masks (U, H, W). Optionally an EMA teacher (Mean Teacher,
+Tarvainen & Valpola 2017) makes the pseudo masks instead of the student.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from segsweep.methods.base import Batch, Knobs, Method, as_floats
+from segsweep.models import SegModel
+from segsweep.primitives import IGNORE, confidence_mask, ema_decay_at, ema_update, masked_cross_entropy
+
+
+class FixMatchKnobs(Knobs):
+    conf_threshold: float = Field(0.95, ge=0, le=1, description="keep pseudo pixels this sure")
+    unsup_weight: float = Field(1.0, ge=0, description="weight of the unlabeled loss")
+    cutmix: bool = Field(True, description="paste CutMix boxes between strong views")
+    ema_teacher: bool = Field(False, description="pseudo masks from an EMA teacher")
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+
+
+def mix_in_boxes(box: Tensor, inside: Tensor, outside: Tensor) -> Tensor:
+    """Where ``box`` (U, H, W) is set take ``inside``, elsewhere ``outside``; images or masks."""
+    if inside.dim() == box.dim() + 1:  # images (U, 3, H, W)
+        box = box.unsqueeze(1)
+    return torch.where(box, inside, outside)
+
+
+class FixMatch(Method):
+    Knobs = FixMatchKnobs
+    uses_unlabeled = True
+    summary = "weak-to-strong consistency, confidence threshold, CutMix; EMA teacher optional"
+
+    def __init__(self, model: SegModel, knobs: FixMatchKnobs, num_classes: int) -> None:
+        super().__init__(model, knobs, num_classes)
+        self.knobs: FixMatchKnobs = knobs
+        self.teacher: nn.Module | None = None
+        if knobs.ema_teacher:
+            self.teacher = copy.deepcopy(model).eval()
+            self.teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FixMatch:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher always predicts with its running statistics
+        return self
+
+    def pseudo_teacher(self) -> nn.Module:
+        return self.teacher if self.teacher is not None else self.model
+
+    def unlabeled_targets(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Pseudo mask, confidence and keep mask (U, H, W) of the weak views, padding ignored."""
+        with torch.no_grad():
+            logits_w = self.pseudo_teacher()(batch["image_u_w"])
+        pseudo, conf, keep = confidence_mask(logits_w, self.knobs.conf_threshold)
+        pseudo = torch.where(batch["valid_u"], pseudo, torch.full_like(pseudo, IGNORE))
+        return pseudo, conf, keep & batch["valid_u"]
+
+    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        image_l, mask_l = batch["image_l"], batch["mask_l"]
+        pseudo, _, keep = self.unlabeled_targets(batch)
+        image_s = batch["image_u_s"]
+        if self.knobs.cutmix:
+            # Paste each strong view's box from the next image of the batch (a fixed roll
+            # keeps the step deterministic and costs no extra forward pass).
+            box = batch["box_u"]
+            image_s = mix_in_boxes(box, image_s.roll(1, 0), image_s)
+            pseudo = mix_in_boxes(box, pseudo.roll(1, 0), pseudo)
+            keep = mix_in_boxes(box, keep.roll(1, 0), keep)
+
+        # One forward pass over labeled and strong views: the batch-norm statistics see both.
+        logits = self.model(torch.cat([image_l, image_s]))
+        logits_l, logits_s = logits.split([image_l.shape[0], image_s.shape[0]])
+        loss_sup = masked_cross_entropy(logits_l, mask_l)
+        loss_unsup = masked_cross_entropy(logits_s, pseudo, weight=keep.float())
+        loss = loss_sup + self.knobs.unsup_weight * loss_unsup
+
+        valid = (pseudo != IGNORE).float()
+        mask_ratio = (keep.float() * valid).sum() / valid.sum().clamp_min(1)
+        return loss, as_floats(
+            {"loss": loss, "loss_sup": loss_sup, "loss_unsup": loss_unsup, "mask_ratio": mask_ratio}
+        )
+
+    def after_step(self, step: int) -> None:
+        if self.teacher is not None:
+            ema_update(self.teacher, self.model, ema_decay_at(step, self.knobs.ema_decay))
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        models: dict[str, nn.Module] = {"": self.model}
+        if self.teacher is not None:
+            models["teacher"] = self.teacher
+        return models

@@ -1,0 +1,129 @@
+"""segmentation-models-pytorch architectures by name, never with downloaded weights.
+
+``SegModel`` wraps an smp model and exposes what methods need beyond logits: the encoder's
+feature pyramid and the decoder's feature map (``forward_features``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segsweep.errors import ConfigError
+
+ARCHS: dict[str, type[nn.Module]] = {
+    "deeplabv3plus": smp.DeepLabV3Plus,
+    "unet": smp.Unet,
+    "fpn": smp.FPN,
+}
+
+
+@dataclass
+class Features:
+    """Encoder pyramid (finest first, smp order), decoder map (B, D, h, w), logits (B, C, H, W)."""
+
+    encoder: list[Tensor]
+    decoder: Tensor
+    logits: Tensor
+
+
+class SegModel(nn.Module):
+    """An smp segmentation model with access to its encoder and decoder features."""
+
+    def __init__(
+        self,
+        arch: str,
+        encoder: str,
+        num_classes: int,
+        encoder_weights: Path | None = None,
+        decoder_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ConfigError(f"model.arch: unknown architecture '{arch}'; valid: {', '.join(ARCHS)}")
+        kwargs = _decoder_kwargs(arch, decoder_channels)
+        try:
+            # encoder_weights=None: the platform never downloads weights.
+            self.net = ARCHS[arch](encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"model.encoder: cannot build '{encoder}' for {arch}: {exc}") from None
+        self.num_classes = num_classes
+        if encoder_weights is not None:
+            self.load_encoder_weights(encoder_weights)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.net.encoder
+
+    @property
+    def encoder_channels(self) -> list[int]:
+        return list(self.net.encoder.out_channels)
+
+    @property
+    def decoder_channels(self) -> int:
+        return int(self.net.segmentation_head[0].in_channels)
+
+    def load_encoder_weights(self, path: Path) -> None:
+        if not path.is_file():
+            raise ConfigError(f"model.encoder_weights: {path}: file not found")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise ConfigError(f"model.encoder_weights: {path}: cannot read ({exc})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        missing, unexpected = self.net.encoder.load_state_dict(state, strict=False)
+        if len(missing) == len(list(self.net.encoder.state_dict())):
+            raise ConfigError(
+                f"model.encoder_weights: {path}: no key matches the encoder "
+                f"(first unexpected: {next(iter(unexpected), 'none')})"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> logits (B, C, H, W)."""
+        return self.forward_features(x).logits
+
+    def forward_features(self, x: Tensor) -> Features:
+        enc = self.net.encoder(x)
+        dec = self.net.decoder(enc)
+        logits = self.head(dec, x.shape[-2:])
+        return Features(encoder=enc, decoder=dec, logits=logits)
+
+    def head(self, decoder_features: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+        """Decoder map (B, D, h, w) -> logits at ``size``: lets methods classify edited features."""
+        logits = self.net.segmentation_head(decoder_features)
+        if logits.shape[-2:] != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.encoder.parameters())
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        enc = {id(p) for p in self.net.encoder.parameters()}
+        return [p for p in self.parameters() if id(p) not in enc]
+
+
+def _decoder_kwargs(arch: str, channels: int | None) -> dict[str, object]:
+    """smp spells the decoder width differently per architecture."""
+    if channels is None:
+        return {}
+    if arch == "deeplabv3plus":
+        return {"decoder_channels": channels}
+    if arch == "unet":  # one width per decoder block, halving towards full resolution
+        return {"decoder_channels": tuple(max(8, channels >> i) for i in range(5))}
+    return {"decoder_pyramid_channels": channels, "decoder_segmentation_channels": max(8, channels // 2)}
+
+
+def build_model(
+    arch: str,
+    encoder: str,
+    num_classes: int,
+    encoder_weights: Path | None = None,
+    decoder_channels: int | None = None,
+) -> SegModel:
+    return SegModel(arch, encoder, num_classes, encoder_weights, decoder_channels)

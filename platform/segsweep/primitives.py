@@ -1,0 +1,136 @@
+"""Small pure functions shared by methods and the trainer, each tested once.
+
+Shapes: ``B`` batch, ``C`` classes, ``H x W`` pixels. Masks are ``long`` class ids with
+``IGNORE`` (255) marking pixels that carry no label (object borders, padding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE = 255
+
+
+def confidence_mask(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Hard pseudo labels from ``logits`` (B, C, H, W).
+
+    Returns ``(pseudo, confidence, keep)``: arg-max class (B, H, W) long, its softmax
+    probability (B, H, W) float, and ``confidence >= threshold`` (B, H, W) bool.
+    """
+    probs = logits.detach().float().softmax(dim=1)
+    confidence, pseudo = probs.max(dim=1)
+    return pseudo, confidence, confidence >= threshold
+
+
+def masked_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Pixel cross-entropy ignoring ``IGNORE``; ``weight`` (B, H, W) scales each pixel.
+
+    Averaged over the pixels that are not ignored (not over the kept ones), as FixMatch and
+    UniMatch do, so a strict threshold lowers the loss instead of rescaling it. Zero when
+    every pixel is ignored (no NaN).
+    """
+    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="none")
+    valid = (target != IGNORE).float()
+    if weight is not None:
+        loss = loss * weight
+    return loss.sum() / valid.sum().clamp_min(1.0)
+
+
+def cutmix_box(
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    prob: float = 0.5,
+    area_min: float = 0.02,
+    area_max: float = 0.4,
+    ratio_min: float = 0.3,
+) -> Tensor:
+    """A random CutMix rectangle (Yun et al. 2019) as a (H, W) bool mask; empty with 1 - prob.
+
+    Area is uniform in [area_min, area_max] of the image and aspect ratio log-uniform in
+    [ratio_min, 1 / ratio_min], as in UniMatch's strong view.
+    """
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    if torch.rand((), generator=generator).item() >= prob:
+        return mask
+    for _ in range(20):  # a box that fits; the rejection loop almost always ends at once
+        area = (area_min + (area_max - area_min) * torch.rand((), generator=generator).item()) * (
+            height * width
+        )
+        log_ratio = math.log(ratio_min) * (2 * torch.rand((), generator=generator).item() - 1)
+        ratio = math.exp(log_ratio)
+        box_h = round(math.sqrt(area * ratio))
+        box_w = round(math.sqrt(area / ratio))
+        if 0 < box_h <= height and 0 < box_w <= width:
+            top = int(torch.randint(0, height - box_h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - box_w + 1, (), generator=generator))
+            mask[top : top + box_h, left : left + box_w] = True
+            return mask
+    return mask
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, for parameters and float buffers."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.lerp_(s.detach(), 1.0 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        if t.dtype.is_floating_point:
+            t.lerp_(s, 1.0 - decay)
+        else:
+            t.copy_(s)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm-up of the EMA decay (Mean Teacher): early steps follow the student closely."""
+    return min(decay, 1.0 - 1.0 / (step + 1))
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """(num_classes, num_classes) counts, rows = ground truth, cols = prediction.
+
+    Pixels whose target is ``IGNORE`` (or any id >= num_classes) are skipped.
+    """
+    pred = pred.reshape(-1)
+    target = target.reshape(-1)
+    keep = target < num_classes
+    index = target[keep] * num_classes + pred[keep]
+    counts = torch.bincount(index, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def scores_from_confusion(conf: Tensor) -> dict[str, object]:
+    """mIoU, per-class IoU and pixel accuracy from a confusion matrix.
+
+    Classes absent from both ground truth and prediction have no IoU (NaN) and are left out
+    of the mean, as in the VOC and Cityscapes evaluation code.
+    """
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    present = ~torch.isnan(iou)
+    miou = iou[present].mean().item() if present.any() else float("nan")
+    total = conf.sum().item()
+    return {
+        "mIoU": miou,
+        "pixel_acc": tp.sum().item() / total if total else float("nan"),
+        "iou": iou.tolist(),
+    }
+
+
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
+    """The poly schedule of DeepLab: base_lr * (1 - step / total)^power."""
+    return base_lr * (1.0 - min(step, total_steps) / total_steps) ** power
+
+
+def one_hot_ignore(mask: Tensor, num_classes: int) -> Tensor:
+    """(B, H, W) ids -> (B, C, H, W) float one-hot; IGNORE pixels are all-zero."""
+    valid = mask != IGNORE
+    safe = torch.where(valid, mask, torch.zeros_like(mask))
+    out = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).float()
+    return out * valid.unsqueeze(1)

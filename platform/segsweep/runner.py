@@ -1,0 +1,135 @@
+"""One training run from a validated config to a closed MLflow run.
+
+Used by ``segsweep run`` and by every sweep trial. The order matters: everything that can
+fail on bad input (config, dataset root, split lists, first images, model) is checked before
+the MLflow run is created, and once it exists every way out ends it: FINISHED, FAILED (with
+the error as a tag and ``segsweep.status``) or KILLED. No run is ever left RUNNING.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from segsweep.config import RunConfig, dump_yaml
+from segsweep.data import Data, build_data
+from segsweep.engine import Reporter, RunResult, Trainer
+from segsweep.errors import Diverged, UserError, one_line
+from segsweep.tracking import TAG_STATUS, NullTracker, RunTracker
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    data: Data
+    trainer: Trainer
+
+
+def prepare(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> Prepared:
+    """Load data and build the model: raises UserError for any bad input, creates nothing."""
+    data = build_data(cfg.data)
+    # Read one labeled image and one validation image now: a wrong root or an unreadable
+    # file is reported before any run exists, not after minutes of set-up.
+    if data.split.labeled:
+        data.source.read_pair(data.split.labeled[0])
+    if data.source.val:
+        data.source.read_pair(data.source.val[0])
+    trainer = Trainer(cfg, data, echo=echo)
+    return Prepared(cfg, data, trainer)
+
+
+def run_params(cfg: RunConfig, data: Data) -> dict[str, object]:
+    """What a run is, as MLflow params: the flat config plus the names the UI groups by."""
+    return {
+        **cfg.flat(),
+        "dataset": cfg.data.name,
+        "label_ratio": cfg.data.label_ratio,
+        "n_labeled": len(data.split.labeled),
+        "n_unlabeled": len(data.split.unlabeled),
+        "n_tune": len(data.split.tune),
+        "lr_scaled": cfg.train.scaled_lr(),
+    }
+
+
+def run_tags(cfg: RunConfig, data: Data) -> dict[str, str]:
+    """Tags that decide whether two runs are comparable: same split family, same evaluation."""
+    return {
+        "segsweep.method": cfg.method,
+        "segsweep.dataset": cfg.data.name,
+        "segsweep.split_family": data.split.family,
+        "segsweep.eval_mode": cfg.eval.mode,
+    }
+
+
+def make_tracker(
+    cfg: RunConfig,
+    data: Data,
+    run_key: str | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> RunTracker | NullTracker:
+    t = cfg.tracking
+    if not t.enabled:
+        return NullTracker()
+    name = t.run_name or f"{cfg.method}-r{cfg.data.label_ratio:g}-s{cfg.seed}"
+    return RunTracker(
+        t.uri,
+        t.experiment,
+        run_name=name,
+        tags={**run_tags(cfg, data), **(extra_tags or {})},
+        parent_run_id=parent_run_id,
+        run_key=run_key,
+    )
+
+
+def execute(
+    prepared: Prepared,
+    tracker: RunTracker | NullTracker,
+    run_dir: Path,
+    reporter: Reporter | None = None,
+    resume_from: Path | None = None,
+) -> RunResult:
+    """Train and close the run, whatever happens. Diverged runs end FAILED, tagged
+    ``segsweep.status=diverged``, and return normally (a retry would diverge again)."""
+    cfg, data, trainer = prepared.cfg, prepared.data, prepared.trainer
+    started = time.time()
+    try:
+        if not tracker.resumed:
+            tracker.log_params(run_params(cfg, data))
+            tracker.log_text(dump_yaml(cfg), "config.yaml")
+        result = trainer.run(run_dir, tracker, reporter, resume_from)
+        tracker.log_metrics({**result.metrics, "time/run_seconds": time.time() - started}, cfg.train.steps)
+        if cfg.tracking.log_checkpoints:
+            for name in ("best.pt", "last.pt"):
+                path = trainer.checkpoint_dir / name
+                if path.exists():
+                    tracker.log_artifact(path, "checkpoints")
+        tracker.finish("FINISHED", "finished")
+    except Diverged as exc:
+        tracker.set_tags({"segsweep.error": str(exc)})
+        tracker.finish("FAILED", "diverged")
+        if reporter is not None:
+            reporter(
+                {"final": True, "diverged": True, "mlflow_run_id": tracker.run_id}, trainer.checkpoint_dir
+            )
+        return RunResult("diverged", {}, run_dir, str(exc))
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", "killed")
+        raise
+    except BaseException as exc:
+        message = one_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        tracker.set_tags({"segsweep.error": message[:5000]})
+        try:
+            tracker.finish("FAILED", "failed")
+        except UserError:
+            pass  # the store itself is failing; the original error is the one to report
+        raise
+    # Reported last, once the run is closed: the sweep may stop the trial at this report.
+    if reporter is not None:
+        reporter(trainer.final_report, trainer.checkpoint_dir)
+    return result
+
+
+__all__ = ["TAG_STATUS", "Prepared", "execute", "make_tracker", "prepare", "run_params", "run_tags"]

@@ -1,0 +1,884 @@
+"""Ray Tune at the edge: the only module that imports Ray.
+
+``run_sweep`` schedules every cell of a plan through one Ray Tune experiment, so cells run in
+parallel, not one after another:
+
+* ``CellSearcher`` hands out trials round-robin over the cells; each cell with a search
+  space has its own Optuna study (``studies.CellStudy``). Trials stopped early are told to
+  Optuna as PRUNED, not COMPLETE with a truncated value.
+* ``CellScheduler`` keeps one ASHA instance per cell: a trial is only ever compared with the
+  trials of its own cell (a 1/16 trial is never stopped because 1/2 trials score higher).
+* ``trial_main`` trains one run (``runner.execute``), reporting to Ray at each evaluation
+  with its checkpoint; a crashed trial is retried from that checkpoint.
+* ``SweepCallback`` closes the MLflow runs of trials that the scheduler stopped (a stopped
+  trial runs no code after its last report), counts outcomes and prints the live view.
+
+The sweep folder (``sweeps/<name>/``) holds the spec, the Optuna storage, Ray's experiment
+state and each trial's run folder; ``--resume`` restores Ray's experiments from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segsweep.errors import ConfigError, UserError
+from segsweep.sweepspec import Cell, Plan, run_config_of
+from segsweep.tracking import TAG_KEY, TAG_PARENT, TAG_STATUS, RunTracker, resolve_uri
+
+log = logging.getLogger(__name__)
+
+PHASES = ("search", "final")
+
+
+# ---------------------------------------------------------------------------------------------
+# What every trial needs (shipped once through Ray's object store)
+
+
+@dataclass
+class SweepContext:
+    name: str
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str
+    cells: dict[str, Cell]
+    cpus_per_trial: float
+    sweep_dir: str
+
+
+def trial_key(ctx_name: str, config: dict[str, Any]) -> str:
+    """A stable identity for a trial's MLflow run: the same across retries and --resume."""
+    cell = config["cell"].replace("/", "_")
+    if config["phase"] == "final":
+        return f"{ctx_name}/final/{cell}/seed{config['seed']}"
+    return f"{ctx_name}/search/{cell}/{config['sample']}"
+
+
+def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
+    """One trial, inside a Ray worker: build the run, resume from Ray's checkpoint, train."""
+    import torch
+    from ray import tune
+
+    from segsweep.runner import execute, make_tracker, prepare
+
+    config = config.get("trial", config)
+    torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
+    cell = ctx.cells[config["cell"]]
+    cfg = run_config_of(cell, config["params"], config.get("seed"))
+    key = trial_key(ctx.name, config)
+    run_dir = Path(ctx.sweep_dir) / "trials" / key.split("/", 1)[1]
+    prepared = prepare(cfg)
+    tags = {
+        "segsweep.sweep": ctx.name,
+        "segsweep.cell": cell.id,
+        "segsweep.phase": config["phase"],
+        "ray.trial_id": tune.get_context().get_trial_id(),
+    }
+    if config.get("optuna_trial") is not None:
+        tags["optuna.trial_number"] = str(config["optuna_trial"])
+    cfg.tracking.run_name = f"{cell.id} {config['phase']} #{config.get('sample', config.get('seed'))}"
+    tracker = make_tracker(cfg, prepared.data, run_key=key, parent_run_id=ctx.parent_run_id, extra_tags=tags)
+
+    resume_from = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # a retry: continue from the last reported checkpoint
+        with checkpoint.as_directory() as folder:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for name in ("last.pt", "best.pt"):
+                if (Path(folder) / name).exists():
+                    shutil.copy2(Path(folder) / name, run_dir / "checkpoints" / name)
+        resume_from = run_dir / "checkpoints" / "last.pt"
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        if (checkpoint_dir / "last.pt").exists():
+            tune.report(clean, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        else:
+            tune.report(clean)
+
+    execute(prepared, tracker, run_dir, report, resume_from)
+
+
+# ---------------------------------------------------------------------------------------------
+# Search: Optuna per cell, trials handed out round-robin across cells
+
+
+def _searcher_base() -> type:
+    from ray.tune.search import Searcher
+
+    return Searcher
+
+
+class CellSearcher(_searcher_base()):  # type: ignore[misc]
+    """Suggests trials for every cell in turn; each cell with a search space asks its own
+    Optuna study. Its state (which trial is which cell's sample) is saved with Ray's
+    experiment state, so a restored sweep neither repeats nor loses a sample."""
+
+    def __init__(self, plan: Plan, storage: str, sweep_name: str, metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.cells = [c for c in plan.cells]
+        self.samples = {c.id: plan.samples(c) for c in plan.cells}
+        self.storage, self.sweep_name = storage, sweep_name
+        self.started: dict[str, int] = {c.id: 0 for c in self.cells}
+        self.assigned: dict[str, tuple[str, int | None]] = {}  # ray trial id -> (cell, optuna no.)
+        self._studies: dict[str, Any] | None = None
+
+    # Optuna studies hold a database engine: never pickled, reopened on demand.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_studies"] = None
+        return state
+
+    @property
+    def studies(self) -> dict[str, Any]:
+        if self._studies is None:
+            from segsweep.studies import CellStudy
+
+            self._studies = {
+                c.id: CellStudy(
+                    self.storage,
+                    study_name(self.sweep_name, c),
+                    c.space,
+                    self.mode or "max",
+                    seed=_stable_seed(c.id),
+                )
+                for c in self.cells
+                if c.space
+            }
+        return self._studies
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        waiting = [c for c in self.cells if self.started[c.id] < self.samples[c.id]]
+        if not waiting:
+            return self.FINISHED
+        cell = min(waiting, key=lambda c: self.started[c.id])  # stable: ties keep grid order
+        number, params = self.studies[cell.id].ask() if cell.space else (None, {})
+        sample = self.started[cell.id]
+        self.started[cell.id] += 1
+        self.assigned[trial_id] = (cell.id, number)
+        return {
+            "cell": cell.id,
+            "phase": "search",
+            "sample": sample,
+            "params": params,
+            "optuna_trial": number,
+        }
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        cell, number = self.assigned.get(trial_id, (None, None))
+        if number is not None and self.metric in result and "step" in result:
+            self.studies[cell].report(number, float(result[self.metric]), int(result["step"]))
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        cell, number = self.assigned.get(trial_id, (None, None))
+        if number is None:
+            return
+        study = self.studies[cell]
+        if error or not result or result.get("diverged"):
+            study.tell(number, "fail")
+        elif result.get("final") and self.metric in result:
+            study.tell(number, "complete", float(result[self.metric]))
+        else:  # stopped early by ASHA: a truncated value is not a final one
+            study.tell(number, "pruned")
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump({"started": self.started, "assigned": self.assigned}, fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            state = pickle.load(fh)
+        self.started, self.assigned = state["started"], state["assigned"]
+        known: dict[str, set[int]] = {}
+        for cell, number in self.assigned.values():
+            if number is not None:
+                known.setdefault(cell, set()).add(number)
+        for cell_id, study in self.studies.items():
+            study.fail_orphans(known.get(cell_id, set()))
+
+
+def _stable_seed(text: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % 2**31
+
+
+def study_name(sweep: str, cell: Cell) -> str:
+    return f"{sweep}:{cell.id}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Early stopping: one ASHA per cell
+
+
+def _fifo_base() -> type:
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler
+
+
+class CellScheduler(_fifo_base()):  # type: ignore[misc]
+    """ASHA (asynchronous successive halving) with one bracket set per cell."""
+
+    def __init__(
+        self,
+        max_steps: dict[str, int],
+        metric: str,
+        mode: str,
+        grace: int,
+        factor: float,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__()
+        self.max_steps, self.target, self.direction = max_steps, metric, mode
+        self.grace, self.factor, self.enabled = grace, factor, enabled
+        self._asha: dict[str, Any] = {}
+        self.stopped: set[str] = set()
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True
+
+    def _for(self, controller: Any, trial: Any) -> Any:
+        from ray.tune.schedulers import AsyncHyperBandScheduler
+
+        cell = trial.config.get("cell") or trial.config.get("trial", {}).get("cell")
+        if cell not in self._asha:
+            max_t = self.max_steps.get(cell, 10**9)
+            self._asha[cell] = AsyncHyperBandScheduler(
+                time_attr="step",
+                metric=self.target,
+                mode=self.direction,
+                max_t=max_t,
+                grace_period=min(self.grace, max_t),
+                reduction_factor=self.factor,
+                brackets=1,
+                stop_last_trials=False,
+            )
+        asha = self._asha[cell]
+        if trial.trial_id not in asha._trial_info:  # e.g. after a restore
+            asha.on_trial_add(controller, trial)
+        return asha
+
+    def on_trial_add(self, controller: Any, trial: Any) -> None:
+        self._for(controller, trial)
+
+    def on_trial_result(self, controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if not self.enabled or result.get("final"):
+            return self.CONTINUE
+        decision = self._for(controller, trial).on_trial_result(controller, trial, result)
+        if decision == self.STOP:
+            self.stopped.add(trial.trial_id)
+        return decision
+
+    def on_trial_complete(self, controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        if result and "step" in result and self.target in result:
+            self._for(controller, trial).on_trial_complete(controller, trial, result)
+
+    def on_trial_remove(self, controller: Any, trial: Any) -> None:
+        self._for(controller, trial).on_trial_remove(controller, trial)
+
+    def on_trial_error(self, controller: Any, trial: Any) -> None:
+        self._for(controller, trial).on_trial_error(controller, trial)
+
+    def debug_string(self) -> str:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side: closing runs, counting outcomes, the live view
+
+
+@dataclass
+class Outcome:
+    cell: str
+    phase: str
+    status: str  # finished | stopped_early | failed | diverged
+    metric: float | None
+    val: float | None
+    seconds: float
+    params: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+    sample: int | None = None
+    seed: int | None = None
+
+
+def _callback_base() -> type:
+    from ray.tune import Callback
+
+    return Callback
+
+
+class SweepCallback(_callback_base()):  # type: ignore[misc]
+    """Ends the MLflow runs Ray stopped, records outcomes, and prints a compact live view."""
+
+    def __init__(
+        self,
+        ctx: SweepContext,
+        metric: str,
+        mode: str,
+        phase: str,
+        total: int,
+        concurrency: int,
+        echo: Callable[[str], None],
+        outcomes: dict[str, Outcome],
+    ) -> None:
+        self.ctx, self.metric, self.mode, self.phase = ctx, metric, mode, phase
+        self.total, self.concurrency, self.echo = total, concurrency, echo
+        self.outcomes = outcomes
+        self.started_at = time.time()
+        self.best: dict[str, float] = {}
+        self.last_view = 0.0
+        self._client = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from segsweep.tracking import client_for
+
+            self._client = client_for(self.ctx.tracking_uri)
+        return self._client
+
+    def _config(self, trial: Any) -> dict[str, Any]:
+        return trial.config.get("trial", trial.config)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        cell = self._config(trial)["cell"]
+        if self.metric in result:
+            value = float(result[self.metric])
+            better = max if self.mode == "max" else min
+            self.best[cell] = better(self.best.get(cell, value), value)
+        self._view(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        status = "finished" if result.get("final") else "stopped_early"
+        if result.get("diverged"):
+            status = "diverged"
+        run_id = result.get("mlflow_run_id")
+        if status == "stopped_early" and run_id:
+            # The trial was killed after its last report: its run is closed here.
+            try:
+                from mlflow.entities import RunTag
+
+                self.client.log_batch(
+                    run_id,
+                    tags=[
+                        RunTag(TAG_STATUS, "stopped_early"),
+                        RunTag("segsweep.stopped_at_step", str(result.get("step", ""))),
+                    ],
+                )
+                self.client.set_terminated(run_id, "FINISHED")
+            except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not stop the sweep
+                self.echo(f"  warning: could not close run {run_id}: {exc}")
+        self._record(trial, status, result)
+        self._line(trial, status, result)
+        self._view(trials, force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._record(trial, "failed", trial.last_result or {})
+        self._line(trial, "failed", trial.last_result or {})
+        run_id = (trial.last_result or {}).get("mlflow_run_id")
+        if run_id:  # normally closed FAILED by the trial; a killed worker could not
+            try:
+                run = self.client.get_run(run_id)
+                if run.info.status == "RUNNING":
+                    self.client.set_tag(run_id, TAG_STATUS, "failed")
+                    self.client.set_terminated(run_id, "FAILED")
+            except Exception:  # noqa: BLE001
+                pass
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        cfg = self._config(trial)
+        self.echo(
+            f"  retry  {cfg['cell']} ({cfg['phase']}): {_error_line(trial)}; "
+            f"resuming from its last checkpoint"
+        )
+
+    def _record(self, trial: Any, status: str, result: dict[str, Any]) -> None:
+        cfg = self._config(trial)
+        metric = result.get(self.metric)
+        val = result.get("val/mIoU_last", result.get("val/mIoU"))
+        self.outcomes[trial.trial_id] = Outcome(
+            cfg["cell"],
+            cfg["phase"],
+            status,
+            float(metric) if metric is not None else None,
+            float(val) if val is not None else None,
+            float(result.get("time_total_s", 0.0)),
+            dict(cfg.get("params", {})),
+            trial_key(self.ctx.name, cfg),
+            cfg.get("sample"),
+            cfg.get("seed"),
+        )
+
+    def _line(self, trial: Any, status: str, result: dict[str, Any]) -> None:
+        cfg = self._config(trial)
+        mark = {"finished": "done", "stopped_early": "stop", "failed": "FAIL", "diverged": "NaN!"}[status]
+        what = f"{cfg['cell']}"
+        what += f" #{cfg['sample']}" if cfg["phase"] == "search" else f" seed={cfg['seed']}"
+        params = ", ".join(
+            f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+            for k, v in cfg.get("params", {}).items()
+        )
+        score = f"{self.metric} {result[self.metric]:.4f}" if self.metric in result else ""
+        if status == "stopped_early":
+            score += f" at step {result.get('step', '?')}"
+        if status == "failed":
+            score = _error_line(trial)
+        self.echo(f"  {mark:<4} {what}{' (' + params + ')' if params else ''}  {score}")
+
+    def _view(self, trials: list, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last_view < 15:
+            return
+        self.last_view = now
+        counts: dict[str, int] = {}
+        for t in trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        done = [o for o in self.outcomes.values() if o.phase == self.phase]
+        elapsed = now - self.started_at
+        left = self.total - len(done)
+        eta = ""
+        if done and left > 0:
+            mean = sum(o.seconds for o in done) / len(done)
+            eta = f", ~{_fmt_s(mean * left / max(1, self.concurrency))} left"
+        stopped = sum(o.status == "stopped_early" for o in done)
+        failed = sum(o.status in ("failed", "diverged") for o in done)
+        self.echo(
+            f"[{_fmt_s(elapsed)}] {self.phase}: {counts.get('RUNNING', 0)} running, "
+            f"{len(done) - stopped - failed} finished, {stopped} stopped, {failed} failed "
+            f"of {self.total}{eta}"
+        )
+
+
+def _error_line(trial: Any) -> str:
+    try:
+        text = trial.error_file and Path(trial.error_file).read_text()
+    except OSError:
+        text = ""
+    lines = [ln for ln in (text or "").splitlines() if ln.strip()]
+    last = lines[-1] if lines else "error"
+    return last.split("Error: ", 1)[-1][:200] if "Error: " in last else last[:200]
+
+
+def _fmt_s(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}:{s:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class SweepResult:
+    outcomes: dict[str, Outcome]
+    best: dict[str, Outcome]
+    parent_run_id: str
+    sweep_dir: Path
+    tracking_uri: str
+    experiment_id: str
+
+
+def _ray_init(address: str | None, plan: Plan) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {
+        "logging_level": logging.ERROR,
+        "log_to_driver": False,
+        "configure_logging": True,
+    }
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"--ray-address {address}: cannot join the Ray cluster ({exc})") from None
+    else:
+        import torch
+
+        ray.init(
+            num_cpus=os.cpu_count() or 1,
+            num_gpus=torch.cuda.device_count(),
+            include_dashboard=False,
+            **kwargs,
+        )
+    res = ray.cluster_resources()
+    need_gpu = plan.spec.resources.gpus_per_trial
+    if need_gpu > res.get("GPU", 0):
+        ray.shutdown()
+        raise ConfigError(
+            f"resources.gpus_per_trial: {need_gpu:g} GPU per trial but the Ray cluster has "
+            f"{res.get('GPU', 0):g}"
+        )
+    if plan.spec.resources.cpus_per_trial > res.get("CPU", 0):
+        ray.shutdown()
+        raise ConfigError(
+            f"resources.cpus_per_trial: {plan.spec.resources.cpus_per_trial:g} CPUs per trial but the "
+            f"Ray cluster has {res.get('CPU', 0):g}"
+        )
+
+
+def _concurrency(plan: Plan) -> int:
+    import ray
+
+    r = plan.spec.resources
+    res = ray.cluster_resources()
+    fits = int(res.get("CPU", 1) // r.cpus_per_trial)
+    if r.gpus_per_trial:
+        fits = min(fits, int(res.get("GPU", 0) / r.gpus_per_trial + 1e-9))
+    return max(1, min(fits, r.max_concurrent or fits))
+
+
+def _tuner(
+    phase: str,
+    plan: Plan,
+    ctx: SweepContext,
+    storage: str,
+    callback: SweepCallback,
+    resume: bool,
+    search_alg: Any = None,
+    scheduler: Any = None,
+    param_space: dict[str, Any] | None = None,
+    num_samples: int = 1,
+) -> Any:
+    from ray import tune
+
+    r = plan.spec.resources
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_main, ctx=ctx), {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial}
+    )
+    path = os.path.join(storage, phase)
+    if resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space)
+        # Callbacks hold driver objects: hand the fresh ones to the restored experiment.
+        tuner._local_tuner._run_config.callbacks = [callback]
+        return tuner
+    es = plan.spec.early_stop
+    return tune.Tuner(
+        trainable,
+        param_space=param_space or {},
+        tune_config=tune.TuneConfig(
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=r.max_concurrent,
+            metric=es.metric,
+            mode=es.mode,
+            # A worker process serves trial after trial: imports and CUDA init are paid once.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=phase,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=plan.spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[callback],
+            verbose=0,
+        ),
+    )
+
+
+def _best_per_cell(outcomes: dict[str, Outcome], mode: str, phase: str = "search") -> dict[str, Outcome]:
+    best: dict[str, Outcome] = {}
+    sign = 1 if mode == "max" else -1
+    for o in outcomes.values():
+        if o.phase != phase or o.status != "finished" or o.metric is None:
+            continue
+        if o.cell not in best or sign * o.metric > sign * best[o.cell].metric:  # type: ignore[operator]
+            best[o.cell] = o
+    return best
+
+
+def _outcomes_from(result_grid: Any, ctx: SweepContext, metric: str) -> tuple[dict[str, Outcome], bool]:
+    """Outcomes of every trial of a finished (or restored) experiment, from Ray's records,
+    and whether every trial ended (False when the experiment was interrupted)."""
+    statuses = {t.trial_id: t.status for t in result_grid._experiment_analysis.trials}
+    out, complete = {}, True
+    for r in result_grid:
+        cfg = r.config.get("trial", r.config)
+        m = r.metrics or {}
+        trial_id = m.get("trial_id") or r.path
+        ray_status = statuses.get(m.get("trial_id"), "TERMINATED" if m else "PENDING")
+        if ray_status not in ("TERMINATED", "ERROR"):
+            complete = False
+            continue
+        if r.error is not None or ray_status == "ERROR":
+            status = "failed"
+        elif m.get("diverged"):
+            status = "diverged"
+        elif m.get("final"):
+            status = "finished"
+        else:
+            status = "stopped_early"
+        val = m.get("val/mIoU_last", m.get("val/mIoU"))
+        out[trial_id] = Outcome(
+            cfg["cell"],
+            cfg["phase"],
+            status,
+            float(m[metric]) if m.get(metric) is not None else None,
+            float(val) if val is not None else None,
+            float(m.get("time_total_s", 0.0)),
+            dict(cfg.get("params", {})),
+            trial_key(ctx.name, cfg),
+            cfg.get("sample"),
+            cfg.get("seed"),
+        )
+    return out, complete
+
+
+def run_sweep(
+    plan: Plan,
+    sweep_root: Path,
+    resume: bool = False,
+    ray_address: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> SweepResult:
+    from segsweep.runner import prepare
+
+    spec = plan.spec
+    sweep_dir = (sweep_root / spec.name).resolve()
+    state_file = sweep_dir / "sweep.json"
+    fingerprint = plan.fingerprint()
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        if not resume:
+            raise ConfigError(
+                f"sweep '{spec.name}' already exists in {sweep_dir}: add --resume to continue it, "
+                "or give the spec another name"
+            )
+        if state.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"{sweep_dir}: the spec's grid, search or base config changed since the sweep "
+                "started; a resumed sweep must run the same trials (use a new name)"
+            )
+    elif resume:
+        raise ConfigError(f"--resume: no sweep '{spec.name}' in {sweep_root} to resume")
+
+    # Check every distinct dataset and model once, before anything is started or written.
+    seen: set[str] = set()
+    for cell in plan.cells:
+        cfg = run_config_of(cell, {})
+        key = json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model_dump(mode="json"), cfg.method])
+        if key not in seen:
+            seen.add(key)
+            prepare(cfg)
+
+    uri = resolve_uri(plan.tracking_uri)
+    address = ray_address or spec.ray.address
+    _ray_init(address, plan)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "spec.yaml").write_text(plan.spec_text, encoding="utf-8")
+    storage_url = spec.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+
+    parent = RunTracker(
+        uri,
+        plan.experiment,
+        run_name=spec.name,
+        run_key=f"sweep:{spec.name}",
+        tags={"segsweep.kind": "sweep", "segsweep.sweep": spec.name, "segsweep.optuna_storage": storage_url},
+    )
+    if not parent.resumed:
+        parent.log_params(
+            {
+                "cells": len(plan.cells),
+                "num_samples": spec.num_samples,
+                "total_trials": plan.total_trials,
+                "early_stop.metric": spec.early_stop.metric,
+                "final.seeds": spec.final.seeds if spec.final else "none",
+                **{f"grid.{k}": v for k, v in spec.grid.items()},
+            }
+        )
+        parent.log_text(plan.spec_text, "sweep.yaml")
+    state_file.write_text(
+        json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "parent_run_id": parent.run_id,
+                "tracking_uri": uri,
+                "experiment": plan.experiment,
+            },
+            indent=2,
+        )
+    )
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume loses at most ~2 s of scheduling
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our live view instead of Ray's tables
+
+    ctx = SweepContext(
+        spec.name,
+        plan.experiment,
+        uri,
+        parent.run_id,
+        {c.id: c for c in plan.cells},
+        spec.resources.cpus_per_trial,
+        str(sweep_dir),
+    )
+    es = spec.early_stop
+    storage = str(sweep_dir / "ray")
+    concurrency = _concurrency(plan)
+    # Ray lets a custom searcher keep one trial pending; cells should start side by side.
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(concurrency))
+    outcomes: dict[str, Outcome] = {}
+    echo(
+        f"sweep {spec.name}: {len(plan.cells)} cells, {plan.total_trials} search trials"
+        f"{f', then {len(plan.cells) * len(spec.final.seeds)} final runs' if spec.final else ''}; "
+        f"up to {concurrency} at once; MLflow experiment '{plan.experiment}' at {parent.uri}"
+    )
+    interrupted = False
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        searcher = CellSearcher(plan, storage_url, spec.name, es.metric, es.mode)
+        scheduler = CellScheduler(
+            {c.id: run_config_of(c, {}).train.steps for c in plan.cells},
+            es.metric,
+            es.mode,
+            es.grace_period,
+            es.reduction_factor,
+            es.enabled,
+        )
+        cb = SweepCallback(ctx, es.metric, es.mode, "search", plan.total_trials, concurrency, echo, outcomes)
+        tuner = _tuner(
+            "search", plan, ctx, storage, cb, resume, searcher, scheduler, num_samples=plan.total_trials
+        )
+        found, complete = _outcomes_from(tuner.fit(), ctx, es.metric)
+        outcomes.update(found)
+        if not complete:
+            raise KeyboardInterrupt
+        best = _best_per_cell(outcomes, es.mode)
+
+        if spec.final:
+            configs = []
+            for cell in plan.cells:
+                if cell.id not in best:
+                    echo(f"  no finished trial in cell {cell.id}: it has no final runs")
+                    continue
+                for seed in spec.final.seeds:
+                    configs.append(
+                        {
+                            "cell": cell.id,
+                            "phase": "final",
+                            "seed": seed,
+                            "params": best[cell.id].params,
+                            "sample": best[cell.id].sample,
+                        }
+                    )
+            if configs:
+                from ray import tune
+
+                echo(f"final: best configuration of each cell over seeds {spec.final.seeds}")
+                fcb = SweepCallback(
+                    ctx, es.metric, es.mode, "final", len(configs), concurrency, echo, outcomes
+                )
+                final_tuner = _tuner(
+                    "final", plan, ctx, storage, fcb, resume, param_space={"trial": tune.grid_search(configs)}
+                )
+                found, complete = _outcomes_from(final_tuner.fit(), ctx, es.metric)
+                outcomes.update(found)
+                if not complete:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    if interrupted:
+        parent.finish("KILLED", "killed")
+        raise SweepInterrupted(spec.name)
+
+    _close_orphans(parent, ctx, outcomes, echo)
+    best = _best_per_cell(outcomes, es.mode)
+    _summarise(parent, plan, outcomes, best, echo)
+    parent.finish("FINISHED", "finished")
+    return SweepResult(outcomes, best, parent.run_id, sweep_dir, uri, parent.experiment_id)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM takes Ray Tune's SIGINT path: it saves the experiment state, then stops."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+class SweepInterrupted(UserError):
+    exit_code = 130
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"sweep '{name}' interrupted; continue it with --resume")
+
+
+def _close_orphans(
+    parent: RunTracker, ctx: SweepContext, outcomes: dict[str, Outcome], echo: Callable[[str], None]
+) -> None:
+    """Child runs that no known trial owns (a trial started just before the driver died and
+    that Ray's saved state never recorded) are deleted, so every trial counts once."""
+    client = parent.client
+    known = {o.key for o in outcomes.values()}
+    children = client.search_runs(
+        [parent.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent.run_id}'", max_results=50000
+    )
+    for run in children:
+        key = run.data.tags.get(TAG_KEY, "")
+        if key not in known:
+            client.set_tag(run.info.run_id, TAG_STATUS, "orphaned")
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+            client.delete_run(run.info.run_id)
+            echo(f"  removed orphaned run {run.info.run_id} ({key})")
+        elif run.info.status == "RUNNING":  # its worker died with no chance to close it
+            client.set_tag(run.info.run_id, TAG_STATUS, "failed")
+            client.set_terminated(run.info.run_id, "FAILED")
+
+
+def _summarise(
+    parent: RunTracker,
+    plan: Plan,
+    outcomes: dict[str, Outcome],
+    best: dict[str, Outcome],
+    echo: Callable[[str], None],
+) -> None:
+    counts = {"finished": 0, "stopped_early": 0, "failed": 0, "diverged": 0}
+    for o in outcomes.values():
+        counts[o.status] = counts.get(o.status, 0) + 1
+    parent.log_metrics({f"trials/{k}": v for k, v in counts.items()}, 0)
+    metric = plan.spec.early_stop.metric
+    rows = ["cell,trials,best_" + metric.replace("/", "_") + ",val_mIoU,params"]
+    echo("")
+    echo(f"{'cell':<48} {'trials':>6} {'best ' + metric:>14} {'val/mIoU':>9}  params")
+    for cell in plan.cells:
+        n = sum(o.cell == cell.id and o.phase == "search" for o in outcomes.values())
+        b = best.get(cell.id)
+        params = json.dumps(b.params) if b else ""
+        m = f"{b.metric:.4f}" if b and b.metric is not None else "-"
+        v = f"{b.val:.4f}" if b and b.val is not None else "-"
+        echo(f"{cell.id:<48} {n:>6} {m:>14} {v:>9}  {params}")
+        rows.append(f'"{cell.id}",{n},{m},{v},"{params.replace(chr(34), chr(39))}"')
+    parent.log_text("\n".join(rows) + "\n", "best_per_cell.csv")
+    finals = [o for o in outcomes.values() if o.phase == "final" and o.val is not None]
+    if finals:
+        echo("")
+        echo("final runs, val/mIoU (last evaluation) over seeds:")
+        for cell in plan.cells:
+            vals = [o.val for o in finals if o.cell == cell.id]
+            if vals:
+                mean = sum(vals) / len(vals)
+                std = (sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5
+                echo(f"  {cell.id:<46} {mean:.4f} ± {std:.4f} (n={len(vals)})")
+    echo("")
+    echo(
+        f"trials: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
+        f"{counts['failed']} failed, {counts['diverged']} diverged"
+    )

@@ -1,0 +1,304 @@
+"""Sweep specs: one YAML file that defines a grid of cells, a search per cell, early stopping,
+resources, tracking and an optional final re-run over seeds. Validated with pydantic; every
+error names the field. No Ray or Optuna here: ``sweep.py`` runs what this module plans.
+
+A *cell* is one point of the grid (e.g. method=fixmatch, data.label_ratio=1/16, seed=0).
+Each cell gets ``num_samples`` trials searched by its own Optuna study (or a single trial
+when its method declares no search space); early stopping compares trials of one cell only.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from segsweep.config import (
+    RunConfig,
+    Section,
+    apply_overrides,
+    describe_validation_error,
+    read_yaml,
+    validate_run_config,
+)
+from segsweep.data import default_cache
+from segsweep.errors import ConfigError
+from segsweep.methods import METHODS
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+REQUIRED_GRID_KEYS = ("method", "data.label_ratio", "seed")
+#: Budgets are the same for every method of a cell: these keys are never searched.
+UNSEARCHABLE = ("method", "seed", "train.steps", "train.batch_size", "data.label_ratio", "data.num_labeled")
+
+
+class SearchParam(Section):
+    """One searched knob. ``float``/``int`` are uniform, ``logfloat`` log-uniform."""
+
+    type: Literal["float", "int", "logfloat", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError("'low' must be below 'high'")
+        if self.type == "logfloat" and self.low <= 0:
+            raise ValueError("logfloat needs low > 0")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("int needs whole-number bounds")
+        return self
+
+    def corner_values(self) -> list[Any]:
+        """Values that must validate in the run config (bounds or every choice)."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        if self.type == "int":
+            return [int(self.low), int(self.high)]  # type: ignore[arg-type]
+        return [self.low, self.high]
+
+
+class EarlyStop(Section):
+    """ASHA (Li et al. 2020) per cell, on a metric of the tuning split."""
+
+    enabled: bool = True
+    metric: str = "tune/mIoU"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(100, ge=1, description="steps before a trial may be stopped")
+    reduction_factor: float = Field(3.0, gt=1)
+
+    @field_validator("metric")
+    @classmethod
+    def _tuning_split_only(cls, v: str) -> str:
+        if not v.startswith("tune"):
+            raise ValueError(
+                f"'{v}' is not measured on the tuning split: search and early stopping must "
+                "never see the split the curves report (use tune/mIoU)"
+            )
+        return v
+
+
+class Resources(Section):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0, description="fractions pack small trials onto one GPU")
+    max_concurrent: int | None = Field(None, ge=1)
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_or_fraction(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("above 1, GPUs per trial must be a whole number")
+        return v
+
+
+class SweepTracking(Section):
+    uri: str | None = None
+    experiment: str | None = Field(None, min_length=1, max_length=250)
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="absent: start Ray locally, sized to the machine")
+
+
+class Final(Section):
+    """Re-run the best configuration of every cell over these seeds (mean and spread)."""
+
+    seeds: list[int] = Field(min_length=1)
+
+
+class SweepSpec(Section):
+    name: str = Field(pattern=NAME_PATTERN, description="the sweep (and MLflow experiment) name")
+    base: Path | dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]]
+    search: dict[str, dict[str, SearchParam]] = Field(default_factory=dict)
+    num_samples: int = Field(1, ge=1, le=10000, description="trials per cell with a search space")
+    early_stop: EarlyStop = EarlyStop()
+    resources: Resources = Resources()
+    tracking: SweepTracking = SweepTracking()
+    ray: RayConfig = RayConfig()
+    final: Final | None = None
+    max_failures: int = Field(2, ge=0, description="retries of a crashed trial from its checkpoint")
+    optuna_storage: str | None = Field(None, description="RDB URL; default: SQLite beside the sweep")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        missing = [k for k in REQUIRED_GRID_KEYS if k not in grid]
+        if missing:
+            raise ValueError(f"needs the keys {', '.join(REQUIRED_GRID_KEYS)} (missing {', '.join(missing)})")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"'{key}' must be a non-empty list")
+            if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+                raise ValueError(f"'{key}' lists a value twice")
+        for method in grid["method"]:
+            if method not in METHODS:
+                raise ValueError(f"unknown method '{method}'; valid methods: {', '.join(METHODS)}")
+        return grid
+
+    @field_validator("search")
+    @classmethod
+    def _search(cls, search: dict[str, dict[str, SearchParam]]) -> dict[str, dict[str, SearchParam]]:
+        for method, space in search.items():
+            if method not in METHODS:
+                raise ValueError(f"'{method}' is not a method; valid methods: {', '.join(METHODS)}")
+            for key in space:
+                if key in UNSEARCHABLE:
+                    raise ValueError(
+                        f"{method}.{key} cannot be searched: every method of a cell gets the same budget"
+                    )
+        return search
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> SweepSpec:
+        for method, space in self.search.items():
+            both = set(space) & set(self.grid)
+            if both:
+                raise ValueError(f"search.{method}: '{sorted(both)[0]}' is also a grid key")
+        return self
+
+
+@dataclass
+class Cell:
+    """One grid point: its id, the grid values, and the run-config tree of its trials."""
+
+    id: str
+    values: dict[str, Any]
+    tree: dict[str, Any]
+    space: dict[str, SearchParam] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return str(self.values["method"])
+
+    def slug(self) -> str:
+        """A file- and study-name-safe id."""
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.id)[:120]
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    spec_text: str
+    cells: list[Cell]
+    tracking_uri: str | None
+    experiment: str
+
+    def samples(self, cell: Cell) -> int:
+        return self.spec.num_samples if cell.space else 1
+
+    @property
+    def total_trials(self) -> int:
+        return sum(self.samples(c) for c in self.cells)
+
+    def fingerprint(self) -> str:
+        """Changes when anything that defines the trials changes (checked on --resume)."""
+        payload = json.dumps(
+            [[c.id, c.tree, {k: v.model_dump() for k, v in c.space.items()}] for c in self.cells],
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def cell_id(values: dict[str, Any]) -> str:
+    short = {"data.label_ratio": "ratio"}
+    return ",".join(f"{short.get(k, k)}={_fmt(v)}" for k, v in values.items())
+
+
+def load_spec(path: Path, sets: list[str] | None = None) -> tuple[SweepSpec, dict[str, Any]]:
+    tree = read_yaml(path)
+    try:
+        spec = SweepSpec.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, str(path))) from None
+    return spec, tree
+
+
+def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Make relative paths absolute: trials run in their own folders, maybe on other machines."""
+    tree = copy.deepcopy(tree)
+    data = tree.setdefault("data", {})
+    for section, key in (
+        ("data", "root"),
+        ("data", "split"),
+        ("model", "encoder_weights"),
+        ("", "output_dir"),
+    ):
+        node = tree.get(section, {}) if section else tree
+        if isinstance(node, dict) and node.get(key):
+            p = Path(str(node[key])).expanduser()
+            node[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
+    if data.get("name", "synthetic") == "synthetic" and not data.get("root"):
+        data["root"] = str(default_cache().resolve())
+    return tree
+
+
+def plan_sweep(
+    path: Path,
+    sets: list[str] | None = None,
+    tracking_uri: str | None = None,
+    cwd: Path | None = None,
+) -> Plan:
+    """Validate the spec and every cell's run config; nothing is started or written."""
+    spec, _ = load_spec(path)
+    cwd = cwd or Path.cwd()
+    if isinstance(spec.base, Path):
+        base_path = spec.base if spec.base.is_absolute() else path.parent / spec.base
+        base_tree = read_yaml(base_path)
+        base_source = str(base_path)
+    else:
+        base_tree, base_source = dict(spec.base), f"{path}: base"
+    base_tree = apply_overrides(base_tree, sets or [])
+    uri = tracking_uri or spec.tracking.uri or (base_tree.get("tracking") or {}).get("uri")
+    experiment = spec.tracking.experiment or spec.name
+
+    keys = list(spec.grid)
+    cells = []
+    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+        values = dict(zip(keys, combo, strict=True))
+        overrides = [f"{k}={json.dumps(v)}" for k, v in values.items()]
+        tree = apply_overrides(base_tree, overrides)
+        tree = apply_overrides(
+            tree, [f"tracking.experiment={json.dumps(experiment)}", "tracking.enabled=true"]
+        )
+        if uri:
+            tree = apply_overrides(tree, [f"tracking.uri={json.dumps(uri)}"])
+        cid = cell_id(values)
+        cfg = validate_run_config(tree, f"{base_source} (cell {cid})")
+        space = spec.search.get(cfg.method, {})
+        for key, param in space.items():  # every searched value must be valid in the config
+            for value in param.corner_values():
+                validate_run_config(
+                    apply_overrides(tree, [f"{key}={json.dumps(value)}"]),
+                    f"{path}: search.{cfg.method}.{key}",
+                )
+        # Relative paths are resolved against the folder the sweep was started from.
+        cells.append(Cell(cid, values, _resolve_paths(tree, cwd), space))
+    return Plan(spec, path.read_text(encoding="utf-8"), cells, uri, experiment)
+
+
+def run_config_of(cell: Cell, params: dict[str, Any], seed: int | None = None) -> RunConfig:
+    """The RunConfig of one trial: the cell's tree plus its searched values (and seed)."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    return validate_run_config(apply_overrides(cell.tree, overrides), f"cell {cell.id}")

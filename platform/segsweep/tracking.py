@@ -1,0 +1,395 @@
+"""MLflow at the edge: the only module that imports mlflow.
+
+``RunTracker`` owns one MLflow run. Metrics, images and artifacts are queued and written by
+a background thread in batches, so a training step never waits for the tracking store;
+``flush()`` waits (the trainer flushes at each evaluation, before reporting to a sweep) and
+re-raises a write that failed after its retries, so a gap is never silent.
+
+The default store is ``sqlite:///mlflow.db`` in the working folder, switched to WAL mode so
+concurrent trials can write while others read; writes that still meet "database is locked"
+are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from segsweep.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter about table creation
+
+# Tags segsweep sets on its runs (the MLflow UI can filter and group on them).
+TAG_KEY = "segsweep.run_key"  # a stable key: a resumed trial finds its run instead of duplicating
+TAG_STATUS = "segsweep.status"  # finished | failed | diverged | stopped_early | killed
+TAG_PARENT = "mlflow.parentRunId"
+SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "credential")
+
+
+class TrackingError(UserError):
+    """The tracking store could not be written (after retries): the run fails loudly."""
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI to use, absolute: trials run in other folders and must hit one store."""
+    if not uri:
+        return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+    scheme = urlsplit(uri).scheme
+    if scheme == "sqlite":
+        path = uri.removeprefix("sqlite:///")
+        if not path.startswith("/"):
+            return f"sqlite:///{(Path.cwd() / path).resolve()}"
+        return uri
+    if scheme in ("http", "https", "postgresql", "postgresql+psycopg2", "mysql", "databricks"):
+        return uri
+    if scheme in ("", "file"):
+        raise ConfigError(
+            f"tracking.uri: '{uri}': file stores are deprecated by MLflow; "
+            "use sqlite:///path/mlflow.db or an http(s):// server"
+        )
+    raise ConfigError(f"tracking.uri: unsupported scheme '{scheme}' in '{uri}'")
+
+
+def redact(value: str) -> str:
+    """Hide the password in a URI (``http://user:pw@host`` -> ``http://user:***@host``)."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return value
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return value
+
+
+def is_secret_key(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+def safe_params(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow strings: secrets dropped, URI passwords hidden, long values cut."""
+    out = {}
+    for key, value in params.items():
+        if is_secret_key(key):
+            continue
+        text = redact(str(value))
+        out[key] = text if len(text) <= 6000 else text[:5997] + "..."
+    return out
+
+
+def metric_name(name: str) -> str:
+    """MLflow accepts letters, digits, _ - . / and space in metric names."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
+def prepare_store(uri: str) -> None:
+    """Make a local SQLite store ready for concurrent writers (WAL mode persists in the file)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path, timeout=60) as con:
+        if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            con.execute("PRAGMA journal_mode=WAL")
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """For a SQLite store, artifacts go beside the database (absolute, whatever the cwd)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def client_for(uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
+    prepare_store(uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=local_artifact_root(uri))
+    except Exception:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_state() -> dict[str, str]:
+    """Commit and dirty flag of the segsweep checkout (empty when not in a git checkout)."""
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return {}
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=src,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return {
+            "segsweep.git_commit": commit.stdout.strip(),
+            "segsweep.git_dirty": str(bool(dirty.stdout.strip())).lower(),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def with_retries(fn: Callable[[], Any], what: str, budget_s: float) -> Any:
+    """Call ``fn`` until it succeeds, backing off (0.25 s doubling to 8 s) within ``budget_s``."""
+    delay, deadline = 0.25, time.monotonic() + budget_s
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - any store error is retried, then reported
+            if time.monotonic() + delay > deadline:
+                raise TrackingError(f"tracking store: {what} failed after retries: {exc}") from None
+            log.warning("tracking store: %s failed (%s); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+class RunTracker:
+    """One MLflow run, written asynchronously.
+
+    ``run_key``: a stable identity (e.g. sweep/trial id). If a run with that key exists in
+    the experiment it is resumed instead of creating a duplicate (retries, ``--resume``).
+    """
+
+    def __init__(
+        self,
+        uri: str | None,
+        experiment: str,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+        run_key: str | None = None,
+        retry_budget_s: float = 120.0,
+    ) -> None:
+        from mlflow.entities import Metric, RunStatus
+
+        self._Metric, self._RunStatus = Metric, RunStatus
+        self.uri = resolve_uri(uri)
+        self.retry_budget_s = retry_budget_s
+        self.client = with_retries(lambda: client_for(self.uri), "connect", retry_budget_s)
+        self.experiment_id = with_retries(
+            lambda: ensure_experiment(self.client, experiment, self.uri),
+            "create experiment",
+            retry_budget_s,
+        )
+        all_tags = {**git_state(), **(tags or {})}
+        if parent_run_id:
+            all_tags[TAG_PARENT] = parent_run_id
+        if run_key:
+            all_tags[TAG_KEY] = run_key
+        existing = self._find(run_key) if run_key else None
+        if existing is not None:
+            self.run_id = existing
+            with_retries(
+                lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen run", retry_budget_s
+            )
+            self.resumed = True
+        else:
+            run = with_retries(
+                lambda: self.client.create_run(
+                    self.experiment_id,
+                    run_name=run_name,
+                    tags={k: redact(str(v)) for k, v in all_tags.items()},
+                ),
+                "create run",
+                retry_budget_s,
+            )
+            self.run_id = run.info.run_id
+            self.resumed = False
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="segsweep-tracker", daemon=True)
+        self._thread.start()
+
+    def _find(self, run_key: str) -> str | None:
+        runs = with_retries(
+            lambda: self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{TAG_KEY}` = '{run_key}'", max_results=5
+            ),
+            "search runs",
+            self.retry_budget_s,
+        )
+        return runs[0].info.run_id if runs else None
+
+    # -- producer side (training thread): never blocks on the store -------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._queue.put(("params", safe_params(params)))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._queue.put(("tags", {k: redact(str(v)) for k, v in tags.items()}))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [
+            self._Metric(metric_name(k), float(v), now, int(step))
+            for k, v in metrics.items()
+            if v is not None and np.isfinite(v)
+        ]
+        if batch:
+            self._queue.put(("metrics", batch))
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        self._queue.put(("image", (np.asarray(image), metric_name(key), int(step))))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._queue.put(("artifact", (str(path), artifact_path)))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._queue.put(("text", (text, artifact_file)))
+
+    def flush(self) -> None:
+        """Wait until everything queued is written; raise if a write failed."""
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        while not done.wait(0.5):
+            if not self._thread.is_alive():
+                break
+        if self._error is not None:
+            raise TrackingError(str(self._error)) from None
+
+    def finish(self, status: str = "FINISHED", segsweep_status: str | None = None) -> None:
+        """Flush, then end the run (FINISHED, FAILED or KILLED). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if segsweep_status:
+            self.set_tags({TAG_STATUS: segsweep_status})
+        flush_error: BaseException | None = None
+        try:
+            self.flush()
+        except TrackingError as exc:
+            flush_error = exc
+            status = "FAILED"
+        self._queue.put(("stop", None))
+        self._thread.join(timeout=60)
+        with_retries(
+            lambda: self.client.set_terminated(self.run_id, status=status), "end run", self.retry_budget_s
+        )
+        if flush_error is not None:
+            raise flush_error
+
+    # -- consumer side (background thread) -----------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            kind, payload = self._queue.get()
+            if kind == "stop":
+                return
+            if kind == "flush":
+                payload.set()
+                continue
+            metrics = payload if kind == "metrics" else None
+            if metrics is not None:
+                # Coalesce every queued metric batch into one request (MLflow takes 1000).
+                while not self._queue.empty():
+                    k2, p2 = self._queue.queue[0]
+                    if k2 != "metrics" or len(metrics) + len(p2) > 1000:
+                        break
+                    self._queue.get()
+                    metrics = metrics + p2
+            if self._error is not None:
+                continue  # the run already failed; drain the queue without writing
+            try:
+                self._write(kind, metrics if metrics is not None else payload)
+            except TrackingError as exc:
+                self._error = exc
+
+    def _write(self, kind: str, payload: Any) -> None:
+        c, rid, budget = self.client, self.run_id, self.retry_budget_s
+        if kind == "metrics":
+            with_retries(lambda: c.log_batch(rid, metrics=payload, synchronous=True), "log metrics", budget)
+        elif kind == "params":
+            from mlflow.entities import Param
+
+            items = [Param(k, v) for k, v in payload.items()]
+            for i in range(0, len(items), 100):
+                chunk = items[i : i + 100]
+                with_retries(
+                    lambda ch=chunk: c.log_batch(rid, params=ch, synchronous=True), "log params", budget
+                )
+        elif kind == "tags":
+            from mlflow.entities import RunTag
+
+            tags = [RunTag(k, v) for k, v in payload.items()]
+            with_retries(lambda: c.log_batch(rid, tags=tags, synchronous=True), "set tags", budget)
+        elif kind == "image":
+            image, key, step = payload
+            with_retries(
+                lambda: c.log_image(rid, image, key=key, step=step, synchronous=True),
+                f"log image {key}",
+                budget,
+            )
+        elif kind == "artifact":
+            path, artifact_path = payload
+            try:
+                with_retries(lambda: c.log_artifact(rid, path, artifact_path), f"upload {path}", budget)
+            except TrackingError as exc:
+                raise TrackingError(f"{exc} (the file stays on local disk at {path})") from None
+        elif kind == "text":
+            text, name = payload
+            with_retries(lambda: c.log_text(rid, text, name), f"log {name}", budget)
+
+    def ui_hint(self) -> str:
+        """How a person opens this run in the MLflow UI."""
+        if self.uri.startswith("sqlite:///"):
+            return (
+                f"mlflow ui --backend-store-uri {self.uri} --port 5000, then open "
+                f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            )
+        return f"{redact(self.uri)}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+class NullTracker:
+    """Tracking switched off (``tracking.enabled: false``); also the bench's baseline."""
+
+    run_id: str | None = None
+    resumed = False
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def flush(self) -> None: ...
+    def finish(self, status: str = "FINISHED", segsweep_status: str | None = None) -> None: ...
+
+    def ui_hint(self) -> str:
+        return "tracking disabled"
+
+
+Tracker = RunTracker | NullTracker

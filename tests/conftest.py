@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny synthetic dataset cached once per session, small run configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("segsweep-cache")
+    os.environ["SEGSWEEP_CACHE"] = str(path)
+    return path
+
+
+def tiny_tree(cache: Path, **over: object) -> dict:
+    """A run config small enough for a few CPU seconds: 64 px, 96 training images."""
+    tree: dict = {
+        "method": "supervised",
+        "seed": 0,
+        "data": {
+            "name": "synthetic",
+            "root": str(cache),
+            "label_ratio": 0.25,
+            "tune_size": 8,
+            "crop_size": 64,
+            "synthetic": {"image_size": 64, "num_train": 96, "num_val": 16},
+        },
+        "model": {"arch": "deeplabv3plus", "encoder": "tu-mobilenetv3_small_050", "decoder_channels": 32},
+        "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "log_every": 1},
+        "eval": {"diag_samples": 4, "panel_samples": 2},
+        "tracking": {"enabled": False, "experiment": "tests"},
+    }
+    for key, value in over.items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+@pytest.fixture
+def tiny(cache_dir: Path, tmp_path: Path):
+    """Factory: tiny(**{"train.steps": 6}) -> validated RunConfig writing under tmp_path."""
+    from segsweep.config import validate_run_config
+
+    def make(**over: object):
+        over.setdefault("output_dir", str(tmp_path / "runs"))
+        return validate_run_config(tiny_tree(cache_dir, **over), "test")
+
+    return make
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "unimatch-splits"

@@ -1,0 +1,52 @@
+"""Run the real ``segsweep`` command in a subprocess and read what it left in MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def segsweep(
+    *args: str, cwd: Path, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "segsweep.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+def write_config(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def runs_in(uri: str, experiment: str | None = None) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exps = [
+        e.experiment_id for e in client.search_experiments() if experiment is None or e.name == experiment
+    ]
+    if not exps:
+        return []
+    return client.search_runs(exps, max_results=5000)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, one ``error:`` line naming the culprit, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])

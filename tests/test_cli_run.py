@@ -1,0 +1,168 @@
+"""``segsweep run`` end to end: what a finished run leaves in MLflow, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import tiny_tree
+from .fixtures import write_folder
+from .helpers import assert_user_error, runs_in, segsweep, write_config
+
+
+def test_a_short_run_leaves_a_finished_mlflow_run_with_metrics_and_artifacts(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tree = tiny_tree(cache_dir, method="fixmatch", **{"tracking.enabled": True, "train.steps": 4})
+    cfg = write_config(tmp_path / "run.yaml", tree)
+    proc = segsweep(
+        "run", str(cfg), "--tracking-uri", uri, "--set", "fixmatch.ema_teacher=true", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "done: fixmatch run" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+
+    [run] = runs_in(uri, "tests")
+    assert run.info.status == "FINISHED"
+    p, tags, m = run.data.params, run.data.tags, run.data.metrics
+    assert p["method"] == "fixmatch" and p["dataset"] == "synthetic"
+    assert float(p["label_ratio"]) == 0.25 and p["seed"] == "0" and p["n_labeled"] == "22"
+    assert p["fixmatch.ema_teacher"] == "True" and "supervised" not in " ".join(p)
+    assert tags["segsweep.split_family"] == "generated/seed0"
+    assert tags["segsweep.eval_mode"] == "whole" and tags["segsweep.status"] == "finished"
+    for key in (
+        "train/loss",
+        "train/loss_sup",
+        "train/loss_unsup",
+        "train/mask_ratio",
+        "lr",
+        "val/mIoU",
+        "val/pixel_acc",
+        "val/iou/disk-stripes",
+        "tune/mIoU",
+        "val_teacher/mIoU",
+        "val/mIoU_last",
+        "val/mIoU_best",
+        "val/mIoU_at_best_tune",
+        "val_teacher/mIoU_last",
+        "pseudo/mIoU",
+        "pseudo/kept_share",
+    ):
+        assert key in m, key
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(run.info.run_id, "val/mIoU")
+    assert sorted(h.step for h in history) == [2, 4]
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoints", "images"} <= files
+    ckpts = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert ckpts == {"checkpoints/last.pt", "checkpoints/best.pt"}
+    images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+    assert images and all("panels" in f for f in images)
+
+
+def test_resume_continues_the_same_mlflow_run(cache_dir: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tree = tiny_tree(
+        cache_dir,
+        **{
+            "tracking.enabled": True,
+            "train.steps": 4,
+            "debug.fail_at_step": 3,
+            "output_dir": str(tmp_path / "runs"),
+        },
+    )
+    cfg = write_config(tmp_path / "run.yaml", tree)
+    first = segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
+    assert first.returncode != 0 and "injected failure" in first.stderr
+    [run] = runs_in(uri)
+    assert run.info.status == "FAILED"
+    [run_dir] = (tmp_path / "runs").iterdir()
+    again = segsweep("run", "--resume", str(run_dir), "--tracking-uri", uri, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    [run] = runs_in(uri)
+    assert run.info.status == "FINISHED"
+    history = {
+        h.step
+        for h in __import__("mlflow")
+        .tracking.MlflowClient(uri)
+        .get_metric_history(run.info.run_id, "val/mIoU")
+    }
+    assert history == {2, 4}
+
+
+BAD_CASES = {
+    "unknown method": ({"method": "mixmatch"}, ["method", "unknown method 'mixmatch'", "fixmatch"]),
+    "ratio zero": ({"data.label_ratio": 0}, ["data.label_ratio", "greater than 0"]),
+    "ratio above one": ({"data.label_ratio": 1.5}, ["data.label_ratio", "less than or equal to 1"]),
+    "unknown dataset": ({"data.name": "imagenet"}, ["data.name", "synthetic"]),
+    "unknown key": ({"train.stepz": 3}, ["train.stepz", "unknown key"]),
+    "wrong type": ({"train.steps": "many"}, ["train.steps", "integer"]),
+    "missing root": ({"data.name": "voc", "data.root": "/nonexistent/voc"}, ["/nonexistent/voc"]),
+    "root required": ({"data.name": "cityscapes", "data.root": None}, ["data.root", "required"]),
+    "missing split": ({"data.split": "/nonexistent/split"}, ["data.split", "synthetic"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_is_one_line_exit_2_and_leaves_no_run(case: str, cache_dir: Path, tmp_path: Path) -> None:
+    over, fragments = BAD_CASES[case]
+    tree = tiny_tree(cache_dir, **{"tracking.enabled": True, **over})
+    cfg = write_config(tmp_path / "bad.yaml", tree)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
+    assert_user_error(proc, *fragments)
+    assert not (tmp_path / "mlflow.db").exists() or runs_in(uri) == []
+
+
+def test_missing_and_malformed_config_files(tmp_path: Path) -> None:
+    assert_user_error(segsweep("run", "nope.yaml", cwd=tmp_path), "nope.yaml", "not found")
+    (tmp_path / "broken.yaml").write_text("method: [fixmatch\n")
+    assert_user_error(segsweep("run", "broken.yaml", cwd=tmp_path), "broken.yaml", "not valid YAML")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    assert_user_error(segsweep("run", "list.yaml", cwd=tmp_path), "list.yaml", "mapping")
+    (tmp_path / "ok.yaml").write_text("method: supervised\n")
+    assert_user_error(segsweep("run", "ok.yaml", "--set", "novalue", cwd=tmp_path), "--set", "key=value")
+    assert_user_error(segsweep("run", "--bogus", cwd=tmp_path), "unrecognized arguments")
+
+
+def folder_run(tmp_path: Path, cache_dir: Path) -> tuple[Path, str]:
+    root = write_folder(tmp_path / "data", n_masked=12, n_unlabeled=2)
+    tree = tiny_tree(
+        cache_dir,
+        **{
+            "data.name": "folder",
+            "data.root": str(root),
+            "data.tune_size": 0,
+            "data.label_ratio": 0.5,
+            "tracking.enabled": True,
+            "train.batch_size": 2,
+            "eval.batch_size": 1,
+        },
+    )
+    return write_config(tmp_path / "run.yaml", tree), f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_unreadable_image_found_up_front_leaves_no_run(cache_dir: Path, tmp_path: Path) -> None:
+    cfg, uri = folder_run(tmp_path, cache_dir)
+    (tmp_path / "data/images/im00.png").write_bytes(b"\x89PNG truncated")  # the first val image
+    proc = segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
+    assert_user_error(proc, "im00.png", "cannot read image")
+    assert not (tmp_path / "mlflow.db").exists() or runs_in(uri) == []
+
+
+def test_bad_mask_met_during_training_fails_the_run_cleanly(cache_dir: Path, tmp_path: Path) -> None:
+    cfg, uri = folder_run(tmp_path, cache_dir)
+    for i in range(2, 12):  # every training mask but the first read up front
+        Image.fromarray(np.full((40, 40), 9, dtype=np.uint8), mode="L").save(
+            tmp_path / f"data/masks/im{i:02d}.png"
+        )
+    proc = segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
+    assert_user_error(proc, ".png", "class id 9", "3 classes")
+    statuses = [r.info.status for r in runs_in(uri)]
+    assert "RUNNING" not in statuses

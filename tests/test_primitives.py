@@ -1,0 +1,95 @@
+"""The shared primitives, each tested once on inputs with a known answer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from segsweep.primitives import (
+    IGNORE,
+    confidence_mask,
+    confusion_matrix,
+    cutmix_box,
+    ema_update,
+    masked_cross_entropy,
+    one_hot_ignore,
+    poly_lr,
+    scores_from_confusion,
+)
+
+
+def test_miou_matches_a_hand_computed_confusion_matrix() -> None:
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 2, IGNORE]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 1]])
+    conf = confusion_matrix(pred, target, 3)
+    # rows = truth, cols = prediction; the ignored pixel is not counted
+    assert conf.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 2]]
+    s = scores_from_confusion(conf)
+    iou = [1 / (2 + 2 - 1), 2 / (2 + 3 - 2), 2 / (3 + 2 - 2)]  # tp / (row + col - tp)
+    assert s["iou"] == pytest.approx(iou)
+    assert s["mIoU"] == pytest.approx(sum(iou) / 3)
+    assert s["pixel_acc"] == pytest.approx(5 / 7)
+
+
+def test_classes_absent_everywhere_are_left_out_of_the_mean() -> None:
+    conf = confusion_matrix(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1]), 4)
+    s = scores_from_confusion(conf)
+    assert s["mIoU"] == 1.0
+    assert math.isnan(s["iou"][2]) and math.isnan(s["iou"][3])
+
+
+def test_confidence_mask_thresholds_the_softmax() -> None:
+    logits = torch.zeros(1, 2, 1, 2)
+    logits[0, 1, 0, 0] = 5.0  # confident class 1
+    pseudo, conf, keep = confidence_mask(logits, 0.9)
+    assert pseudo.tolist() == [[[1, 0]]]
+    assert conf[0, 0, 0] == pytest.approx(torch.sigmoid(torch.tensor(5.0)).item())
+    assert conf[0, 0, 1] == pytest.approx(0.5)
+    assert keep.tolist() == [[[True, False]]]
+
+
+def test_masked_cross_entropy_ignores_255_and_never_nans() -> None:
+    logits = torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 3, (2, 4, 4))
+    other = target.clone()
+    target[:, :2] = IGNORE
+    other[:, :2] = IGNORE
+    other[:, 2:] = target[:, 2:]
+    assert masked_cross_entropy(logits, target) == pytest.approx(masked_cross_entropy(logits, other).item())
+    assert masked_cross_entropy(logits, torch.full_like(target, IGNORE)).item() == 0.0
+    # weights zero out pixels, but the mean stays over non-ignored pixels
+    half = masked_cross_entropy(logits, target, weight=torch.zeros(2, 4, 4))
+    assert half.item() == 0.0
+
+
+def test_cutmix_box_is_a_rectangle_of_bounded_area() -> None:
+    g = torch.Generator().manual_seed(0)
+    areas = []
+    for _ in range(200):
+        box = cutmix_box(32, 32, g, prob=1.0)
+        rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+        h, w = len(rows), len(cols)
+        assert box.sum() == h * w  # a filled rectangle
+        areas.append(box.float().mean().item())
+    assert 0.01 < min(areas) and max(areas) < 0.45
+    none = sum(cutmix_box(32, 32, g, prob=0.3).any().item() for _ in range(400))
+    assert 80 < none < 160  # ~30% of draws carry a box
+
+
+def test_ema_update_moves_the_teacher_towards_the_student() -> None:
+    student, teacher = nn.Linear(2, 1), nn.Linear(2, 1)
+    nn.init.constant_(student.weight, 1.0)
+    nn.init.constant_(teacher.weight, 0.0)
+    ema_update(teacher, student, decay=0.75)
+    assert teacher.weight.tolist() == [[0.25, 0.25]]
+
+
+def test_poly_lr_and_one_hot() -> None:
+    assert poly_lr(0.1, 0, 10, 0.9) == pytest.approx(0.1)
+    assert poly_lr(0.1, 10, 10, 0.9) == 0.0
+    assert poly_lr(0.1, 5, 10, 1.0) == pytest.approx(0.05)
+    oh = one_hot_ignore(torch.tensor([[[0, IGNORE]]]), 2)
+    assert oh[0, :, 0, 0].tolist() == [1.0, 0.0] and oh[0, :, 0, 1].tolist() == [0.0, 0.0]
