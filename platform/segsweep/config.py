@@ -14,7 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segsweep.errors import ConfigError
-from segsweep.methods import KNOBS, METHODS
+from segsweep.methods import METHODS
+from segsweep.methods.fixmatch import FixMatchKnobs
+from segsweep.methods.supervised import SupervisedKnobs
 
 
 class Section(BaseModel):
@@ -92,7 +94,7 @@ class TrainConfig(Section):
     batch_size: int = Field(16, ge=1, description="labeled images per step")
     unlabeled_batch_size: int | None = Field(None, ge=1, description="None: same as batch_size")
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(0.003, gt=0, description="learning rate at lr_reference_batch_size")
+    lr: float = Field(0.006, gt=0, description="learning rate at lr_reference_batch_size")
     lr_reference_batch_size: int = Field(
         16, ge=1, description="lr scales linearly: lr * batch_size / lr_reference_batch_size"
     )
@@ -152,8 +154,8 @@ class RunConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     debug: DebugConfig = DebugConfig()
     # One section per method (its knobs); only the section of `method` is used.
-    supervised: KNOBS[supervised] = KNOBS["supervised"]()  # type: ignore[valid-type]
-    fixmatch: KNOBS[fixmatch] = KNOBS["fixmatch"]()  # type: ignore[valid-type]
+    supervised: SupervisedKnobs = SupervisedKnobs()
+    fixmatch: FixMatchKnobs = FixMatchKnobs()
 
     @field_validator("method")
     @classmethod

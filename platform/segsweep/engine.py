@@ -424,6 +424,15 @@ class Trainer:
             if index != self.progress.stage:  # entering a new stage from the previous one
                 self.progress.stage, self.progress.step = index, 0
             self._run_stage(self.stages[index], last=index == len(self.stages) - 1)
+        # Built from the checkpointed progress, so a run resumed at its very end reports too.
+        self.final_report = {
+            **{k: v for k, v in self.progress.last.items() if "/iou/" not in k},
+            **self._final_metrics(),
+            "step": self.stages[-1].steps,
+            "stage": self.stages[-1].name,
+            "final": True,
+            "mlflow_run_id": self.tracker.run_id,
+        }
         return RunResult("finished", self._final_metrics(), self.run_dir)
 
     def _prefix(self, stage: Stage) -> str:
@@ -554,11 +563,10 @@ class Trainer:
         self.tracker.flush()
         report = {k: v for k, v in metrics.items() if "/iou/" not in k}
         report.update(stage=stage.name, stage_step=self.progress.step, mlflow_run_id=self.tracker.run_id)
-        if stage is self.stages[-1] and self.progress.step == stage.steps:
-            # The run's last report waits until its MLflow run is closed (``runner.execute``):
-            # a scheduler may stop a trial at any report, and nothing after it would run.
-            self.final_report = {**report, **self._final_metrics(), "final": True}
-        elif self.reporter is not None:
+        # The run's last report waits until its MLflow run is closed (``runner.execute``):
+        # a scheduler may stop a trial at any report, and nothing after it would run.
+        last = stage is self.stages[-1] and self.progress.step == stage.steps
+        if self.reporter is not None and not last:
             self.reporter(report, self.checkpoint_dir)
 
     def _final_metrics(self) -> dict[str, float]:

@@ -33,7 +33,7 @@ from typing import Any
 
 from segsweep.errors import ConfigError, UserError
 from segsweep.sweepspec import Cell, Plan, run_config_of
-from segsweep.tracking import TAG_KEY, TAG_PARENT, TAG_STATUS, RunTracker, resolve_uri
+from segsweep.tracking import TAG_KEY, TAG_PARENT, TAG_STATUS, RunTracker, finished_run, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,21 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     cell = ctx.cells[config["cell"]]
     cfg = run_config_of(cell, config["params"], config.get("seed"))
+    cfg.tracking.uri = ctx.tracking_uri  # never the trial folder's own store
     key = trial_key(ctx.name, config)
     run_dir = Path(ctx.sweep_dir) / "trials" / key.split("/", 1)[1]
+    done = finished_run(ctx.tracking_uri, ctx.experiment, key)
+    if done is not None:  # finished before the driver died: report it, do not run it again
+        run_id, metrics = done
+        tune.report(
+            {
+                **{k: v for k, v in metrics.items() if "/iou/" not in k},
+                "step": cfg.train.steps,
+                "final": True,
+                "mlflow_run_id": run_id,
+            }
+        )
+        return
     prepared = prepare(cfg)
     tags = {
         "segsweep.sweep": ctx.name,
@@ -85,6 +98,8 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
     }
     if config.get("optuna_trial") is not None:
         tags["optuna.trial_number"] = str(config["optuna_trial"])
+    if config["phase"] == "final":  # which search trial's configuration this seed re-runs
+        tags["segsweep.best_of"] = f"{cell.id} #{config.get('sample')}"
     cfg.tracking.run_name = f"{cell.id} {config['phase']} #{config.get('sample', config.get('seed'))}"
     tracker = make_tracker(cfg, prepared.data, run_key=key, parent_run_id=ctx.parent_run_id, extra_tags=tags)
 
@@ -357,10 +372,8 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         cell = self._config(trial)["cell"]
-        if self.metric in result:
-            value = float(result[self.metric])
-            better = max if self.mode == "max" else min
-            self.best[cell] = better(self.best.get(cell, value), value)
+        if result.get("val/mIoU") is not None:  # shown only; selection uses the tuning split
+            self.best[cell] = max(self.best.get(cell, 0.0), float(result["val/mIoU"]))
         self._view(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -463,6 +476,9 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
             f"{len(done) - stopped - failed} finished, {stopped} stopped, {failed} failed "
             f"of {self.total}{eta}"
         )
+        if self.best:
+            shown = "  ".join(f"{_short(c)} {v:.3f}" for c, v in self.best.items())
+            self.echo(f"         best val/mIoU: {shown}")
 
 
 def _error_line(trial: Any) -> str:
@@ -473,6 +489,15 @@ def _error_line(trial: Any) -> str:
     lines = [ln for ln in (text or "").splitlines() if ln.strip()]
     last = lines[-1] if lines else "error"
     return last.split("Error: ", 1)[-1][:200] if "Error: " in last else last[:200]
+
+
+def _short(cell_id: str) -> str:
+    """'method=fixmatch,ratio=0.0625,seed=0' -> 'fixmatch@0.0625/s0'."""
+    parts = dict(p.split("=", 1) for p in cell_id.split(","))
+    text = f"{parts.pop('method', '?')}@{parts.pop('ratio', '?')}"
+    seed = parts.pop("seed", None)
+    extra = ",".join(f"{k.split('.')[-1]}={v}" for k, v in parts.items())
+    return text + (f"[{extra}]" if extra else "") + (f"/s{seed}" if seed is not None else "")
 
 
 def _fmt_s(seconds: float) -> str:
@@ -513,6 +538,7 @@ def _ray_init(address: str | None, plan: Plan) -> None:
         import torch
 
         ray.init(
+            address="local",  # a fresh instance, never some cluster left running on this machine
             num_cpus=os.cpu_count() or 1,
             num_gpus=torch.cuda.device_count(),
             include_dashboard=False,
@@ -718,6 +744,8 @@ def run_sweep(
     )
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume loses at most ~2 s of scheduling
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our live view instead of Ray's tables
+    # Reports of pipeline stages before the main one carry no tuning metric yet.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
     ctx = SweepContext(
         spec.name,

@@ -31,6 +31,7 @@ from segsweep.config import (
 from segsweep.data import default_cache
 from segsweep.errors import ConfigError
 from segsweep.methods import METHODS
+from segsweep.tracking import resolve_uri
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 REQUIRED_GRID_KEYS = ("method", "data.label_ratio", "seed")
@@ -195,7 +196,7 @@ class Plan:
     spec: SweepSpec
     spec_text: str
     cells: list[Cell]
-    tracking_uri: str | None
+    tracking_uri: str
     experiment: str
 
     def samples(self, cell: Cell) -> int:
@@ -268,10 +269,14 @@ def plan_sweep(
     else:
         base_tree, base_source = dict(spec.base), f"{path}: base"
     base_tree = apply_overrides(base_tree, sets or [])
-    uri = tracking_uri or spec.tracking.uri or (base_tree.get("tracking") or {}).get("uri")
+    # Resolved here, on the driver: a trial runs in its own folder and would otherwise
+    # silently write a store of its own there.
+    uri = resolve_uri(tracking_uri or spec.tracking.uri or (base_tree.get("tracking") or {}).get("uri"))
     experiment = spec.tracking.experiment or spec.name
 
-    keys = list(spec.grid)
+    # Cell ids read the same whatever the YAML order: method, label ratio, others, seed.
+    others = [k for k in spec.grid if k not in REQUIRED_GRID_KEYS]
+    keys = ["method", "data.label_ratio", *others, "seed"]
     cells = []
     for combo in itertools.product(*(spec.grid[k] for k in keys)):
         values = dict(zip(keys, combo, strict=True))
@@ -280,8 +285,7 @@ def plan_sweep(
         tree = apply_overrides(
             tree, [f"tracking.experiment={json.dumps(experiment)}", "tracking.enabled=true"]
         )
-        if uri:
-            tree = apply_overrides(tree, [f"tracking.uri={json.dumps(uri)}"])
+        tree = apply_overrides(tree, [f"tracking.uri={json.dumps(uri)}"])
         cid = cell_id(values)
         cfg = validate_run_config(tree, f"{base_source} (cell {cid})")
         space = spec.search.get(cfg.method, {})

@@ -178,6 +178,26 @@ def with_retries(fn: Callable[[], Any], what: str, budget_s: float) -> Any:
             delay = min(delay * 2, 8.0)
 
 
+def finished_run(uri: str, experiment: str, run_key: str) -> tuple[str, dict[str, float]] | None:
+    """The run id and latest metrics of a run with this key that already ended FINISHED.
+
+    A resumed sweep may restart a trial whose run had finished just before the driver died;
+    it reports these instead of reopening (and touching) a finished run.
+    """
+    client = client_for(resolve_uri(uri))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{TAG_KEY}` = '{run_key}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    if not runs or runs[0].data.tags.get(TAG_STATUS) != "finished":
+        return None
+    return runs[0].info.run_id, dict(runs[0].data.metrics)
+
+
 class RunTracker:
     """One MLflow run, written asynchronously.
 

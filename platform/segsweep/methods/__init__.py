@@ -12,9 +12,6 @@ METHODS: dict[str, type[Method]] = {
     "fixmatch": FixMatch,
 }
 
-#: Each method's knobs model, the type of its section in the run config.
-KNOBS: dict[str, type[Knobs]] = {name: cls.Knobs for name, cls in METHODS.items()}
-
 
 def get_method(name: str) -> type[Method]:
     try:
@@ -23,4 +20,4 @@ def get_method(name: str) -> type[Method]:
         raise ConfigError(f"method: unknown method '{name}'; valid methods: {', '.join(METHODS)}") from None
 
 
-__all__ = ["KNOBS", "METHODS", "Batch", "Knobs", "Method", "Stage", "get_method"]
+__all__ = ["METHODS", "Batch", "Knobs", "Method", "Stage", "get_method"]

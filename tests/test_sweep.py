@@ -1,0 +1,237 @@
+"""Sweeps through Ray Tune: per-cell early stopping, a tiny real sweep and what it leaves in
+MLflow and Optuna, a trial retried from its checkpoint, and resume after the driver is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .helpers import runs_in, segsweep
+
+pytestmark = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------------------------
+# Per-cell early stopping, on a synthetic trainable whose score depends on the cell
+
+
+def _trainable(config: dict) -> None:
+    from ray import tune
+
+    base = {"low": 0.1, "high": 0.8}[config["cell"]]
+    for step in range(1, 9):
+        tune.report({"step": step, "tune/mIoU": base + config["quality"] * 0.01 * step})
+
+
+def _finished_per_cell(scheduler: object, storage: Path) -> dict[str, int]:
+    from ray import tune
+
+    grid = {"cell": tune.grid_search(["high", "low"]), "quality": tune.grid_search([4, 3, 2, 1])}
+    tuner = tune.Tuner(
+        _trainable,
+        param_space=grid,
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler, metric="tune/mIoU", mode="max", max_concurrent_trials=1
+        ),
+        run_config=tune.RunConfig(verbose=0, storage_path=str(storage)),
+    )
+    out = {"high": 0, "low": 0}
+    for r in tuner.fit():
+        if r.metrics["step"] == 8:
+            out[r.config["cell"]] += 1
+    return out
+
+
+def test_early_stopping_compares_trials_only_within_their_cell(tmp_path: Path) -> None:
+    import ray
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    from segsweep.sweep import CellScheduler
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        per_cell = _finished_per_cell(
+            CellScheduler({"high": 8, "low": 8}, "tune/mIoU", "max", 1, 2), tmp_path
+        )
+        pooled = _finished_per_cell(
+            AsyncHyperBandScheduler(
+                time_attr="step",
+                max_t=8,
+                grace_period=1,
+                reduction_factor=2,
+                brackets=1,
+                stop_last_trials=False,
+            ),
+            tmp_path,
+        )
+    finally:
+        ray.shutdown()
+    # One ASHA over all cells stops every low-ratio trial because high-ratio trials score higher ...
+    assert pooled["low"] == 0 and pooled["high"] >= 1
+    # ... per-cell ASHA keeps the best trials of each cell running to the end ...
+    assert per_cell["low"] >= 1 and per_cell["high"] >= 1
+    # ... and still stops the weak ones inside a cell.
+    assert per_cell["low"] < 4
+
+
+# --------------------------------------------------------------------------------------------
+# Real sweeps on the tiny synthetic dataset
+
+
+def tiny_spec(name: str, **over: object) -> dict:
+    tree = {
+        "name": name,
+        "base": {
+            "data": {"synthetic": {"num_train": 96, "num_val": 16}, "tune_size": 8},
+            "model": {"decoder_channels": 16},
+            "train": {"steps": 6, "batch_size": 4, "eval_every": 2, "log_every": 2},
+            "eval": {"diag_samples": 4, "panel_samples": 2},
+        },
+        "grid": {"method": ["supervised", "fixmatch"], "data.label_ratio": [0.25, 0.5], "seed": [0]},
+        "search": {"fixmatch": {"fixmatch.conf_threshold": {"type": "float", "low": 0.5, "high": 0.95}}},
+        "num_samples": 2,
+        "early_stop": {"grace_period": 2, "reduction_factor": 2},
+        "max_failures": 2,
+    }
+    tree.update(over)
+    return tree
+
+
+def write_spec(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / f"{tree['name']}.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def children(uri: str, experiment: str) -> tuple[object, list]:
+    runs = runs_in(uri, experiment)
+    parents = [r for r in runs if r.data.tags.get("segsweep.kind") == "sweep"]
+    assert len(parents) == 1
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return parents[0], kids
+
+
+def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path) -> None:
+    path = write_spec(tmp_path, tiny_spec("tiny", final={"seeds": [1, 2]}))
+    proc = segsweep("sweep", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Configuration for experiment" not in proc.stdout  # no raw Ray tables
+    assert "search:" in proc.stdout and "best tune/mIoU" in proc.stdout and "optuna-dashboard" in proc.stdout
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent, kids = children(uri, "tiny")
+    assert parent.info.status == "FINISHED"
+    search = [k for k in kids if k.data.tags["segsweep.phase"] == "search"]
+    final = [k for k in kids if k.data.tags["segsweep.phase"] == "final"]
+    assert len(search) == 2 * 1 + 2 * 2  # supervised cells: 1 trial, fixmatch cells: num_samples
+    assert len(final) == 4 * 2  # every cell's best config over two seeds
+    assert all(k.info.status == "FINISHED" for k in kids)
+    assert len({k.data.tags["segsweep.run_key"] for k in kids}) == len(kids)  # no duplicate
+    for k in kids:
+        p, t = k.data.params, k.data.tags
+        assert {"method", "label_ratio", "seed", "dataset"} <= set(p)
+        assert t["segsweep.cell"].startswith(f"method={p['method']},ratio=")
+        assert t["ray.trial_id"] and t["segsweep.status"] in ("finished", "stopped_early")
+        if p["method"] == "fixmatch":
+            assert "fixmatch.conf_threshold" in p
+            assert "optuna.trial_number" in t if t["segsweep.phase"] == "search" else "segsweep.best_of" in t
+        assert "val/mIoU" in k.data.metrics and "tune/mIoU" in k.data.metrics
+    assert {k.data.params["seed"] for k in final} == {"1", "2"}
+    # concurrent trials lost no metric: every finished run has all of its evaluations
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for k in kids:
+        if k.data.tags["segsweep.status"] == "finished":
+            steps = sorted(m.step for m in client.get_metric_history(k.info.run_id, "val/mIoU"))
+            assert steps == [2, 4, 6], (k.data.tags["segsweep.cell"], steps)
+            losses = client.get_metric_history(k.info.run_id, "train/loss")
+            assert sorted(m.step for m in losses) == [2, 4, 6]
+    # the parent run: the spec, outcome counts, the best trial per cell
+    assert parent.data.metrics["trials/finished"] + parent.data.metrics.get("trials/stopped_early", 0) == 14
+    files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.yaml", "best_per_cell.csv"} <= files
+    # one Optuna study per searched cell, with its trials
+    from segsweep.studies import counts
+
+    studies = counts(f"sqlite:///{tmp_path / 'sweeps/tiny/optuna.db'}")
+    assert studies == {
+        "tiny:method=fixmatch,ratio=0.25,seed=0": 2,
+        "tiny:method=fixmatch,ratio=0.5,seed=0": 2,
+    }
+    # a second start refuses to overwrite the sweep
+    again = segsweep("sweep", str(path), cwd=tmp_path)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_a_crashing_trial_is_retried_from_its_checkpoint(cache_dir: Path, tmp_path: Path) -> None:
+    one_cell = {"method": ["supervised"], "data.label_ratio": [0.25], "seed": [0]}
+    tree = tiny_spec("crash", grid=one_cell)
+    tree["base"]["debug"] = {"fail_at_step": 5}
+    tree["base"]["train"]["steps"] = 8
+    proc = segsweep("sweep", str(write_spec(tmp_path, tree)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "retry" in proc.stdout and "injected failure at step 5" in proc.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, [run] = children(uri, "crash")
+    assert run.info.status == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == [2, 4, 6, 8]  # resumed from the step-4 checkpoint, not from scratch
+
+    # the retried trial ends exactly where an uninterrupted run with the same seed ends (CPU)
+    tree2 = tiny_spec("clean", grid=one_cell)
+    tree2["base"]["train"]["steps"] = 8
+    assert segsweep("sweep", str(write_spec(tmp_path, tree2)), cwd=tmp_path).returncode == 0
+    _, [clean] = children(uri, "clean")
+    assert run.data.metrics["val/mIoU"] == clean.data.metrics["val/mIoU"]
+
+
+def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path) -> None:
+    tree = tiny_spec("killed", num_samples=3, final={"seeds": [1]})
+    tree["base"]["train"]["steps"] = 10
+    path = write_spec(tmp_path, tree)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "segsweep.cli", "sweep", str(path)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it once a couple of trials have ended
+        line = driver.stdout.readline()
+        seen.append(line)
+        if sum(s.strip().startswith(("done", "stop")) for s in seen) >= 2:
+            break
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=60)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, before = children(uri, "killed")
+    finished_before = {k.info.run_id: k.info.end_time for k in before if k.info.status == "FINISHED"}
+    assert finished_before, "".join(seen)
+
+    proc = segsweep("sweep", str(path), "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parent, kids = children(uri, "killed")
+    assert parent.info.status == "FINISHED"
+    search = [k for k in kids if k.data.tags["segsweep.phase"] == "search"]
+    final = [k for k in kids if k.data.tags["segsweep.phase"] == "final"]
+    assert len(search) == 2 + 2 * 3 and len(final) == 4
+    assert len({k.data.tags["segsweep.run_key"] for k in kids}) == len(kids)
+    assert all(k.info.status == "FINISHED" for k in kids)
+    # trials that had finished were not run again
+    after = {k.info.run_id: k.info.end_time for k in kids}
+    for run_id, end in finished_before.items():
+        assert after[run_id] == end

@@ -1,0 +1,141 @@
+"""Sweep specs: every malformed spec is a one-line error naming the field; grid x search expansion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segsweep.errors import ConfigError
+from segsweep.sweepspec import plan_sweep
+
+from .helpers import assert_user_error, segsweep
+
+BASE = {"data": {"synthetic": {"num_train": 96, "num_val": 16}, "tune_size": 8}, "train": {"steps": 6}}
+
+
+def spec(**over: object) -> dict:
+    tree = {
+        "name": "t",
+        "base": BASE,
+        "grid": {"method": ["supervised", "fixmatch"], "data.label_ratio": [0.25, 0.5], "seed": [0, 1]},
+        "search": {
+            "fixmatch": {
+                "fixmatch.conf_threshold": {"type": "float", "low": 0.5, "high": 0.95},
+                "data.augment.cutmix_prob": {"type": "categorical", "choices": [0.0, 0.5, 1.0]},
+            }
+        },
+        "num_samples": 3,
+    }
+    for key, value in over.items():
+        node = tree
+        parts = key.split("/")
+        for part in parts[:-1]:
+            node = node[part]
+        if value is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    return tree
+
+
+def plan_of(tmp_path: Path, tree: dict):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return plan_sweep(path, cwd=tmp_path)
+
+
+def test_grid_times_search_expansion(tmp_path: Path, cache_dir: Path) -> None:
+    plan = plan_of(tmp_path, spec())
+    assert len(plan.cells) == 2 * 2 * 2
+    ids = [c.id for c in plan.cells]
+    assert ids[0] == "method=supervised,ratio=0.25,seed=0" and len(set(ids)) == 8
+    fm = [c for c in plan.cells if c.method == "fixmatch"]
+    assert all(set(c.space) == {"fixmatch.conf_threshold", "data.augment.cutmix_prob"} for c in fm)
+    assert all(not c.space for c in plan.cells if c.method == "supervised")
+    # searched cells get num_samples trials, the others one
+    assert plan.total_trials == 4 * 3 + 4 * 1
+    cell = plan.cells[-1]
+    assert cell.tree["method"] == "fixmatch" and cell.tree["seed"] == 1
+    assert cell.tree["data"]["label_ratio"] == 0.5 and cell.tree["train"]["steps"] == 6
+    assert Path(cell.tree["data"]["root"]).is_absolute()
+    assert cell.tree["tracking"]["experiment"] == "t"
+
+
+def test_base_may_be_a_path_and_set_overrides_reach_every_cell(tmp_path: Path, cache_dir: Path) -> None:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    plan = plan_of(tmp_path, spec(base="base.yaml"))
+    assert plan.cells[0].tree["train"]["steps"] == 6
+    path = tmp_path / "spec.yaml"
+    plan = plan_sweep(path, ["train.steps=9", "model.arch=deeplabv3plus"], cwd=tmp_path)
+    assert {c.tree["train"]["steps"] for c in plan.cells} == {9}
+    assert {c.tree["model"]["arch"] for c in plan.cells} == {"deeplabv3plus"}
+
+
+BAD = {
+    "missing seed": (
+        {"grid/seed": None},
+        "grid: needs the keys method, data.label_ratio, seed (missing seed)",
+    ),
+    "unknown method": ({"grid/method": ["supervised", "mixmatch"]}, "unknown method 'mixmatch'"),
+    "empty list": ({"grid/seed": []}, "'seed' must be a non-empty list"),
+    "duplicate value": ({"grid/seed": [0, 0]}, "'seed' lists a value twice"),
+    "search for a non-method": ({"search/fixmach": {}}, "'fixmach' is not a method"),
+    "searched budget": (
+        {"search/fixmatch/train.steps": {"type": "int", "low": 1, "high": 9}},
+        "train.steps cannot be searched",
+    ),
+    "search key in grid": ({"search/fixmatch/seed": {"type": "int", "low": 0, "high": 3}}, "seed"),
+    "low above high": (
+        {"search/fixmatch/fixmatch.conf_threshold": {"type": "float", "low": 0.9, "high": 0.5}},
+        "'low' must be below 'high'",
+    ),
+    "log of zero": (
+        {"search/fixmatch/fixmatch.conf_threshold": {"type": "logfloat", "low": 0, "high": 0.5}},
+        "logfloat needs low > 0",
+    ),
+    "no choices": ({"search/fixmatch/data.augment.cutmix_prob": {"type": "categorical"}}, "choices"),
+    "unknown search type": (
+        {"search/fixmatch/fixmatch.conf_threshold": {"type": "gauss", "low": 0, "high": 1}},
+        "search.fixmatch.fixmatch.conf_threshold.type",
+    ),
+    "tuning on the reported split": ({"early_stop": {"metric": "val/mIoU"}}, "early_stop.metric"),
+    "hostile name": ({"name": "../../etc"}, "name: String should match pattern"),
+    "html name": ({"name": "<script>x</script>"}, "name"),
+    "fractional gpus above one": ({"resources": {"gpus_per_trial": 1.5}}, "resources.gpus_per_trial"),
+    "unknown key": ({"grdi": {}}, "grdi: unknown key"),
+    "zero samples": ({"num_samples": 0}, "num_samples"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_malformed_specs_name_the_field(case: str, tmp_path: Path) -> None:
+    over, fragment = BAD[case]
+    with pytest.raises(ConfigError) as err:
+        plan_of(tmp_path, spec(**over))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_values_invalid_in_the_run_config_name_the_cell_or_search_key(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"cell method=supervised,ratio=2,seed=0\): data.label_ratio"):
+        plan_of(tmp_path, spec(**{"grid/data.label_ratio": [2.0]}))
+    bad_key = {"search/fixmatch/fixmatch.conf_thresh": {"type": "float", "low": 0.5, "high": 0.9}}
+    with pytest.raises(
+        ConfigError, match=r"search.fixmatch.fixmatch.conf_thresh: fixmatch.conf_thresh: unknown key"
+    ):
+        plan_of(tmp_path, spec(**bad_key))
+    out_of_range = {"search/fixmatch/fixmatch.conf_threshold": {"type": "float", "low": 0.5, "high": 1.5}}
+    with pytest.raises(ConfigError, match="less than or equal to 1"):
+        plan_of(tmp_path, spec(**out_of_range))
+    with pytest.raises(ConfigError, match="base.yaml: config file not found"):
+        plan_of(tmp_path, spec(base="base.yaml"))
+
+
+def test_cli_reports_spec_errors_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec(**{"early_stop": {"metric": "val/mIoU"}})))
+    proc = segsweep("sweep", "s.yaml", cwd=tmp_path)
+    assert_user_error(proc, "early_stop.metric", "tuning split")
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
