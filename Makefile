@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The quickstart sweep; a second `make demo` resumes it (and only prints the summary when done).
 demo: install
-	$(VENV)/bin/segsweep run experiments/run.yaml
+	$(VENV)/bin/segsweep sweep experiments/quickstart.yaml $(if $(wildcard sweeps/quickstart/sweep.json),--resume)
 
 test: install
 	$(PY) -m pytest

@@ -19,17 +19,19 @@ from segsweep.primitives import IGNORE
 C = 7
 
 
-def make_batch(seed: int = 0, b: int = 4, size: int = 64) -> dict[str, torch.Tensor]:
+def make_batch(seed: int = 0, b: int = 4, size: int = 32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    mask = torch.randint(0, C, (b, size, size), generator=g)
+    # blocky masks (8 x 8 regions of one class), like real label maps
+    blocks = torch.randint(0, C, (b, 1, size // 8, size // 8), generator=g).float()
+    mask = torch.nn.functional.interpolate(blocks, scale_factor=8, mode="nearest")[:, 0].long()
     mask[:, :4] = IGNORE
     tags = torch.zeros(b, C)
     for i in range(b):
         tags[i, mask[i][mask[i] != IGNORE].unique()] = 1
     box = torch.zeros(b, size, size, dtype=torch.bool)
-    box[:, 8:40, 16:48] = True
+    box[:, 4:20, 8:24] = True
     valid = torch.ones(b, size, size, dtype=torch.bool)
-    valid[:, -6:] = False
+    valid[:, -3:] = False
     return {
         "image_l": torch.randn(b, 3, size, size, generator=g),
         "mask_l": mask,
@@ -101,33 +103,39 @@ def test_pixels_labeled_255_contribute_nothing(name: str) -> None:
     assert logs.get("loss_sup", 0.0) == 0.0
     # Half ignored: the labeled half still trains (ignore is per pixel, not per image).
     half = make_batch(1)
-    half["mask_l"][:, :32] = IGNORE
+    half["mask_l"][:, :16] = IGNORE
     _, logs = step_once(build(name), main, half)
     assert logs.get("loss_sup", 1.0) > 0.0
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_deterministic_under_a_seed(name: str) -> None:
-    results = []
-    for _ in range(2):
-        method = build(name, seed=11)
+    """Two builds with one seed agree bit for bit over two steps (so the backward pass of the
+    first step is reproducible too); another seed differs."""
+
+    def two_steps(seed: int) -> list:
+        method = build(name, seed=seed)
         torch.manual_seed(5)
         out = []
         for stage in stages_of(method):
-            loss, logs = step_once(method, stage, make_batch(2))
-            out.append((loss.item(), sorted(logs.items())))
-        results.append(out)
-    assert results[0] == results[1]
-    other = build(name, seed=12)
-    torch.manual_seed(5)
-    loss, _ = step_once(other, stages_of(other)[-1], make_batch(2))
-    assert not math.isclose(loss.item(), results[0][-1][0], rel_tol=1e-7)
+            for step in (3, 4):
+                loss, logs = step_once(method, stage, make_batch(step), step)
+                with torch.no_grad():
+                    for p in method.parameters():
+                        if p.grad is not None:
+                            p -= 0.05 * p.grad
+                out.append((loss.item(), sorted(logs.items())))
+        return out
+
+    first = two_steps(11)
+    assert first == two_steps(11)
+    assert not math.isclose(two_steps(12)[-1][0], first[-1][0], rel_tol=1e-7)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_pseudo_labels_have_the_documented_shapes(name: str) -> None:
     method = build(name).eval()
     pseudo, conf, keep = method.pseudo_label(make_batch()["image_u_w"])
-    assert pseudo.shape == conf.shape == keep.shape == (4, 64, 64)
+    assert pseudo.shape == conf.shape == keep.shape == (4, 32, 32)
     assert pseudo.dtype == torch.long and keep.dtype == torch.bool
     assert ((conf >= 0) & (conf <= 1)).all()

@@ -130,7 +130,7 @@ def test_values_invalid_in_the_run_config_name_the_cell_or_search_key(
     out_of_range = {"search/fixmatch/fixmatch.conf_threshold": {"type": "float", "low": 0.5, "high": 1.5}}
     with pytest.raises(ConfigError, match="less than or equal to 1"):
         plan_of(tmp_path, spec(**out_of_range))
-    with pytest.raises(ConfigError, match="base.yaml: config file not found"):
+    with pytest.raises(ConfigError, match=r"base\.yaml: config file not found"):
         plan_of(tmp_path, spec(base="base.yaml"))
 
 

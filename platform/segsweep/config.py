@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from segsweep.errors import ConfigError
 from segsweep.methods import METHODS
 from segsweep.methods.fixmatch import FixMatchKnobs
+from segsweep.methods.guidedmix import GuidedMixKnobs
+from segsweep.methods.hfpl import HFPLKnobs
+from segsweep.methods.mixandmatch import MixAndMatchKnobs
+from segsweep.methods.s4mim import S4MIMKnobs
 from segsweep.methods.supervised import SupervisedKnobs
 
 
@@ -140,6 +144,7 @@ class DebugConfig(Section):
     fail_at_step: int | None = Field(
         None, ge=1, description="raise once at this step (not again after a resume)"
     )
+    fail_stage: str = Field("train", description="the pipeline stage whose step fail_at_step counts")
     nan_at_step: int | None = Field(None, ge=1, description="make the loss NaN at this step")
 
 
@@ -156,6 +161,10 @@ class RunConfig(Section):
     # One section per method (its knobs); only the section of `method` is used.
     supervised: SupervisedKnobs = SupervisedKnobs()
     fixmatch: FixMatchKnobs = FixMatchKnobs()
+    guidedmix: GuidedMixKnobs = GuidedMixKnobs()
+    s4mim: S4MIMKnobs = S4MIMKnobs()
+    hfpl: HFPLKnobs = HFPLKnobs()
+    mixandmatch: MixAndMatchKnobs = MixAndMatchKnobs()
 
     @field_validator("method")
     @classmethod

@@ -30,10 +30,11 @@ from segsweep.config import RunConfig
 from segsweep.data import Data
 from segsweep.data.loaders import eval_loader, hash_seed, stream_loader
 from segsweep.data.sources import Sample
-from segsweep.data.transforms import denormalize, pad_to_multiple
+from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import Diverged
 from segsweep.methods import Method, Stage, get_method
 from segsweep.models import build_model
+from segsweep.panels import colour, compose, heat, image_tile
 from segsweep.primitives import IGNORE, confusion_matrix, poly_lr, scores_from_confusion
 from segsweep.tracking import NullTracker, RunTracker
 
@@ -199,15 +200,6 @@ def pseudo_mask_quality(method: Method, loader: Any, numerics: Numerics) -> dict
 # Sample panels
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """A fixed colour per class id; ignore (255) is white."""
-    rng = np.random.default_rng(7)
-    pal = rng.integers(40, 256, size=(256, 3)).astype(np.uint8)
-    pal[0] = (0, 0, 0)
-    pal[IGNORE] = (255, 255, 255)
-    return pal
-
-
 @torch.no_grad()
 def sample_panel(method: Method, batch: dict[str, Tensor], numerics: Numerics) -> np.ndarray:
     """Rows of image | ground truth | prediction | pseudo mask (dropped pixels white) |
@@ -221,21 +213,11 @@ def sample_panel(method: Method, batch: dict[str, Tensor], numerics: Numerics) -
         pseudo, conf, keep = method.pseudo_label(padded)
     method.train(was_training)
     pseudo, conf, keep = pseudo[..., :h, :w].cpu(), conf[..., :h, :w].float().cpu(), keep[..., :h, :w].cpu()
-    pal = palette(method.num_classes)
     rows = []
     for i in range(image.shape[0]):
         dropped = torch.where(keep[i], pseudo[i], torch.full_like(pseudo[i], IGNORE))
-        heat = (conf[i].numpy() * 255).astype(np.uint8)
-        tiles = [
-            denormalize(image[i]).permute(1, 2, 0).numpy(),
-            pal[mask[i].numpy().astype(np.uint8)],
-            pal[pred[i].numpy().astype(np.uint8)],
-            pal[dropped.numpy().astype(np.uint8)],
-            np.stack([heat, heat // 2, 255 - heat], -1),
-        ]
-        sep = np.full((h, 2, 3), 128, dtype=np.uint8)
-        rows.append(np.concatenate([t for tile in tiles for t in (tile, sep)][:-1], axis=1))
-    return np.concatenate(rows, axis=0)
+        rows.append([image_tile(image[i]), colour(mask[i]), colour(pred[i]), colour(dropped), heat(conf[i])])
+    return compose(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +370,8 @@ class Trainer:
         seed = hash_seed(self.cfg.seed, self.progress.stage)
         iters: list[Iterator[dict[str, Tensor]]] = []
         if stage.batch in ("labeled", "tags", "semi"):
-            iters.append(stream_loader(d.labeled(), t.batch_size, hash_seed(seed, 1), start, workers, pin))
+            labeled = d.labeled(self.method.training_masks())
+            iters.append(stream_loader(labeled, t.batch_size, hash_seed(seed, 1), start, workers, pin))
         if stage.batch == "semi":
             iters.append(stream_loader(d.unlabeled(), ub, hash_seed(seed, 2), start, workers, pin))
         if stage.batch == "all":
@@ -398,6 +381,8 @@ class Trainer:
             batch: dict[str, Tensor] = {}
             for it in iters:
                 batch.update(next(it))
+            if stage.batch == "tags":  # weak supervision: image-level tags only, never masks
+                del batch["mask_l"]
             return to_device(batch, self.numerics)
 
         return next_batch
@@ -443,10 +428,16 @@ class Trainer:
         self.method.begin_stage(stage)
         if stage.steps == 0:  # a stage of pure computation (e.g. writing pseudo masks)
             if not self.progress.step:
-                metrics = self.method.run_stage(stage, self.data)
+                out = self.method.run_stage(stage, self.data)
                 self.progress.step = 1
-                self.tracker.log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, 0)
-                self._checkpoint_and_report(stage, {f"{prefix}{k}": v for k, v in metrics.items()})
+                metrics = {f"{prefix}{k}": float(v) for k, v in out.items() if not isinstance(v, np.ndarray)}
+                for key, image in out.items():
+                    if isinstance(image, np.ndarray):
+                        self.tracker.log_image(image, f"{prefix}{key}", 0)
+                self.tracker.log_metrics(metrics, 0)
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                self.echo(f"  stage {stage.name}: {shown}")
+                self._checkpoint_and_report(stage, metrics)
             return
 
         self.optimizer = self._optimizer()
@@ -466,7 +457,7 @@ class Trainer:
 
         while self.progress.step < stage.steps:
             step = self.progress.step
-            if cfg.debug.fail_at_step == step + 1 and last:
+            if cfg.debug.fail_at_step == step + 1 and cfg.debug.fail_stage == stage.name:
                 self._inject_failure(step + 1)
             lr = poly_lr(base_lr, step, stage.steps, t.poly_power)
             for group in self.optimizer.param_groups:

@@ -356,7 +356,7 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
         self.outcomes = outcomes
         self.started_at = time.time()
         self.best: dict[str, float] = {}
-        self.last_view = 0.0
+        self.last_view = time.time() - 20  # the first view comes ~10 s in
         self._client = None
 
     @property
@@ -399,7 +399,6 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
                 self.echo(f"  warning: could not close run {run_id}: {exc}")
         self._record(trial, status, result)
         self._line(trial, status, result)
-        self._view(trials, force=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._record(trial, "failed", trial.last_result or {})
@@ -454,31 +453,27 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
             score = _error_line(trial)
         self.echo(f"  {mark:<4} {what}{' (' + params + ')' if params else ''}  {score}")
 
-    def _view(self, trials: list, force: bool = False) -> None:
+    def _view(self, trials: list) -> None:
+        """Every 30 s: trial counts, elapsed and remaining time, best val/mIoU per cell."""
         now = time.time()
-        if not force and now - self.last_view < 15:
+        if now - self.last_view < 30:
             return
         self.last_view = now
-        counts: dict[str, int] = {}
-        for t in trials:
-            counts[t.status] = counts.get(t.status, 0) + 1
+        running = sum(t.status == "RUNNING" for t in trials)
         done = [o for o in self.outcomes.values() if o.phase == self.phase]
         elapsed = now - self.started_at
         left = self.total - len(done)
-        eta = ""
-        if done and left > 0:
-            mean = sum(o.seconds for o in done) / len(done)
-            eta = f", ~{_fmt_s(mean * left / max(1, self.concurrency))} left"
+        # Trials end at a roughly steady rate once the pipeline is full.
+        eta = f", ~{_fmt_s(elapsed * left / len(done))} left" if done and left > 0 else ""
         stopped = sum(o.status == "stopped_early" for o in done)
         failed = sum(o.status in ("failed", "diverged") for o in done)
         self.echo(
-            f"[{_fmt_s(elapsed)}] {self.phase}: {counts.get('RUNNING', 0)} running, "
-            f"{len(done) - stopped - failed} finished, {stopped} stopped, {failed} failed "
-            f"of {self.total}{eta}"
+            f"[{_fmt_s(elapsed)}] {self.phase}: {running} running, {len(done) - stopped - failed} finished, "
+            f"{stopped} stopped, {failed} failed of {self.total}{eta}"
         )
         if self.best:
             shown = "  ".join(f"{_short(c)} {v:.3f}" for c, v in self.best.items())
-            self.echo(f"         best val/mIoU: {shown}")
+            self.echo(f"        best val/mIoU so far: {shown}")
 
 
 def _error_line(trial: Any) -> str:

@@ -5,11 +5,19 @@ from __future__ import annotations
 from segsweep.errors import ConfigError
 from segsweep.methods.base import Batch, Knobs, Method, Stage
 from segsweep.methods.fixmatch import FixMatch
+from segsweep.methods.guidedmix import GuidedMix
+from segsweep.methods.hfpl import HFPL
+from segsweep.methods.mixandmatch import MixAndMatch
+from segsweep.methods.s4mim import S4MIM
 from segsweep.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {
     "supervised": Supervised,
     "fixmatch": FixMatch,
+    "guidedmix": GuidedMix,
+    "s4mim": S4MIM,
+    "hfpl": HFPL,
+    "mixandmatch": MixAndMatch,
 }
 
 

@@ -26,8 +26,9 @@ Unlabeled ground truth never reaches a method: the trainer keeps it for diagnost
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
@@ -51,8 +52,9 @@ class Stage:
     ``name`` prefixes the stage's metrics (the last stage, ``train``, has no prefix, so
     ``val/mIoU`` means the same thing for every method). ``steps`` is its optimizer-step budget;
     a stage with 0 steps only runs ``Method.run_stage`` (e.g. writing pseudo masks).
-    ``batch`` names what its batches hold: "labeled" (with masks), "tags" (images and
-    image-level tags), "all" (every training image, no labels) or "semi" (labeled + unlabeled).
+    ``batch`` names what its batches hold: "labeled" (images and masks), "tags" (images and
+    image-level tags; the trainer removes the masks), "all" (views of every training image,
+    no labels) or "semi" (labeled + unlabeled).
     """
 
     name: str
@@ -102,9 +104,15 @@ class Method(nn.Module):
     def begin_stage(self, stage: Stage) -> None:
         """Called before a stage starts (or resumes): switch heads, freeze parts, etc."""
 
-    def run_stage(self, stage: Stage, loader: object) -> dict[str, float]:
-        """Work of a stage with no optimizer steps; returns metrics to log."""
+    def run_stage(self, stage: Stage, data: Any) -> dict[str, Any]:
+        """Work of a stage with no optimizer steps (``data``: the run's ``Data``). Returns
+        what to log under the stage's name: floats as metrics, (H, W, 3) arrays as images."""
         return {}
+
+    def training_masks(self) -> dict[str, np.ndarray] | None:
+        """Masks that replace the dataset's for labeled batches from now on (e.g. pseudo
+        masks a previous stage made), by image name; None keeps the dataset's masks."""
+        return None
 
     # -- evaluation helpers ------------------------------------------------------------------
     def eval_models(self) -> dict[str, nn.Module]:

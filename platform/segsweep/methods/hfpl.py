@@ -1,0 +1,278 @@
+"""HFPL: high-fidelity CAM pseudo-labels for weakly supervised segmentation (image tags only).
+
+Jonnarth, Zhang, Felsberg, "High-fidelity Pseudo-labels for Boosting Weakly-Supervised
+Segmentation", WACV 2024 (arXiv 2304.02621); official code arvijj/hfpl (read, not copied),
+building on its predecessor arvijj/icam. A pipeline of three stages:
+
+1. ``cam``: a classification network trained on image-level tags; its class activation maps
+   (CAMs) localise objects. Baseline: global average pooling of the CAM logits and a
+   multi-label BCE. HFPL's add-on, under its *binomial* reading of CAMs (one sigmoid per
+   class and pixel, a likelihood of location given class, rather than a softmax posterior
+   over classes):
+
+   * **importance sampling pooling** (``probutils`` of the official code): per image and
+     class, ``num_samples`` pixels are drawn from pi_c(i) ∝ sigmoid(z_c(i) / T) (T, the
+     sampling temperature, is 1 in the paper) and BCE is applied to each sampled logit;
+     the classification loss becomes (1 - is_weight) * L_GAP + is_weight * L_IS.
+   * **feature-similarity loss**: over all pixel pairs weighted by a spatial Gaussian,
+     -g(i, j) * 1/2 ||y_i - y_j||^2 * tanh(mu + logit(d_ij)), where y are the normalised CAMs
+     (background = 1 - max) and d_ij the mean absolute RGB difference: CAM contours are
+     pushed onto colour edges and smoothed inside colour-uniform regions.
+
+2. ``pseudo``: CAMs of every tagged training image (with a flipped copy), ReLU and min-max
+   normalised per class, restricted to the image's tags; a pixel is background where no
+   class reaches ``bg_threshold``. Their mIoU against the training ground truth (the
+   standard WSSS metric) is logged with sample panels; the masks become training masks.
+3. ``train``: the segmentation model is trained on the pseudo masks and evaluated on real
+   masks (``val/mIoU``).
+
+``data.label_ratio`` is the fraction of training images whose tags are used. Ground-truth
+masks of training images are never trained on (the trainer strips them from "tags" stages).
+
+Shapes: images (N, 3, H, W); tags (N, C) multi-hot with C classes incl. background at 0;
+CAM logits z (N, C - 1, h, w) for the foreground classes.
+
+Departures (README, "Methods"): one smp network serves as the CAM classifier (no SEAM or
+AffinityNet/random walk, no CRF); the losses run at a working resolution of at most
+``work_side`` px (FSL is quadratic in pixels).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from segsweep.data.loaders import eval_loader
+from segsweep.data.transforms import MEAN, STD, pad_to_multiple
+from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
+from segsweep.models import SegModel
+from segsweep.panels import colour, compose, heat, image_tile
+from segsweep.primitives import confusion_matrix, masked_cross_entropy, scores_from_confusion
+
+
+class HFPLKnobs(Knobs):
+    cam_steps: int = Field(300, ge=1, description="budget of the CAM classification stage")
+    addon: bool = Field(True, description="HFPL add-on on (off: the baseline GAP CAM)")
+    importance_sampling: bool = Field(True, description="IS pooling (needs addon)")
+    is_weight: float = Field(0.2, ge=0, le=1, description="share of the IS loss in classification")
+    num_samples: int = Field(10, ge=1, le=1000, description="pixels sampled per image and class")
+    sampling_temperature: float = Field(1.0, gt=0)
+    feature_similarity: bool = Field(True, description="feature-similarity loss (needs addon)")
+    fs_weight: float = Field(1.0, ge=0)
+    fs_sigma: float = Field(2.0, gt=0, description="spatial Gaussian, working-resolution pixels")
+    fs_mu: float = Field(2.5, description="colour-edge offset of the tanh")
+    work_side: int = Field(16, ge=4, le=64, description="working resolution of IS and FSL")
+    bg_threshold: float = Field(0.3, gt=0, lt=1, description="CAM background threshold")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces (pure functions, unit-tested)
+
+
+def gap_loss(z: Tensor, tags: Tensor) -> Tensor:
+    """Baseline: BCE of the spatial mean of the CAM logits (N, K, h, w) vs tags (N, K)."""
+    return F.binary_cross_entropy_with_logits(z.float().mean((2, 3)), tags)
+
+
+def importance_sampling_loss(
+    z: Tensor, tags: Tensor, samples: int, temperature: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Mean BCE of ``samples`` logits per (image, class), pixels drawn from
+    pi_c(i) ∝ sigmoid(z_c(i) / T) + 1e-5. Gradients reach the drawn logits only."""
+    n, k = z.shape[:2]
+    flat = z.float().flatten(2)  # (N, K, P)
+    with torch.no_grad():
+        weights = torch.sigmoid(flat / temperature) + 1e-5
+        index = torch.multinomial(
+            weights.view(n * k, -1).cpu(), samples, replacement=True, generator=generator
+        )
+    picked = flat.view(n * k, -1).gather(1, index.to(z.device)).view(n, k, samples)
+    return F.binary_cross_entropy_with_logits(picked, tags.unsqueeze(-1).expand_as(picked))
+
+
+def expected_is_loss(z: Tensor, tags: Tensor, temperature: float) -> Tensor:
+    """E[importance_sampling_loss]: sum_i pi_c(i) BCE(z_c(i), y_c), averaged over (N, K)."""
+    flat = z.float().flatten(2)
+    weights = torch.sigmoid(flat / temperature) + 1e-5
+    pi = weights / weights.sum(-1, keepdim=True)
+    bce = F.binary_cross_entropy_with_logits(flat, tags.unsqueeze(-1).expand_as(flat), reduction="none")
+    return (pi * bce).sum(-1).mean()
+
+
+def normalised_cams(z: Tensor, tags: Tensor) -> Tensor:
+    """ReLU and per-(image, class) min-max normalisation, times the tags; (N, K, h, w)."""
+    pos = F.relu(z.float())
+    low = pos.amin((2, 3), keepdim=True)
+    high = pos.amax((2, 3), keepdim=True)
+    cam = F.relu(pos - low - 1e-5) / (high - low + 1e-5)
+    return cam * tags.view(*tags.shape, 1, 1)
+
+
+def feature_similarity_loss(image01: Tensor, cams: Tensor, sigma: float, mu: float) -> Tensor:
+    """HFPL's feature-similarity loss over all pixel pairs of (N, 3, h, w) images in [0, 1]
+    and normalised foreground CAMs (N, K, h, w) (a background channel 1 - max is added).
+
+    On a constant image every pair counts as colour-similar (tanh -> -1): the loss becomes a
+    Gaussian-weighted smoothness energy, zero exactly when the CAM is constant too.
+    """
+    n, _, h, w = cams.shape
+    bg = 1 - cams.amax(1, keepdim=True)
+    y = torch.cat([bg, cams], 1).flatten(2)  # (N, K+1, P)
+    x = image01.float().flatten(2)  # (N, 3, P)
+    diff = torch.zeros(n, h * w, h * w, device=cams.device)
+    for channel in range(x.shape[1]):  # one channel at a time keeps memory at N*P*P
+        diff += (x[:, channel, :, None] - x[:, channel, None, :]).abs()
+    d = (diff / x.shape[1]).clamp(0, 1)
+    eps = 1e-5
+    edge = torch.tanh(mu + torch.log((d + eps) / (1 - d + eps)))
+    rows, cols = torch.meshgrid(
+        torch.arange(h, device=cams.device), torch.arange(w, device=cams.device), indexing="ij"
+    )
+    pos = torch.stack([rows.flatten(), cols.flatten()], 1).float()
+    g = torch.exp(-(torch.cdist(pos, pos) ** 2) / (2 * sigma**2)) / (2 * math.pi * sigma**2)
+    sq = (y**2).sum(1)  # (N, P)
+    delta = 0.5 * (sq[:, :, None] + sq[:, None, :] - 2 * y.transpose(1, 2) @ y).clamp_min(0)
+    return -(g * delta * edge).sum((1, 2)).mean() / (h * w)
+
+
+def cam_pseudo_mask(cams: Tensor, bg_threshold: float) -> Tensor:
+    """(K, H, W) normalised foreground CAMs -> (H, W) ids: 0 where no class reaches the
+    threshold, else 1 + the arg-max class."""
+    scores = torch.cat([torch.full_like(cams[:1], bg_threshold), cams], 0)
+    return scores.argmax(0)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class HFPL(Method):
+    Knobs = HFPLKnobs
+    uses_unlabeled = False
+    summary = "weakly supervised (tags): CAMs + importance sampling + feature similarity -> pseudo masks"
+
+    def __init__(self, model: SegModel, knobs: HFPLKnobs, num_classes: int) -> None:
+        super().__init__(model, knobs, num_classes)
+        self.knobs: HFPLKnobs = knobs
+        # The CAM classifier: the same architecture, its own weights; C output maps of which
+        # the foreground ones (1..C-1) are the CAMs.
+        self.cam_net = copy.deepcopy(model)
+        for m in self.cam_net.modules():
+            if hasattr(m, "reset_parameters") and m is not self.cam_net:
+                m.reset_parameters()
+        self.stage = "train"
+        self.pseudo_masks: dict[str, np.ndarray] = {}
+
+    # -- pipeline -----------------------------------------------------------------------------
+    def stages(self, train_steps: int) -> list[Stage]:
+        return [
+            Stage("cam", self.knobs.cam_steps, batch="tags", evaluate=False),
+            Stage("pseudo", 0, evaluate=False),
+            Stage("train", train_steps, batch="labeled"),
+        ]
+
+    def begin_stage(self, stage: Stage) -> None:
+        self.stage = stage.name
+        self.cam_net.requires_grad_(stage.name == "cam")
+        self.model.requires_grad_(stage.name != "cam")
+
+    def training_masks(self) -> dict[str, np.ndarray] | None:
+        return self.pseudo_masks if self.stage == "train" else None
+
+    # -- stage 1: CAMs --------------------------------------------------------------------------
+    def cam_logits(self, x: Tensor) -> Tensor:
+        """Foreground CAM logits (N, C - 1, H, W)."""
+        return self.cam_net(x)[:, 1:]
+
+    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if self.stage != "cam":  # stage 3: plain supervised learning on the pseudo masks
+            logits = self.model(batch["image_l"])
+            loss = masked_cross_entropy(logits, batch["mask_l"])
+            return loss, as_floats({"loss": loss, "loss_sup": loss})
+        k = self.knobs
+        x, tags = batch["image_l"], batch["tags_l"][:, 1:]
+        z = self.cam_logits(x)
+        side = min(k.work_side, z.shape[-1])
+        z_small = F.adaptive_avg_pool2d(z, (side * z.shape[-2] // z.shape[-1], side))
+        loss_gap = gap_loss(z_small, tags)
+        loss, logs = loss_gap, {"loss_gap": loss_gap}
+        if k.addon and k.importance_sampling:
+            loss_is = importance_sampling_loss(
+                z_small,
+                tags,
+                k.num_samples,
+                k.sampling_temperature,
+                torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)))),
+            )
+            loss = (1 - k.is_weight) * loss_gap + k.is_weight * loss_is
+            logs["loss_is"] = loss_is
+        if k.addon and k.feature_similarity:
+            rgb = ((x.float() * STD.to(x.device) + MEAN.to(x.device)) / 255).clamp(0, 1)
+            rgb = F.adaptive_avg_pool2d(rgb, z_small.shape[-2:])
+            loss_fs = feature_similarity_loss(rgb, normalised_cams(z_small, tags), k.fs_sigma, k.fs_mu)
+            loss = loss + k.fs_weight * loss_fs
+            logs["loss_fs"] = loss_fs
+        return loss, as_floats({"loss": loss, **logs})
+
+    # -- stage 2: pseudo masks ------------------------------------------------------------------
+    @torch.no_grad()
+    def run_stage(self, stage: Stage, data: Any) -> dict[str, Any]:
+        """Pseudo masks of every tagged training image; their mIoU against the ground truth
+        (read for scoring only) and a panel of image | truth | pseudo mask | CAM."""
+        device = next(self.parameters()).device
+        was = self.training
+        self.eval()
+        conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+        samples = data.split.labeled
+        self.pseudo_masks = {}
+        rows: list[list[np.ndarray]] = []
+        for batch in eval_loader(data.source, samples, 16, 0):
+            image, mask = batch["image"].to(device), batch["mask"]
+            padded, (h, w) = pad_to_multiple(image)
+            z = self.cam_logits(padded) + self.cam_logits(padded.flip(-1)).flip(-1)
+            z = z[..., :h, :w].cpu()
+            for i, index in enumerate(batch["index"].tolist()):
+                tags = torch.zeros(1, self.num_classes - 1)
+                present = mask[i].unique()
+                tags[0, present[(present > 0) & (present < self.num_classes)] - 1] = 1
+                cams = normalised_cams(z[i : i + 1], tags)[0]
+                pseudo = cam_pseudo_mask(cams, self.knobs.bg_threshold)
+                self.pseudo_masks[samples[index].name] = pseudo.numpy().astype(np.uint8)
+                conf += confusion_matrix(pseudo, mask[i], self.num_classes)
+                if len(rows) < 4:
+                    strongest = cams.amax(0) if len(cams) else torch.zeros(h, w)
+                    rows.append(
+                        [image_tile(image[i].cpu()), colour(mask[i]), colour(pseudo), heat(strongest)]
+                    )
+        self.train(was)
+        scores = scores_from_confusion(conf)
+        return {
+            "mIoU": float(scores["mIoU"]),
+            "pixel_acc": float(scores["pixel_acc"]),
+            "images": float(len(self.pseudo_masks)),
+            "panel": compose(rows),
+        }
+
+    # -- checkpoints carry the pseudo masks (a resume after stage 2 must not redo it) ------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"stage": self.stage, "pseudo_masks": self.pseudo_masks}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.stage = state.get("stage", "train")
+        self.pseudo_masks = state.get("pseudo_masks", {})
+
+    @torch.no_grad()
+    def pseudo_label(self, image_u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """CAM pseudo masks (tags taken from the CAM classifier's own confident scores)."""
+        z = self.cam_logits(image_u)
+        tags = (torch.sigmoid(z.float().mean((2, 3))) > 0.5).float()
+        cams = normalised_cams(z, tags)
+        pseudo = torch.stack([cam_pseudo_mask(c, self.knobs.bg_threshold) for c in cams])
+        conf = torch.cat([torch.full_like(cams[:, :1], self.knobs.bg_threshold), cams], 1).amax(1)
+        return pseudo, conf, torch.ones_like(pseudo, dtype=torch.bool)

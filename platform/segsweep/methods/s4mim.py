@@ -1,0 +1,209 @@
+"""S4MIM: masked image modeling as a regularizer for semi-supervised segmentation.
+
+Li, Hao, Shang, Jiao, "Exploring Masked Image Modeling for Semi-Supervised Semantic
+Segmentation" (arXiv 2411.08756, 2024); official code haoxt/S4MIM (empty when we looked).
+The three components of the abstract, on the weak-to-strong FixMatch base of this platform
+(``fixmatch.py``; the abstract names no base), each switchable:
+
+* **Class-wise MIM**: image patches are masked (``mask_ratio`` of a ``patch_size`` grid) and
+  reconstructed one class at a time. For a class c of an image (ground truth for labeled
+  images, confident pseudo labels for unlabeled ones), the input keeps only the visible
+  pixels of class c, and the loss covers only the masked pixels of class c: whatever
+  connection the mask induces stays inside one class. A light decoder (3x3 conv, ReLU, 1x1
+  conv) on the segmentation decoder's features predicts pixels; L2 on normalised pixels.
+  Off: plain MIM (the whole visible image as context, every masked pixel as target).
+* **Feature aggregation**: decoder features of the masked part of class c are pulled
+  towards those of its visible part (cosine distance of their means; the visible side is the
+  target, stop-gradient).
+* **MIM in semantic space**: patches of the decoder feature map (``sem_mask_ratio``) are
+  zeroed and the segmentation head must still predict the labels (ground truth / pseudo
+  masks) there, a masked-feature consistency regularizer.
+
+Shapes: images (N, 3, H, W), labels (N, H, W) with 255 = ignore, decoder features
+(N, D, h, w), masks (N, H, W) bool.
+
+Departures (README, "Methods"): the paper body and code were unavailable, so loss forms,
+the reconstruction decoder and the feature-space masking are our reading of the abstract;
+one class per image per step keeps the cost at one extra forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from segsweep.methods.base import Batch, as_floats
+from segsweep.methods.fixmatch import FixMatch, FixMatchKnobs, mix_in_boxes
+from segsweep.models import SegModel
+from segsweep.primitives import IGNORE, masked_cross_entropy
+
+
+class S4MIMKnobs(FixMatchKnobs):
+    mask_ratio: float = Field(0.5, gt=0, lt=1, description="share of patches masked")
+    patch_size: int = Field(8, ge=2, description="masking grid, pixels")
+    class_wise: bool = Field(True, description="class-wise MIM (off: plain MIM)")
+    mim: bool = Field(True, description="the reconstruction task at all")
+    recon_weight: float = Field(1.0, ge=0)
+    feature_aggregation: bool = True
+    agg_weight: float = Field(0.1, ge=0)
+    semantic_mim: bool = True
+    sem_mask_ratio: float = Field(0.3, gt=0, lt=1)
+    sem_weight: float = Field(0.5, ge=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces (pure functions, unit-tested)
+
+
+def patch_mask(
+    n: int,
+    height: int,
+    width: int,
+    patch: int,
+    ratio: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> Tensor:
+    """(N, H, W) bool: whole ``patch`` x ``patch`` cells masked, ``ratio`` of them per image."""
+    gh, gw = -(-height // patch), -(-width // patch)
+    scores = torch.rand(n, gh * gw, generator=generator)
+    count = max(1, round(ratio * gh * gw))
+    cells = torch.zeros(n, gh * gw, dtype=torch.bool)
+    cells.scatter_(1, scores.argsort(dim=1)[:, :count], True)
+    grid = cells.view(n, 1, gh, gw).float()
+    full = F.interpolate(grid, scale_factor=patch, mode="nearest")[:, 0, :height, :width]
+    return full.bool().to(device)
+
+
+def pick_classes(labels: Tensor, generator: torch.Generator) -> Tensor:
+    """One class per image, uniformly among the classes present (-1 where none is)."""
+    out = torch.full((labels.shape[0],), -1, dtype=torch.long)
+    for i, lab in enumerate(labels.cpu()):
+        present = lab[lab != IGNORE].unique()
+        if len(present):
+            out[i] = present[torch.randint(len(present), (1,), generator=generator)]
+    return out.to(labels.device)
+
+
+def classwise_regions(
+    labels: Tensor, masked: Tensor, classes: Tensor, class_wise: bool
+) -> tuple[Tensor, Tensor]:
+    """Reconstruction target and visible context (N, H, W) bool.
+
+    Class-wise: target = masked pixels of the image's class, context = visible pixels of that
+    class, so a reconstruction target never spans two classes. Plain: every masked pixel is
+    a target and every visible pixel is context.
+    """
+    if not class_wise:
+        return masked, ~masked
+    of_class = labels == classes.view(-1, 1, 1)
+    return masked & of_class, ~masked & of_class
+
+
+def masked_mean(features: Tensor, region: Tensor) -> Tensor:
+    """Mean feature (N, D) over ``region`` (N, H, W) resized to the feature map (N, D, h, w)."""
+    weight = F.interpolate(region.unsqueeze(1).float(), size=features.shape[-2:], mode="area")
+    return (features * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1e-6)
+
+
+class ReconstructionHead(nn.Module):
+    """The light MIM decoder: decoder features -> RGB (normalised) at input resolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(channels, 3, 1)
+        )
+
+    def forward(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        out = self.net(features)
+        return (
+            F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+            if out.shape[-2:] != size
+            else out
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class S4MIM(FixMatch):
+    Knobs = S4MIMKnobs
+    summary = "FixMatch + class-wise masked image modeling, feature aggregation, semantic-space MIM"
+
+    def __init__(self, model: SegModel, knobs: S4MIMKnobs, num_classes: int) -> None:
+        super().__init__(model, knobs, num_classes)
+        self.knobs: S4MIMKnobs = knobs
+        self.recon = ReconstructionHead(model.decoder_channels) if knobs.mim else None
+
+    def _generator(self, step: int) -> torch.Generator:
+        # Masks come from the global RNG state (checkpointed): exact resume, seed-deterministic.
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + step)
+
+    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        k = self.knobs
+        x_l, y_l, x_w = batch["image_l"], batch["mask_l"], batch["image_u_w"]
+        b = x_l.shape[0]
+
+        # The FixMatch base: pseudo masks on weak views supervise CutMixed strong views.
+        pseudo, _, keep = self.unlabeled_targets(batch)
+        pseudo_w, keep_w = pseudo, keep
+        x_s = batch["image_u_s"]
+        if k.cutmix:
+            box = batch["box_u"]
+            x_s = mix_in_boxes(box, x_s.roll(1, 0), x_s)
+            pseudo = mix_in_boxes(box, pseudo.roll(1, 0), pseudo)
+            keep = mix_in_boxes(box, keep.roll(1, 0), keep)
+        feats = self.model.forward_features(torch.cat([x_l, x_s]))
+        logits_l, logits_s = feats.logits.split([b, x_s.shape[0]])
+        loss_sup = masked_cross_entropy(logits_l, y_l)
+        loss_unsup = masked_cross_entropy(logits_s, pseudo, weight=keep.float())
+        loss = loss_sup + k.unsup_weight * loss_unsup
+        logs: dict[str, Tensor] = {"loss_sup": loss_sup, "loss_unsup": loss_unsup}
+
+        # Class-wise MIM on labeled (ground truth) and weak unlabeled (confident pseudo) images.
+        if self.recon is not None:
+            images = torch.cat([x_l, x_w])
+            labels = torch.cat([y_l, torch.where(keep_w, pseudo_w, torch.full_like(pseudo_w, IGNORE))])
+            g = self._generator(step)
+            masked = patch_mask(
+                images.shape[0], *images.shape[-2:], k.patch_size, k.mask_ratio, g, images.device
+            )
+            classes = pick_classes(labels, g)
+            target, context = classwise_regions(labels, masked, classes, k.class_wise)
+            feats_m = self.model.forward_features(images * context.unsqueeze(1))
+            recon = self.recon(feats_m.decoder, images.shape[-2:])
+            err = ((recon.float() - images.float()) ** 2).mean(dim=1)
+            loss_rec = (err * target).sum() / target.sum().clamp_min(1)
+            loss = loss + k.recon_weight * loss_rec
+            logs["loss_recon"] = loss_rec
+            if k.feature_aggregation:
+                has_both = (target.flatten(1).any(1) & context.flatten(1).any(1)).float()
+                f_masked = masked_mean(feats_m.decoder.float(), target)
+                f_visible = masked_mean(feats_m.decoder.float(), context).detach()
+                cos = F.cosine_similarity(f_masked, f_visible, dim=1)
+                loss_agg = ((1 - cos) * has_both).sum() / has_both.sum().clamp_min(1)
+                loss = loss + k.agg_weight * loss_agg
+                logs["loss_aggregation"] = loss_agg
+            logs["mim_target_share"] = target.float().mean()
+
+        # MIM in semantic space: zero patches of the decoder features, predict labels anyway.
+        if k.semantic_mim:
+            dec = feats.decoder
+            g = self._generator(step + 1)
+            h, w = dec.shape[-2:]
+            patch = max(1, round(k.patch_size * h / x_l.shape[-2]))
+            fmask = patch_mask(dec.shape[0], h, w, patch, k.sem_mask_ratio, g, dec.device)
+            logits_m = self.model.head(dec * (~fmask).unsqueeze(1), x_l.shape[-2:])
+            pix = F.interpolate(fmask.unsqueeze(1).float(), size=x_l.shape[-2:], mode="nearest")[:, 0]
+            targets = torch.cat([y_l, pseudo])
+            weights = torch.cat([torch.ones_like(y_l, dtype=torch.float), keep.float()]) * pix
+            loss_sem = masked_cross_entropy(logits_m, targets, weight=weights)
+            loss = loss + k.sem_weight * loss_sem
+            logs["loss_semantic_mim"] = loss_sem
+
+        valid = (pseudo != IGNORE).float()
+        logs["mask_ratio"] = (keep.float() * valid).sum() / valid.sum().clamp_min(1)
+        return loss, as_floats({"loss": loss, **logs})

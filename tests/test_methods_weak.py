@@ -1,0 +1,178 @@
+"""HFPL and Mix-and-Match pieces on tiny inputs with known answers, and multi-stage resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from segsweep.methods.hfpl import (
+    cam_pseudo_mask,
+    expected_is_loss,
+    feature_similarity_loss,
+    gap_loss,
+    importance_sampling_loss,
+    normalised_cams,
+)
+from segsweep.methods.mixandmatch import (
+    box_iou,
+    class_graph_triplets,
+    hue_chroma_bins,
+    sample_patches,
+    triplet_loss,
+)
+from segsweep.primitives import IGNORE
+from segsweep.runner import prepare
+from segsweep.tracking import NullTracker
+
+# -- HFPL ------------------------------------------------------------------------------------
+
+
+def test_importance_sampling_matches_its_expected_value() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 4, 4, generator=g) * 2
+    tags = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    draws = torch.stack([importance_sampling_loss(z, tags, 2000, 1.0, g) for _ in range(10)])
+    expected = expected_is_loss(z, tags, 1.0)
+    assert draws.mean().item() == pytest.approx(expected.item(), rel=0.01)
+    # it weights pixels by their activation, unlike GAP (a uniform average)
+    assert not torch.isclose(expected, gap_loss(z, tags))
+
+
+def test_sampling_temperature_flattens_the_pixel_distribution() -> None:
+    z = torch.tensor([[[[8.0, -8.0]]]])
+    tags = torch.ones(1, 1)
+    sharp, flat = expected_is_loss(z, tags, 1.0), expected_is_loss(z, tags, 100.0)
+    # a hot temperature samples the low (costly, for a positive tag) pixel more often
+    assert flat > sharp
+
+
+def test_feature_similarity_loss_on_constant_images() -> None:
+    image = torch.full((1, 3, 6, 6), 0.4)
+    flat_cam = torch.full((1, 2, 6, 6), 0.3)
+    assert feature_similarity_loss(image, flat_cam, 2.0, 2.5).item() == pytest.approx(0.0, abs=1e-7)
+    varying = flat_cam.clone()
+    varying[:, 0, :, :3] = 1.0
+    assert feature_similarity_loss(image, varying, 2.0, 2.5).item() > 0  # smoothness on uniform colour
+
+
+def test_feature_similarity_prefers_cam_edges_on_colour_edges() -> None:
+    image = torch.zeros(1, 3, 6, 6)
+    image[..., 3:] = 1.0  # a vertical colour edge between columns 2 and 3
+    on_edge = torch.zeros(1, 1, 6, 6)
+    on_edge[..., 3:] = 1.0
+    off_edge = torch.zeros(1, 1, 6, 6)
+    off_edge[..., 1:] = 1.0
+    assert feature_similarity_loss(image, on_edge, 2.0, 2.5) < feature_similarity_loss(
+        image, off_edge, 2.0, 2.5
+    )
+
+
+def test_cam_pseudo_masks_threshold_the_background() -> None:
+    cams = torch.tensor([[[0.9, 0.1, 0.5]], [[0.2, 0.2, 0.7]]])  # 2 classes, a 1 x 3 image
+    assert cam_pseudo_mask(cams, 0.3).tolist() == [[1, 0, 2]]
+    assert cam_pseudo_mask(cams, 0.8).tolist() == [[1, 0, 0]]
+    z = torch.tensor([[[[1.0, 3.0]], [[2.0, 4.0]]]])
+    cams = normalised_cams(z, torch.tensor([[1.0, 0.0]]))
+    assert cams[0, 1].abs().sum() == 0  # an absent tag has no CAM
+    assert cams[0, 0, 0, 1] == pytest.approx(1.0, abs=1e-4) and cams[0, 0, 0, 0] == 0
+
+
+# -- Mix-and-Match ---------------------------------------------------------------------------
+
+
+def test_patch_sampling_respects_overlap_and_dominant_class() -> None:
+    mask = torch.zeros(64, 64, dtype=torch.long)
+    mask[:, 32:] = 2
+    mask[40:, :20] = 1
+    mask[10:14] = IGNORE
+    g = torch.Generator().manual_seed(0)
+    patches = sample_patches(mask, 12, 8, 24, overlap=0.2, dominant=0.7, generator=g)
+    assert len(patches) >= 4
+    for i, (top, left, side, cls) in enumerate(patches):
+        region = mask[top : top + side, left : left + side]
+        labels = region[region != IGNORE]
+        assert (labels == cls).sum() >= 0.7 * region.numel()
+        assert int(torch.bincount(labels).argmax()) == cls
+        for other in patches[i + 1 :]:
+            assert box_iou((top, left, side), other[:3]) <= 0.2
+    noise = torch.randint(0, 5, (32, 32), generator=g)  # no region has a dominant class
+    assert sample_patches(noise, 8, 8, 16, 0.5, 0.6, g) == []
+
+
+def test_class_graph_links_same_class_positives_and_other_class_negatives() -> None:
+    classes = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])
+    a, p, n = class_graph_triplets(classes, torch.Generator().manual_seed(3))
+    assert sorted(a.tolist()) == list(range(8))  # every patch anchors one triplet
+    assert (classes[a] == classes[p]).all() and (classes[a] != classes[n]).all() and (a != p).all()
+    for c in classes.unique():  # positive edges connect each class
+        nodes = (classes == c).nonzero().flatten().tolist()
+        parent = {i: i for i in nodes}
+        for i, j in zip(a.tolist(), p.tolist(), strict=True):
+            if i in parent:
+                parent[_root(parent, i)] = _root(parent, j)
+        assert len({_root(parent, i) for i in nodes}) == 1
+
+
+def _root(parent: dict[int, int], i: int) -> int:
+    while parent[i] != i:
+        i = parent[i]
+    return i
+
+
+def test_triplet_loss_is_zero_when_margins_are_met() -> None:
+    f = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.99, 0.1], [-1.0, 0.0]]), dim=1)
+    a, p, n = torch.tensor([0]), torch.tensor([1]), torch.tensor([2])
+    assert triplet_loss(f, a, p, n, margin=1.0).item() == 0.0  # d_an = 4, d_ap ~ 0.01
+    assert triplet_loss(f, a, n, p, margin=1.0).item() > 0  # roles swapped: violated
+
+
+def test_colourisation_targets() -> None:
+    rgb = torch.tensor([[[[1.0, 0.5]], [[0.0, 0.5]], [[0.0, 0.5]]]])  # a red and a grey pixel
+    hue, chroma_bin, chroma = hue_chroma_bins(rgb, 32)
+    assert (
+        hue[0, 0, 0] == 0 and chroma_bin[0, 0, 0] == 31 and chroma[0, 0, 1] == 0 and chroma_bin[0, 0, 1] == 0
+    )
+
+
+# -- pipelines resume from the last finished stage ---------------------------------------------
+
+
+class Recorder(NullTracker):
+    def __init__(self) -> None:
+        self.metrics: dict[tuple[str, int], float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.update({(k, step): v for k, v in metrics.items()})
+
+
+@pytest.mark.parametrize(("method", "stage"), [("hfpl", "train"), ("mixandmatch", "match")])
+def test_multi_stage_runs_resume_from_the_last_stage_and_step(
+    tiny, tmp_path: Path, method: str, stage: str
+) -> None:
+    over = {
+        "method": method,
+        "train.steps": 4,
+        "train.eval_every": 2,
+        "hfpl.cam_steps": 4,
+        "mixandmatch.proxy_steps": 2,
+        "mixandmatch.mm_steps": 4,
+        "data.label_ratio": 0.5,
+    }
+    full = Recorder()
+    a = prepare(tiny(**over))
+    a.trainer.run(tmp_path / "a", full)
+    crash = {**over, "debug.fail_at_step": 3, "debug.fail_stage": stage}
+    with pytest.raises(RuntimeError, match="injected failure"):
+        prepare(tiny(**crash)).trainer.run(tmp_path / "b", Recorder())
+    resumed = Recorder()
+    b = prepare(tiny(**crash))
+    b.trainer.run(tmp_path / "b", resumed, resume_from=tmp_path / "b" / "checkpoints" / "last.pt")
+    prefix = "" if stage == "train" else f"{stage}/"
+    assert (f"{prefix}train/loss", 3) in resumed.metrics and (f"{prefix}train/loss", 1) not in resumed.metrics
+    first_stage = {"hfpl": "cam", "mixandmatch": "proxy"}[method]
+    assert not any(k.startswith(first_stage) for k, _ in resumed.metrics)  # finished stages are not redone
+    assert resumed.metrics[("val/mIoU", 4)] == full.metrics[("val/mIoU", 4)]
+    if method == "hfpl":
+        assert full.metrics[("pseudo/mIoU", 0)] > 0
