@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export RAY_DEDUP_LOGS ?= 0
 export PYTHONWARNINGS ?= ignore
 
-.PHONY: install demo test test-fast lint dashboard clean
+.PHONY: install demo test test-fast lint dashboard clean browser lock
 
 install: $(STAMP)
 
@@ -27,7 +27,15 @@ $(STAMP): pyproject.toml requirements.lock
 demo: install
 	$(VENV)/bin/segsweep sweep experiments/quickstart.yaml $(if $(wildcard sweeps/quickstart/sweep.json),--resume)
 
-test: install
+dashboard: install
+	$(VENV)/bin/segsweep dashboard $(if $(TRACKING_URI),--tracking-uri $(TRACKING_URI))
+
+# The browser test drives Debian's headless Chromium; install it when missing (needs root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
+
+test: install browser
 	$(PY) -m pytest
 
 test-fast: install

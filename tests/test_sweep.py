@@ -167,6 +167,28 @@ def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path
         "tiny:method=fixmatch,ratio=0.25,seed=0": 2,
         "tiny:method=fixmatch,ratio=0.5,seed=0": 2,
     }
+    # curves: the final runs aggregated over their two seeds, logged to the parent run
+    curve = segsweep("curve", "--experiment", "tiny", "--out", "report", cwd=tmp_path)
+    assert curve.returncode == 0, curve.stderr
+    assert "value: val/mIoU at the last evaluation" in curve.stdout and "(n=2)" in curve.stdout
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "report" / "runs.csv").open()))
+    assert len(rows) == 8 and {r["seed"] for r in rows} == {"1", "2"}
+    summary = list(csv.DictReader((tmp_path / "report" / "summary.csv").open()))
+    assert len(summary) == 4 and all(r["n"] == "2" for r in summary)
+    for s in summary:
+        values = [
+            float(r["mIoU"])
+            for r in rows
+            if r["method"] == s["method"] and r["label_ratio"] == s["label_ratio"]
+        ]
+        assert float(s["mean"]) == pytest.approx(sum(values) / 2)
+    kid = {k.info.run_id: k for k in final}
+    assert {r["run_id"] for r in rows} == set(kid)
+    assert all(float(r["mIoU"]) == kid[r["run_id"]].data.metrics["val/mIoU_last"] for r in rows)
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "curve")}
+    assert {"curve/curve.png", "curve/summary.csv", "curve/runs.csv", "curve/differences.csv"} <= logged
     # a second start refuses to overwrite the sweep
     again = segsweep("sweep", str(path), cwd=tmp_path)
     assert again.returncode == 2 and "--resume" in again.stderr

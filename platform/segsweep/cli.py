@@ -124,6 +124,62 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# segsweep curve
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    from segsweep import report
+    from segsweep.tracking import fetch_runs, log_files
+
+    runs = fetch_runs(args.tracking_uri, args.experiment)
+    curve = report.build_curve(runs, args.value, args.baseline)
+    out = Path(args.out or Path("reports") / args.experiment)
+    files = report.write_outputs(curve, out, f"{args.experiment}: mIoU vs label ratio")
+    print(report.format_table(curve))
+    print(f"({report.RULE_TEXT[curve.rule]}; mIoU in %, mean ± std over seeds)")
+    if curve.differences:
+        print(f"\ndifferences to {args.baseline} (95% confidence interval, t test):")
+        print(report.format_differences(curve))
+    if curve.published:
+        print("\nreproduced minus published:")
+        for s in curve.summary:
+            if s.delta_vs_published is not None:
+                print(
+                    f"  {s.method} at {s.label_ratio:g}: {100 * s.mean:.1f} vs {100 * s.published:.1f} "
+                    f"published ({100 * s.delta_vs_published:+.1f})"
+                )
+    parents = [r for r in runs if r.tags.get("segsweep.kind") == "sweep"]
+    if parents and not args.no_log:
+        log_files(args.tracking_uri, parents[0].run_id, files, "curve")
+        print(f"\nlogged to the sweep's parent run {parents[0].run_id} (artifacts/curve)")
+    print("written: " + ", ".join(str(f) for f in files))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# segsweep dashboard
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from segsweep.dashboard import serve
+
+    server = serve(args.tracking_uri, args.host, args.port, args.mlflow_url)
+    host, port = server.server_address[:2]
+    print(
+        f"segsweep dashboard on http://{host}:{port}/  (store: {args.tracking_uri or 'sqlite:///mlflow.db'}; "
+        "Ctrl+C stops it)",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # listings
 
 
@@ -187,6 +243,39 @@ def build_parser() -> Parser:
     )
     p.add_argument("--dir", default="sweeps", help="folder of sweep state (default: ./sweeps)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "curve",
+        help="label-ratio curves of an experiment (CSV + plot)",
+        description="Aggregate an experiment's runs over seeds into label-ratio curves: runs.csv (one row "
+        "per run), summary.csv (mean, std, n), differences.csv (each method vs the baseline) and curve.png.",
+    )
+    p.add_argument("--experiment", required=True, help="MLflow experiment (a sweep's name)")
+    p.add_argument("--out", help="output folder (default: reports/<experiment>)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    p.add_argument(
+        "--value",
+        choices=["last", "best_tune"],
+        default="last",
+        help="which value of a run: the last evaluation (default) or the one best on the tuning split; "
+        "never the best on the reported split",
+    )
+    p.add_argument("--baseline", default="supervised", help="method the others are compared with")
+    p.add_argument(
+        "--no-log", action="store_true", help="do not attach the outputs to the sweep's parent run"
+    )
+    p.set_defaults(func=cmd_curve)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="web dashboard: curves, tables, runs, pseudo-mask panels",
+        description="Serve the web dashboard over an MLflow store (local SQLite or a server).",
+    )
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 picks a free one)")
+    p.add_argument("--mlflow-url", default="http://127.0.0.1:5000", help="MLflow UI to link runs to")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser(
         "methods", help="list the methods and their knobs", description="List the methods and their knobs."

@@ -31,7 +31,7 @@ from segsweep.data import Data
 from segsweep.data.loaders import eval_loader, hash_seed, stream_loader
 from segsweep.data.sources import Sample
 from segsweep.data.transforms import pad_to_multiple
-from segsweep.errors import Diverged
+from segsweep.errors import Diverged, Stopped
 from segsweep.methods import Method, Stage, get_method
 from segsweep.models import build_model
 from segsweep.panels import colour, compose, heat, image_tile
@@ -266,6 +266,7 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         self.tracker: RunTracker | NullTracker = NullTracker()
         self.reporter: Reporter | None = None
+        self.should_stop: Callable[[], bool] | None = None
         self.echo = echo or (lambda _msg: None)
         self.numerics = numerics_for(cfg)
         seed_everything(cfg.seed)
@@ -393,9 +394,15 @@ class Trainer:
         tracker: RunTracker | NullTracker | None = None,
         reporter: Reporter | None = None,
         resume_from: Path | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> RunResult:
-        """Train every stage (from ``resume_from``'s stage and step when given)."""
+        """Train every stage (from ``resume_from``'s stage and step when given).
+
+        ``should_stop`` is polled every step: a sweep's scheduler may stop the trial between
+        two reports, and the rest of the interval is then not trained for nothing.
+        """
         self.run_dir = run_dir
+        self.should_stop = should_stop
         self.tracker = tracker or NullTracker()
         self.reporter = reporter
         if resume_from is not None:
@@ -457,6 +464,8 @@ class Trainer:
 
         while self.progress.step < stage.steps:
             step = self.progress.step
+            if self.should_stop is not None and self.should_stop():
+                raise Stopped
             if cfg.debug.fail_at_step == step + 1 and cfg.debug.fail_stage == stage.name:
                 self._inject_failure(step + 1)
             lr = poly_lr(base_lr, step, stage.steps, t.poly_power)

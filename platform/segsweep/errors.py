@@ -30,6 +30,10 @@ class Diverged(Exception):
         self.step = step
 
 
+class Stopped(Exception):
+    """A sweep's scheduler stopped this trial early (not an error: its run ends FINISHED)."""
+
+
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` as a single line.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from segsweep.config import RunConfig, dump_yaml
 from segsweep.data import Data, build_data
 from segsweep.engine import Reporter, RunResult, Trainer
-from segsweep.errors import Diverged, UserError, one_line
+from segsweep.errors import Diverged, Stopped, UserError, one_line
 from segsweep.tracking import TAG_STATUS, NullTracker, RunTracker
 
 
@@ -45,7 +45,13 @@ def run_params(cfg: RunConfig, data: Data) -> dict[str, object]:
     return {
         **cfg.flat(),
         "dataset": cfg.data.name,
-        "label_ratio": cfg.data.label_ratio,
+        # With a published split list the ratio is what the list holds, not the config's.
+        "label_ratio": (
+            cfg.data.label_ratio
+            if cfg.data.split is None
+            else len(data.split.labeled)
+            / max(1, len(data.split.labeled) + len(data.split.unlabeled) + len(data.split.tune))
+        ),
         "n_labeled": len(data.split.labeled),
         "n_unlabeled": len(data.split.unlabeled),
         "n_tune": len(data.split.tune),
@@ -90,6 +96,7 @@ def execute(
     run_dir: Path,
     reporter: Reporter | None = None,
     resume_from: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RunResult:
     """Train and close the run, whatever happens. Diverged runs end FAILED, tagged
     ``segsweep.status=diverged``, and return normally (a retry would diverge again)."""
@@ -99,7 +106,7 @@ def execute(
         if not tracker.resumed:
             tracker.log_params(run_params(cfg, data))
             tracker.log_text(dump_yaml(cfg), "config.yaml")
-        result = trainer.run(run_dir, tracker, reporter, resume_from)
+        result = trainer.run(run_dir, tracker, reporter, resume_from, should_stop)
         tracker.log_metrics({**result.metrics, "time/run_seconds": time.time() - started}, cfg.train.steps)
         if cfg.tracking.log_checkpoints:
             for name in ("best.pt", "last.pt"):
@@ -115,6 +122,11 @@ def execute(
                 {"final": True, "diverged": True, "mlflow_run_id": tracker.run_id}, trainer.checkpoint_dir
             )
         return RunResult("diverged", {}, run_dir, str(exc))
+    except (Stopped, SystemExit):
+        # Stopped early by a sweep's scheduler (Ray ends a stopped trial's thread with
+        # SystemExit at its next report): a normal end, not a failure.
+        tracker.finish("FINISHED", "stopped_early")
+        return RunResult("stopped", {}, run_dir, "stopped early by the scheduler")
     except KeyboardInterrupt:
         tracker.finish("KILLED", "killed")
         raise

@@ -120,7 +120,15 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
         else:
             tune.report(clean)
 
-    execute(prepared, tracker, run_dir, report, resume_from)
+    execute(prepared, tracker, run_dir, report, resume_from, should_stop=_stop_requested)
+
+
+def _stop_requested() -> bool:
+    """Whether Ray asked this trial to stop (its session's stop event; Ray 2.60 internals)."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    return bool(session is not None and session.stop_event.is_set())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,6 +747,8 @@ def run_sweep(
     )
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume loses at most ~2 s of scheduling
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our live view instead of Ray's tables
+    # A stopped trial closes its MLflow run before its worker serves the next trial.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     # Reports of pipeline stages before the main one carry no tuning metric yet.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
@@ -826,7 +836,8 @@ def run_sweep(
 
     _close_orphans(parent, ctx, outcomes, echo)
     best = _best_per_cell(outcomes, es.mode)
-    _summarise(parent, plan, outcomes, best, echo)
+    importances = {c.id: imp for c in plan.cells if c.space and (imp := searcher.studies[c.id].importances())}
+    _summarise(parent, plan, outcomes, best, echo, importances)
     parent.finish("FINISHED", "finished")
     return SweepResult(outcomes, best, parent.run_id, sweep_dir, uri, parent.experiment_id)
 
@@ -872,6 +883,7 @@ def _summarise(
     outcomes: dict[str, Outcome],
     best: dict[str, Outcome],
     echo: Callable[[str], None],
+    importances: dict[str, dict[str, float]],
 ) -> None:
     counts = {"finished": 0, "stopped_early": 0, "failed": 0, "diverged": 0}
     for o in outcomes.values():
@@ -890,6 +902,11 @@ def _summarise(
         echo(f"{cell.id:<48} {n:>6} {m:>14} {v:>9}  {params}")
         rows.append(f'"{cell.id}",{n},{m},{v},"{params.replace(chr(34), chr(39))}"')
     parent.log_text("\n".join(rows) + "\n", "best_per_cell.csv")
+    if importances:  # which searched knob mattered, per cell (Optuna's fANOVA)
+        parent.log_text(json.dumps(importances, indent=2), "optuna_importances.json")
+        parent.log_metrics(
+            {f"importance/{_short(c)}/{k}": v for c, imp in importances.items() for k, v in imp.items()}, 0
+        )
     finals = [o for o in outcomes.values() if o.phase == "final" and o.val is not None]
     if finals:
         echo("")

@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -31,6 +32,7 @@ from segsweep.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter about table creation
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # Tags segsweep sets on its runs (the MLflow UI can filter and group on them).
 TAG_KEY = "segsweep.run_key"  # a stable key: a resumed trial finds its run instead of duplicating
@@ -413,3 +415,111 @@ class NullTracker:
 
 
 Tracker = RunTracker | NullTracker
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs back (reports, dashboard): plain records, fetched in bulk
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    experiment_id: str
+    name: str
+    status: str
+    start_time: int
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def experiment_id_of(client: Any, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        names = [e.name for e in client.search_experiments()]
+        raise ConfigError(
+            f"--experiment: no experiment '{name}' in the tracking store; "
+            f"experiments: {', '.join(names) or 'none'}"
+        )
+    return exp.experiment_id
+
+
+def fetch_runs(uri: str | None, experiment: str) -> list[RunRecord]:
+    """Every active run of ``experiment`` with its latest metrics, 1,000 per request."""
+    client = client_for(resolve_uri(uri))
+    exp_id = experiment_id_of(client, experiment)
+    out: list[RunRecord] = []
+    token = None
+    while True:
+        page = client.search_runs([exp_id], max_results=1000, page_token=token)
+        for r in page:
+            out.append(
+                RunRecord(
+                    r.info.run_id,
+                    exp_id,
+                    r.info.run_name or "",
+                    r.info.status,
+                    r.info.start_time or 0,
+                    dict(r.data.params),
+                    dict(r.data.metrics),
+                    dict(r.data.tags),
+                )
+            )
+        token = page.token
+        if not token:
+            return out
+
+
+def list_experiments(uri: str | None) -> list[dict[str, str]]:
+    client = client_for(resolve_uri(uri))
+    return [{"id": e.experiment_id, "name": e.name} for e in client.search_experiments()]
+
+
+def get_run(uri: str | None, run_id: str) -> RunRecord:
+    client = client_for(resolve_uri(uri))
+    try:
+        r = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own error types for unknown ids
+        raise ConfigError(f"run {run_id}: not found in the tracking store") from None
+    return RunRecord(
+        r.info.run_id,
+        r.info.experiment_id,
+        r.info.run_name or "",
+        r.info.status,
+        r.info.start_time or 0,
+        dict(r.data.params),
+        dict(r.data.metrics),
+        dict(r.data.tags),
+    )
+
+
+def metric_history(uri: str | None, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    client = client_for(resolve_uri(uri))
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
+
+
+def image_artifacts(uri: str | None, run_id: str) -> list[dict[str, Any]]:
+    """Images logged with a step (``log_image``): key, step and artifact path of each."""
+    client = client_for(resolve_uri(uri))
+    found = []
+    for f in client.list_artifacts(run_id, "images"):
+        if f.is_dir or not f.path.endswith(".png"):
+            continue
+        # MLflow names them "<key with / as ~>+step+<step>+timestamp+<ms>+<uuid>.png"
+        name = f.path.split("/", 1)[1]
+        m = re.match(r"(?P<key>.+?)\+step\+(?P<step>\d+)\+timestamp\+", name)
+        if m:
+            found.append({"key": m["key"].replace("~", "/"), "step": int(m["step"]), "path": f.path})
+    return sorted(found, key=lambda d: (d["key"], d["step"]))
+
+
+def download_artifact(uri: str | None, run_id: str, path: str, dest: Path) -> Path:
+    client = client_for(resolve_uri(uri))
+    return Path(client.download_artifacts(run_id, path, str(dest)))
+
+
+def log_files(uri: str | None, run_id: str, files: list[Path], artifact_path: str | None = None) -> None:
+    """Attach files to an existing (possibly finished) run."""
+    client = client_for(resolve_uri(uri))
+    for f in files:
+        with_retries(lambda f=f: client.log_artifact(run_id, str(f), artifact_path), f"upload {f}", 120)

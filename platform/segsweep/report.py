@@ -1,0 +1,401 @@
+"""Label-ratio curves from MLflow: which runs count, aggregation over seeds, paired
+differences with their uncertainty, published reference points, and the plot.
+
+The rule for a run's value is stated, printed on the plot and written to the CSVs:
+
+* ``last`` (default): ``val/mIoU_last``, the last evaluation.
+* ``best_tune``: ``val/mIoU_at_best_tune``, the evaluation whose *tuning split* score was
+  best. The best evaluation on the reported split itself (``val/mIoU_best``) is never used:
+  picking the epoch on the set one reports flatters every method.
+
+Which runs: a sweep with a ``final`` phase contributes its final runs (the best configuration
+of each cell re-run over seeds). Otherwise each cell contributes its best search trial by
+``tune/mIoU_best`` (a cell without a search space has one trial). Runs made with
+``segsweep run`` count one each. Only runs that finished (not stopped early, failed or
+diverged) count.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import mean, stdev
+
+from segsweep.errors import ConfigError
+from segsweep.tracking import RunRecord
+
+RULES = {"last": "val/mIoU_last", "best_tune": "val/mIoU_at_best_tune"}
+RULE_TEXT = {
+    "last": "value: val/mIoU at the last evaluation",
+    "best_tune": "value: val/mIoU at the evaluation best on the tuning split",
+}
+PUBLISHED = Path(__file__).resolve().parent / "reference" / "published.csv"
+
+
+@dataclass
+class Row:
+    method: str
+    dataset: str
+    label_ratio: float
+    n_labeled: int
+    seed: int
+    mIoU: float
+    split_family: str = ""
+    split_seed: int = 0
+    run_id: str = ""
+
+
+@dataclass
+class Summary:
+    method: str
+    label_ratio: float
+    mean: float
+    std: float
+    n: int
+    published: float | None = None
+    delta_vs_published: float | None = None
+
+
+@dataclass
+class Difference:
+    method: str
+    baseline: str
+    label_ratio: float
+    n: int
+    paired: bool
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+
+@dataclass
+class Curve:
+    rule: str
+    rows: list[Row]
+    summary: list[Summary]
+    differences: list[Difference]
+    published: list[dict[str, str]] = field(default_factory=list)
+    dataset: str = ""
+    family: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Which runs count
+
+
+def _finished(run: RunRecord, key: str) -> bool:
+    return (
+        run.status == "FINISHED"
+        and run.tags.get("segsweep.status", "finished") == "finished"
+        and run.tags.get("segsweep.kind") != "sweep"
+        and key in run.metrics
+        and "method" in run.params
+    )
+
+
+def select_rows(runs: list[RunRecord], rule: str = "last") -> list[Row]:
+    if rule not in RULES:
+        raise ConfigError(f"--value: unknown rule '{rule}'; valid: {', '.join(RULES)}")
+    key = RULES[rule]
+    done = [r for r in runs if _finished(r, key)]
+    finals = [r for r in done if r.tags.get("segsweep.phase") == "final"]
+    if finals:
+        chosen = finals
+    else:
+        by_cell: dict[str, RunRecord] = {}
+        for r in done:
+            cell = r.tags.get("segsweep.cell") or r.run_id  # plain runs are cells of their own
+            best = by_cell.get(cell)
+            if best is None or r.metrics.get("tune/mIoU_best", -1) > best.metrics.get("tune/mIoU_best", -1):
+                by_cell[cell] = r
+        chosen = list(by_cell.values())
+    rows = []
+    for r in chosen:
+        p = r.params
+        rows.append(
+            Row(
+                method=p["method"],
+                dataset=p.get("dataset", p.get("data.name", "")),
+                label_ratio=float(p.get("label_ratio", p.get("data.label_ratio", "nan"))),
+                n_labeled=int(p.get("n_labeled", 0)),
+                seed=int(p.get("seed", 0)),
+                mIoU=float(r.metrics[key]),
+                split_family=r.tags.get("segsweep.split_family", ""),
+                split_seed=int(p.get("data.split_seed", 0)),
+                run_id=r.run_id,
+            )
+        )
+    return sorted(rows, key=lambda x: (x.method, x.label_ratio, x.seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation and uncertainty
+
+
+def summarise(rows: list[Row]) -> list[Summary]:
+    groups: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(r.method, r.label_ratio)].append(r.mIoU)
+    out = []
+    for (method, ratio), values in sorted(groups.items()):
+        spread = stdev(values) if len(values) > 1 else float("nan")  # one seed has no spread
+        out.append(Summary(method, ratio, mean(values), spread, len(values)))
+    return out
+
+
+def t_quantile(p: float, df: float) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(p, df))
+
+
+def t_pvalue(t: float, df: float) -> float:
+    from scipy import stats
+
+    return float(2 * stats.t.sf(abs(t), df))
+
+
+def compare(values: list[float], other: list[float], paired: bool) -> tuple[float, float, float, float]:
+    """Mean difference (values - other), its 95% confidence interval and a two-sided p-value.
+
+    Paired: a one-sample t on the per-seed differences. Unpaired: Welch's t. NaN where there
+    are too few runs to estimate a spread.
+    """
+    nan = float("nan")
+    if paired:
+        diffs = [a - b for a, b in zip(values, other, strict=True)]
+        m = mean(diffs)
+        if len(diffs) < 2:
+            return m, nan, nan, nan
+        se = stdev(diffs) / math.sqrt(len(diffs))
+        df = len(diffs) - 1
+    else:
+        m = mean(values) - mean(other)
+        if len(values) < 2 or len(other) < 2:
+            return m, nan, nan, nan
+        va, vb = stdev(values) ** 2 / len(values), stdev(other) ** 2 / len(other)
+        se = math.sqrt(va + vb)
+        df_num = (va + vb) ** 2
+        df_den = va**2 / (len(values) - 1) + vb**2 / (len(other) - 1)
+        df = df_num / df_den if df_den > 0 else len(values) + len(other) - 2  # Welch-Satterthwaite
+    if se == 0:
+        return m, m, m, 0.0 if m != 0 else 1.0
+    half = t_quantile(0.975, df) * se
+    return m, m - half, m + half, t_pvalue(m / se, df)
+
+
+def paired_differences(rows: list[Row], baseline: str = "supervised") -> list[Difference]:
+    """Each method against ``baseline`` at each label ratio; runs are paired by (seed, split
+    seed, split family) where both sides have them, otherwise compared unpaired."""
+    index: dict[tuple[str, float], dict[tuple[int, int, str], float]] = defaultdict(dict)
+    for r in rows:
+        index[(r.method, r.label_ratio)][(r.seed, r.split_seed, r.split_family)] = r.mIoU
+    out = []
+    for (method, ratio), runs in sorted(index.items()):
+        base = index.get((baseline, ratio))
+        if method == baseline or not base:
+            continue
+        common = sorted(set(runs) & set(base))
+        paired = len(common) >= 2 or (len(common) == len(runs) == len(base) == 1)
+        if paired:
+            a, b = [runs[k] for k in common], [base[k] for k in common]
+        else:
+            a, b = list(runs.values()), list(base.values())
+        m, lo, hi, p = compare(a, b, paired)
+        out.append(Difference(method, baseline, ratio, len(a), paired, m, lo, hi, p))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Published reference points
+
+
+def published_table(path: Path = PUBLISHED) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as fh:
+        return [row for row in csv.DictReader(fh) if row.get("mIoU")]
+
+
+def matching_published(rows: list[Row], table: list[dict[str, str]]) -> tuple[list[dict[str, str]], str, str]:
+    """Published rows for the runs' dataset and published split family (e.g. 'pascal/92'):
+    the split folders are named by their labeled count, so each family is one point."""
+    families = {r.split_family for r in rows}
+    datasets = {r.dataset for r in rows}
+    splits = {f.removeprefix("published/") for f in families if f.startswith("published/")}
+    if not splits:
+        return [], ",".join(sorted(datasets)), ",".join(sorted(families))
+    matched = [p for p in table if p["split"] in splits and p["dataset"] in datasets]
+    return matched, ",".join(sorted(datasets)), ",".join(sorted(families))
+
+
+def attach_published(summary: list[Summary], rows: list[Row], matched: list[dict[str, str]]) -> None:
+    """Reproduced minus published, per method and label ratio (ratio of the runs' family)."""
+    family_of = {(r.method, r.label_ratio): r.split_family.removeprefix("published/") for r in rows}
+    for s in summary:
+        split = family_of.get((s.method, s.label_ratio))
+        hit = next((p for p in matched if p["method"] == s.method and p["split"] == split), None)
+        if hit is not None:
+            s.published = float(hit["mIoU"]) / 100
+            s.delta_vs_published = s.mean - s.published
+
+
+def build_curve(runs: list[RunRecord], rule: str = "last", baseline: str = "supervised") -> Curve:
+    rows = select_rows(runs, rule)
+    if not rows:
+        raise ConfigError("no finished runs with a val/mIoU summary in this experiment")
+    summary = summarise(rows)
+    matched, dataset, family = matching_published(rows, published_table())
+    attach_published(summary, rows, matched)
+    return Curve(rule, rows, summary, paired_differences(rows, baseline), matched, dataset, family)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def to_csv(items: list, rule: str) -> str:
+    """Rows as CSV with a ``value_rule`` column, so a file read alone still says what it holds."""
+    buf = io.StringIO()
+    if not items:
+        return ""
+    fields = [*asdict(items[0]), "value_rule"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for item in items:
+        writer.writerow(
+            {**{k: ("" if v is None else v) for k, v in asdict(item).items()}, "value_rule": rule}
+        )
+    return buf.getvalue()
+
+
+def plot(curve: Curve, path: Path, title: str, baseline: str = "supervised") -> Path:
+    """mIoU against label ratio (log scale): mean and a +- std band per method, the baseline
+    dashed, published points as hollow markers; the value rule in the corner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    methods = sorted({s.method for s in curve.summary}, key=lambda m: (m != baseline, m))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, method in enumerate(methods):
+        pts = sorted((s for s in curve.summary if s.method == method), key=lambda s: s.label_ratio)
+        x = [s.label_ratio for s in pts]
+        y = [100 * s.mean for s in pts]
+        sd = [0.0 if math.isnan(s.std) else 100 * s.std for s in pts]
+        c = colours[i % len(colours)]
+        style = "--" if method == baseline else "-"
+        ax.plot(x, y, style, marker="o", color=c, label=f"{method} (n={max(s.n for s in pts)})")
+        ax.fill_between(
+            x,
+            [a - b for a, b in zip(y, sd, strict=True)],
+            [a + b for a, b in zip(y, sd, strict=True)],
+            color=c,
+            alpha=0.15,
+            linewidth=0,
+        )
+        for s in pts:
+            if s.published is not None:
+                ax.plot([s.label_ratio], [100 * s.published], marker="D", mfc="none", color=c, ms=8)
+    # Published points of methods this experiment did not run, in grey, named.
+    x_of = {r.split_family.removeprefix("published/"): r.label_ratio for r in curve.rows}
+    seen: set[tuple[str, str]] = set()
+    for p in curve.published:
+        if p["method"] in methods or p["split"] not in x_of or (p["method"], p["split"]) in seen:
+            continue
+        seen.add((p["method"], p["split"]))
+        ax.plot([x_of[p["split"]]], [float(p["mIoU"])], marker="D", mfc="none", color="gray", ms=6)
+        ax.annotate(
+            p["method"],
+            (x_of[p["split"]], float(p["mIoU"])),
+            textcoords="offset points",
+            xytext=(5, -3),
+            fontsize=7,
+            color="gray",
+        )
+    if curve.published:
+        ax.plot([], [], "D", mfc="none", color="gray", label="published (first source in the table)")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({s.label_ratio for s in curve.summary})
+    ax.set_xticks(ticks, [ratio_label(r) for r in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("label ratio (fraction of training images labeled)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.text(
+        0.01,
+        0.99,
+        f"{RULE_TEXT[curve.rule]}; band: ±1 std over seeds",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=7,
+        color="dimgray",
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def ratio_label(ratio: float) -> str:
+    """0.0625 -> '1/16'; ratios that are not 1/n stay decimal."""
+    inverse = 1 / ratio
+    return f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 and ratio < 1 else f"{ratio:g}"
+
+
+def write_outputs(curve: Curve, out: Path, title: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, items in (
+        ("runs.csv", curve.rows),
+        ("summary.csv", curve.summary),
+        ("differences.csv", curve.differences),
+    ):
+        path = out / name
+        path.write_text(to_csv(items, RULES[curve.rule]), encoding="utf-8")
+        files.append(path)
+    files.append(plot(curve, out / "curve.png", title))
+    return files
+
+
+def format_table(curve: Curve) -> str:
+    """Method x label ratio, mean ± std (n), as the terminal and README show it."""
+    ratios = sorted({s.label_ratio for s in curve.summary})
+    methods = sorted({s.method for s in curve.summary}, key=lambda m: (m != "supervised", m))
+    cells = {(s.method, s.label_ratio): s for s in curve.summary}
+    head = f"{'method':<12}" + "".join(f"{f'ratio {r:g}':>22}" for r in ratios)
+    lines = [head]
+    for m in methods:
+        line = f"{m:<12}"
+        for r in ratios:
+            s = cells.get((m, r))
+            if s is None:
+                line += f"{'-':>22}"
+            else:
+                spread = "n/a" if math.isnan(s.std) else f"{100 * s.std:.1f}"
+                line += f"{f'{100 * s.mean:.1f} ± {spread} (n={s.n})':>22}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_differences(curve: Curve) -> str:
+    lines = []
+    for d in curve.differences:
+        kind = "paired" if d.paired else "unpaired"
+        ci = "n/a" if math.isnan(d.ci_low) else f"[{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}]"
+        p = "n/a" if math.isnan(d.p_value) else f"{d.p_value:.3f}"
+        lines.append(
+            f"  {d.method} - {d.baseline} at ratio {d.label_ratio:g}: {100 * d.mean_diff:+.1f} mIoU, "
+            f"95% CI {ci}, p={p} ({kind}, n={d.n})"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The web dashboard over a real MLflow store, driven by headless Chromium (Selenium)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segsweep.dashboard import Dashboard, serve
+from segsweep.errors import ConfigError
+from segsweep.tracking import RunTracker
+
+HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'mlflow.db'}"
+    parent = RunTracker(uri, "dash", run_name="dash", tags={"segsweep.kind": "sweep"}, run_key="sweep:dash")
+    for method, gain in (("supervised", 0.0), ("fixmatch", 0.04)):
+        for ratio in (0.0625, 0.25):
+            for seed in (0, 1):
+                name = (
+                    HOSTILE if (method, ratio, seed) == ("fixmatch", 0.25, 1) else f"{method}-{ratio}-{seed}"
+                )
+                t = RunTracker(
+                    uri,
+                    "dash",
+                    run_name=name,
+                    parent_run_id=parent.run_id,
+                    tags={
+                        "segsweep.phase": "final",
+                        "segsweep.split_family": "generated/seed0",
+                        "segsweep.cell": f"method={method},ratio={ratio}",
+                    },
+                )
+                t.log_params({"method": method, "label_ratio": ratio, "seed": seed, "dataset": "synthetic"})
+                for step in (100, 200):
+                    t.log_metrics(
+                        {"train/loss": 1.0 / step, "val/mIoU": 0.3 + gain + ratio * step / 400}, step
+                    )
+                    if method == "fixmatch":
+                        t.log_image(np.full((16, 40, 3), step, dtype=np.uint8), "panels/pseudo_masks", step)
+                t.log_metrics(
+                    {"val/mIoU_last": 0.3 + gain + ratio / 2 + 0.01 * seed, "tune/mIoU_best": 0.3}, 200
+                )
+                t.finish("FINISHED", "finished")
+    parent.finish("FINISHED", "finished")
+    return uri
+
+
+def test_api_builds_the_curve_table_and_run_views(store: str) -> None:
+    app = Dashboard(store, "http://127.0.0.1:5000")
+    curve = app.curve("dash", "last")
+    assert {s["method"] for s in curve["summary"]} == {"supervised", "fixmatch"}
+    assert curve["n_runs"] == 8 and len(curve["differences"]) == 2
+    assert all(d["paired"] and d["mean_diff"] == pytest.approx(0.04) for d in curve["differences"])
+    runs = app.runs("dash")["runs"]
+    assert len(runs) == 8 and HOSTILE in {r["name"] for r in runs}
+    fm = next(r for r in runs if r["method"] == "fixmatch")
+    detail = app.run(fm["id"])
+    assert [p[0] for p in detail["history"]["val/mIoU"]] == [100, 200]
+    assert [i["step"] for i in detail["images"]] == [100, 200]
+    body, ctype = app.artifact(fm["id"], detail["images"][0]["path"])
+    assert ctype == "image/png" and body[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError):
+        app.artifact(fm["id"], "../../mlflow.db")
+    assert app.curve_png("dash", "last")[:4] == b"\x89PNG"
+
+
+def chrome():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.fail(
+            "headless Chromium is missing: `make test` installs the chromium and chromium-driver packages"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1200,1600",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+@pytest.mark.browser
+def test_dashboard_in_a_real_browser(store: str, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = serve(store, "127.0.0.1", 0, "http://127.0.0.1:5000")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    driver = chrome()
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/?experiment=dash")
+        WebDriverWait(driver, 60).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready")
+        )
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
+        # the curve plot rendered
+        WebDriverWait(driver, 30).until(
+            lambda d: d.execute_script(
+                "const i = document.getElementById('curve'); return i.complete && i.naturalWidth > 0"
+            )
+        )
+        # the method x label-ratio table shows the sweep's methods, mean ± std over seeds
+        table = driver.find_element(By.ID, "table").text
+        assert "supervised" in table and "fixmatch" in table and "1/16" in table and "(n=2)" in table
+        assert "paired" in driver.find_element(By.ID, "differences").text
+        # a hostile run name is shown as text, never run as markup
+        runs = driver.find_element(By.ID, "runs")
+        assert HOSTILE in runs.text
+        assert driver.title == "segsweep dashboard"
+        assert driver.find_elements(By.CSS_SELECTOR, "#runs script, #runs img") == []
+        # a run's training curves and its pseudo-mask panels over steps
+        row = next(r for r in runs.find_elements(By.CSS_SELECTOR, "tr.clickable") if "fixmatch" in r.text)
+        row.find_element(By.TAG_NAME, "td").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "run-section").is_displayed())
+        WebDriverWait(driver, 30).until(
+            lambda d: d.execute_script(
+                "const i = document.getElementById('panel'); return i.complete && i.naturalWidth > 0"
+            )
+        )
+        assert driver.find_element(By.ID, "panel-step-label").text == "step 200"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#charts svg")) >= 2
+        links = [a.get_attribute("href") for a in driver.find_elements(By.LINK_TEXT, "MLflow")]
+        assert links and all(link.startswith("http://127.0.0.1:5000/#/experiments/") for link in links)
+        driver.save_screenshot(str(tmp_path / "dashboard.png"))
+    finally:
+        driver.quit()
+        server.shutdown()
+        server.server_close()
