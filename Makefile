@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export RAY_DEDUP_LOGS ?= 0
 export PYTHONWARNINGS ?= ignore
 
-.PHONY: install demo test test-fast lint dashboard clean browser lock
+.PHONY: install demo test test-fast test-cluster lint dashboard clean browser postgres lock
 
 install: $(STAMP)
 
@@ -35,8 +35,16 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
 
-test: install browser
+# The cluster test runs Debian's PostgreSQL server; install it when missing (needs root).
+postgres:
+	@test -x /usr/lib/postgresql/15/bin/postgres || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+
+test: install browser postgres
 	$(PY) -m pytest
+
+test-cluster: install postgres
+	$(PY) -m pytest -m cluster
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not cluster and not browser"

@@ -93,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from segsweep.sweepspec import plan_sweep
+    from segsweep.tracking import redact
 
     plan = plan_sweep(Path(args.spec), list(args.set or []), tracking_uri=args.tracking_uri)
     from segsweep.sweep import run_sweep
@@ -118,8 +119,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"  curves:  segsweep curve --experiment {plan.experiment}"
         + (f" --tracking-uri {uri}" if args.tracking_uri else "")
     )
-    storage = plan.spec.optuna_storage or f"sqlite:///{result.sweep_dir / 'optuna.db'}"
-    print(f"  optuna:  optuna-dashboard {storage}")
+    storage = result.optuna_storage
+    print(f"  optuna:  optuna-dashboard {redact(storage)}")
+    failed = sum(o.status == "failed" for o in result.outcomes.values())
+    if failed:
+        print(
+            f"error: {failed} trial(s) failed after their retries; their runs are FAILED in MLflow "
+            "with the error as the tag segsweep.error",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -26,6 +26,7 @@ import pickle
 import shutil
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 
 from segsweep.errors import ConfigError, UserError
 from segsweep.sweepspec import Cell, Plan, run_config_of
-from segsweep.tracking import TAG_KEY, TAG_PARENT, TAG_STATUS, RunTracker, finished_run, resolve_uri
+from segsweep.tracking import TAG_KEY, TAG_PARENT, TAG_STATUS, RunTracker, finished_run, redact, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class SweepContext:
     cells: dict[str, Cell]
     cpus_per_trial: float
     sweep_dir: str
+    #: "<name>@<instance>": a sweep started anew under an old name never reuses old runs.
+    key_prefix: str = ""
 
 
 def trial_key(ctx_name: str, config: dict[str, Any]) -> str:
@@ -75,7 +78,7 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
     cell = ctx.cells[config["cell"]]
     cfg = run_config_of(cell, config["params"], config.get("seed"))
     cfg.tracking.uri = ctx.tracking_uri  # never the trial folder's own store
-    key = trial_key(ctx.name, config)
+    key = trial_key(ctx.key_prefix, config)
     run_dir = Path(ctx.sweep_dir) / "trials" / key.split("/", 1)[1]
     done = finished_run(ctx.tracking_uri, ctx.experiment, key)
     if done is not None:  # finished before the driver died: report it, do not run it again
@@ -95,6 +98,7 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
         "segsweep.cell": cell.id,
         "segsweep.phase": config["phase"],
         "ray.trial_id": tune.get_context().get_trial_id(),
+        "ray.node_id": _node_id(),
     }
     if config.get("optuna_trial") is not None:
         tags["optuna.trial_number"] = str(config["optuna_trial"])
@@ -121,6 +125,12 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
             tune.report(clean)
 
     execute(prepared, tracker, run_dir, report, resume_from, should_stop=_stop_requested)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _stop_requested() -> bool:
@@ -440,7 +450,7 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
             float(val) if val is not None else None,
             float(result.get("time_total_s", 0.0)),
             dict(cfg.get("params", {})),
-            trial_key(self.ctx.name, cfg),
+            trial_key(self.ctx.key_prefix, cfg),
             cfg.get("sample"),
             cfg.get("seed"),
         )
@@ -520,6 +530,7 @@ class SweepResult:
     sweep_dir: Path
     tracking_uri: str
     experiment_id: str
+    optuna_storage: str
 
 
 def _ray_init(address: str | None, plan: Plan) -> None:
@@ -533,6 +544,13 @@ def _ray_init(address: str | None, plan: Plan) -> None:
         "configure_logging": True,
     }
     if address:
+        # Trials on other machines need the tracking server's credentials: they travel in the
+        # job's runtime environment (the cluster is token-authenticated), never as params.
+        from segsweep.tracking import CREDENTIAL_VARS
+
+        secrets = {k: os.environ[k] for k in CREDENTIAL_VARS if os.environ.get(k)}
+        if secrets:
+            kwargs["runtime_env"] = {"env_vars": secrets}
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -664,7 +682,7 @@ def _outcomes_from(result_grid: Any, ctx: SweepContext, metric: str) -> tuple[di
             float(val) if val is not None else None,
             float(m.get("time_total_s", 0.0)),
             dict(cfg.get("params", {})),
-            trial_key(ctx.name, cfg),
+            trial_key(ctx.key_prefix, cfg),
             cfg.get("sample"),
             cfg.get("seed"),
         )
@@ -698,6 +716,10 @@ def run_sweep(
             )
     elif resume:
         raise ConfigError(f"--resume: no sweep '{spec.name}' in {sweep_root} to resume")
+    else:
+        state = {"instance": uuid.uuid4().hex[:8]}
+    # Sweeps started before instance ids existed keep their plain-name keys.
+    key_prefix = f"{spec.name}@{state['instance']}" if state.get("instance") else spec.name
 
     # Check every distinct dataset and model once, before anything is started or written.
     seen: set[str] = set()
@@ -713,14 +735,22 @@ def run_sweep(
     _ray_init(address, plan)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "spec.yaml").write_text(plan.spec_text, encoding="utf-8")
-    storage_url = spec.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+    storage_url = (
+        spec.optuna_storage
+        or os.environ.get("SEGSWEEP_OPTUNA_STORAGE")
+        or f"sqlite:///{sweep_dir / 'optuna.db'}"
+    )
 
     parent = RunTracker(
         uri,
         plan.experiment,
         run_name=spec.name,
-        run_key=f"sweep:{spec.name}",
-        tags={"segsweep.kind": "sweep", "segsweep.sweep": spec.name, "segsweep.optuna_storage": storage_url},
+        run_key=f"sweep:{key_prefix}",
+        tags={
+            "segsweep.kind": "sweep",
+            "segsweep.sweep": spec.name,
+            "segsweep.optuna_storage": redact(storage_url),
+        },
     )
     if not parent.resumed:
         parent.log_params(
@@ -738,6 +768,7 @@ def run_sweep(
         json.dumps(
             {
                 "fingerprint": fingerprint,
+                "instance": state.get("instance", ""),
                 "parent_run_id": parent.run_id,
                 "tracking_uri": uri,
                 "experiment": plan.experiment,
@@ -760,6 +791,7 @@ def run_sweep(
         {c.id: c for c in plan.cells},
         spec.resources.cpus_per_trial,
         str(sweep_dir),
+        key_prefix,
     )
     es = spec.early_stop
     storage = str(sweep_dir / "ray")
@@ -839,7 +871,7 @@ def run_sweep(
     importances = {c.id: imp for c in plan.cells if c.space and (imp := searcher.studies[c.id].importances())}
     _summarise(parent, plan, outcomes, best, echo, importances)
     parent.finish("FINISHED", "finished")
-    return SweepResult(outcomes, best, parent.run_id, sweep_dir, uri, parent.experiment_id)
+    return SweepResult(outcomes, best, parent.run_id, sweep_dir, uri, parent.experiment_id, storage_url)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

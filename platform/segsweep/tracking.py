@@ -33,6 +33,9 @@ from segsweep.errors import ConfigError, UserError
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter about table creation
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # segsweep prints its own
+#: Credentials of an MLflow server; forwarded to the trials of a cluster sweep, never logged.
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 # Tags segsweep sets on its runs (the MLflow UI can filter and group on them).
 TAG_KEY = "segsweep.run_key"  # a stable key: a resumed trial finds its run instead of duplicating
@@ -47,6 +50,7 @@ class TrackingError(UserError):
 
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI to use, absolute: trials run in other folders and must hit one store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")  # MLflow's own convention (the compose image)
     if not uri:
         return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
     scheme = urlsplit(uri).scheme

@@ -1,0 +1,125 @@
+"""The deployment topology without Docker: PostgreSQL, an authenticated MLflow server and a
+two-node Ray cluster on loopback, and a sweep submitted to them with --ray-address and
+--tracking-uri. Run by `make test-cluster` and by CI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .localcluster import PG_BIN, LocalCluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    if not (PG_BIN / "postgres").exists():
+        pytest.fail("PostgreSQL is missing: `make test-cluster` installs Debian's postgresql package")
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.start_postgres()
+        c.start_mlflow()
+        c.start_ray()
+        yield c
+    finally:
+        c.stop()
+        assert c.alive() == []
+
+
+def spec(name: str) -> dict:
+    return {
+        "name": name,
+        "base": {
+            "data": {"synthetic": {"num_train": 96, "num_val": 16}, "tune_size": 8},
+            "model": {"decoder_channels": 16},
+            "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "log_every": 2},
+            "eval": {"diag_samples": 4, "panel_samples": 2},
+        },
+        "grid": {"method": ["supervised", "fixmatch"], "data.label_ratio": [0.25, 0.5], "seed": [0]},
+        "search": {"fixmatch": {"fixmatch.conf_threshold": {"type": "float", "low": 0.5, "high": 0.95}}},
+        "num_samples": 2,
+    }
+
+
+def test_a_sweep_on_the_cluster_lands_in_the_server_and_postgres(
+    cluster: LocalCluster, cache_dir: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(spec("cluster")))
+    env = cluster.env(SEGSWEEP_OPTUNA_STORAGE=cluster.optuna_storage, SEGSWEEP_CACHE=str(cache_dir))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segsweep.cli",
+            "sweep",
+            str(path),
+            "--ray-address",
+            cluster.ray_address,
+            "--tracking-uri",
+            cluster.tracking_uri,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert cluster.admin_password not in proc.stdout + proc.stderr  # credentials are never printed
+
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+    client = MlflowClient(cluster.tracking_uri)
+    exp = client.get_experiment_by_name("cluster")
+    runs = client.search_runs([exp.experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("segsweep.kind") == "sweep"]
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(kids) == 2 + 2 * 2
+    for k in kids:
+        assert k.info.status == "FINISHED" and "val/mIoU" in k.data.metrics and "train/loss" in k.data.metrics
+        assert not any(cluster.admin_password in v for v in k.data.params.values())
+        files = {f.path for f in client.list_artifacts(k.info.run_id)}
+        assert {"config.yaml", "checkpoints"} <= files, files
+        steps = [m.step for m in client.get_metric_history(k.info.run_id, "val/mIoU")]
+        assert sorted(steps) == [2, 4]
+    fixmatch = [k for k in kids if k.data.params["method"] == "fixmatch"]
+    assert all(
+        any(f.path.startswith("images/") for f in client.list_artifacts(k.info.run_id, "images"))
+        for k in fixmatch
+    )
+    # the trials ran on both Ray nodes
+    assert len({k.data.tags["ray.node_id"] for k in kids}) == 2
+    # the Optuna studies live in PostgreSQL, one per searched cell, with their trials
+    from segsweep.studies import counts
+
+    assert counts(cluster.optuna_storage) == {
+        "cluster:method=fixmatch,ratio=0.25,seed=0": 2,
+        "cluster:method=fixmatch,ratio=0.5,seed=0": 2,
+    }
+
+
+def test_the_mlflow_server_refuses_unauthenticated_requests(cluster: LocalCluster) -> None:
+    url = f"{cluster.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(url, timeout=10)
+    assert err.value.code == 401
+    wrong = urllib.request.Request(url, headers={"Authorization": "Basic YWRtaW46d3Jvbmc="})  # admin:wrong
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert err.value.code == 401
+    import base64
+
+    token = base64.b64encode(f"admin:{cluster.admin_password}".encode()).decode()
+    ok = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    assert urllib.request.urlopen(ok, timeout=10).status == 200
