@@ -218,31 +218,50 @@ def test_a_crashing_trial_is_retried_from_its_checkpoint(cache_dir: Path, tmp_pa
     assert run.data.metrics["val/mIoU"] == clean.data.metrics["val/mIoU"]
 
 
-def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path) -> None:
+def _children_now(uri: str, experiment: str) -> list:
+    try:
+        runs = runs_in(uri, experiment)
+    except Exception:  # noqa: BLE001 - the store may not exist yet
+        return []
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+KILL_WHEN = {
+    # the driver dies ... before any trial has ended
+    "before_any_trial_ends": lambda kids: kids and not any(k.info.status == "FINISHED" for k in kids),
+    # ... with some trials done and others running
+    "mid_sweep": lambda kids: sum(k.info.status == "FINISHED" for k in kids) >= 2,
+    # ... while the final seeds of the best configurations run
+    "during_the_final_stage": lambda kids: any(k.data.tags.get("segsweep.phase") == "final" for k in kids),
+}
+
+
+@pytest.mark.parametrize("moment", list(KILL_WHEN))
+def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path, moment: str) -> None:
     tree = tiny_spec("killed", num_samples=3, final={"seeds": [1]})
     tree["base"]["train"]["steps"] = 10
     path = write_spec(tmp_path, tree)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen(
         [sys.executable, "-m", "segsweep.cli", "sweep", str(path)],
         cwd=tmp_path,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
-        text=True,
         start_new_session=True,
     )
-    seen = []
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill it once a couple of trials have ended
-        line = driver.stdout.readline()
-        seen.append(line)
-        if sum(s.strip().startswith(("done", "stop")) for s in seen) >= 2:
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None:
+        kids = _children_now(uri, "killed")
+        if KILL_WHEN[moment](kids):
             break
-    os.killpg(driver.pid, signal.SIGKILL)
+        time.sleep(0.3)
+    assert driver.poll() is None, "the sweep ended before the moment to kill it"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     driver.wait(timeout=60)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _, before = children(uri, "killed")
+    before = _children_now(uri, "killed")
+    assert KILL_WHEN[moment](before) or moment == "mid_sweep"
     finished_before = {k.info.run_id: k.info.end_time for k in before if k.info.status == "FINISHED"}
-    assert finished_before, "".join(seen)
 
     proc = segsweep("sweep", str(path), "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -250,10 +269,9 @@ def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path) -> N
     assert parent.info.status == "FINISHED"
     search = [k for k in kids if k.data.tags["segsweep.phase"] == "search"]
     final = [k for k in kids if k.data.tags["segsweep.phase"] == "final"]
-    assert len(search) == 2 + 2 * 3 and len(final) == 4
-    assert len({k.data.tags["segsweep.run_key"] for k in kids}) == len(kids)
-    assert all(k.info.status == "FINISHED" for k in kids)
-    # trials that had finished were not run again
+    assert len(search) == 2 + 2 * 3 and len(final) == 4  # every trial exactly once ...
+    assert len({k.data.tags["segsweep.run_key"] for k in kids}) == len(kids)  # ... no duplicate
+    assert all(k.info.status == "FINISHED" for k in kids)  # ... none left RUNNING
     after = {k.info.run_id: k.info.end_time for k in kids}
-    for run_id, end in finished_before.items():
+    for run_id, end in finished_before.items():  # finished trials were not run again
         assert after[run_id] == end

@@ -101,7 +101,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(
         plan, Path(args.dir), resume=args.resume, ray_address=args.ray_address, echo=_echo(False)
     )
-    uri = result.tracking_uri
+    uri = redact(result.tracking_uri)  # never print a password that came inside the URI
     print(
         f"\nsweep {plan.spec.name} done: parent run {result.parent_run_id} "
         f"in MLflow experiment '{plan.experiment}'"
@@ -185,6 +185,35 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         pass
     finally:
         server.server_close()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# segsweep check-data
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from segsweep.config import load_run_config
+    from segsweep.data import build_data
+    from segsweep.data.check import missing_files, verify
+
+    cfg = load_run_config(Path(args.config) if args.config else None, list(args.set or []))
+    data = build_data(cfg.data)
+    missing = missing_files(data)
+    count, problems = verify(data)
+    problems = list(dict.fromkeys([f"{m}: file not found" for m in missing] + problems))
+    s = data.split
+    print(
+        f"{cfg.data.name} at {data.source.root}: {len(s.labeled)} labeled, {len(s.unlabeled)} unlabeled, "
+        f"{len(s.tune)} tuning, {len(data.source.val)} validation images ({s.family})"
+    )
+    for problem in problems[: args.max]:
+        print(f"  {problem}")
+    if problems:
+        extra = f", first {args.max} shown" if len(problems) > args.max else ""
+        print(f"error: {len(problems)} problem(s) in {count} files checked{extra}", file=sys.stderr)
+        return 2
+    print(f"ok: {count} files read, every image and mask decodes, masks match their images and classes")
     return 0
 
 
@@ -285,6 +314,17 @@ def build_parser() -> Parser:
     p.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 picks a free one)")
     p.add_argument("--mlflow-url", default="http://127.0.0.1:5000", help="MLflow UI to link runs to")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser(
+        "check-data",
+        help="validate a dataset root and split before training",
+        description="Read every image and mask a run of CONFIG would use (labeled, tuning, validation; "
+        "unlabeled images) and report every missing, unreadable or inconsistent file.",
+    )
+    p.add_argument("config", nargs="?", help="run config YAML (its data section is checked)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--max", type=int, default=50, help="problems to list (default 50)")
+    p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser(
         "methods", help="list the methods and their knobs", description="List the methods and their knobs."

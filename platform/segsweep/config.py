@@ -73,6 +73,7 @@ class DataConfig(Section):
     )
     crop_size: int = Field(64, ge=32)
     num_workers: int = Field(0, ge=0, description="DataLoader workers per loader")
+    verify: bool = Field(False, description="decode every image and mask before training starts")
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
 
@@ -272,4 +273,10 @@ def load_run_config(path: Path | None, overrides: list[str] | None = None) -> Ru
 
 
 def dump_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, a password inside ``tracking.uri`` hidden (it is saved and logged)."""
+    from segsweep.tracking import redact
+
+    tree = cfg.model_dump(mode="json")
+    if isinstance(tree.get("tracking"), dict) and tree["tracking"].get("uri"):
+        tree["tracking"]["uri"] = redact(tree["tracking"]["uri"])
+    return yaml.safe_dump(tree, sort_keys=False)

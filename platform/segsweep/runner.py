@@ -15,9 +15,10 @@ from pathlib import Path
 
 from segsweep.config import RunConfig, dump_yaml
 from segsweep.data import Data, build_data
+from segsweep.data.check import require_files, require_valid
 from segsweep.engine import Reporter, RunResult, Trainer
 from segsweep.errors import Diverged, Stopped, UserError, one_line
-from segsweep.tracking import TAG_STATUS, NullTracker, RunTracker
+from segsweep.tracking import TAG_STATUS, NullTracker, RunTracker, TrackingError
 
 
 @dataclass
@@ -30,6 +31,11 @@ class Prepared:
 def prepare(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> Prepared:
     """Load data and build the model: raises UserError for any bad input, creates nothing."""
     data = build_data(cfg.data)
+    # Every file the dataset or its split lists name must exist (cheap: one stat each);
+    # ``data.verify`` decodes them all too (``segsweep check-data`` does the same).
+    require_files(data)
+    if cfg.data.verify:
+        require_valid(data)
     # Read one labeled image and one validation image now: a wrong root or an unreadable
     # file is reported before any run exists, not after minutes of set-up.
     if data.split.labeled:
@@ -130,6 +136,15 @@ def execute(
     except KeyboardInterrupt:
         tracker.finish("KILLED", "killed")
         raise
+    except TrackingError as exc:
+        # The store failed (unreachable, unwritable, full): the work is not lost with it.
+        last = trainer.checkpoint_dir / "last.pt"
+        kept = f"; the last checkpoint stays on local disk at {last}" if last.exists() else ""
+        try:
+            tracker.finish("FAILED", "failed")
+        except UserError:
+            pass
+        raise TrackingError(f"{one_line(exc)}{kept}") from None
     except BaseException as exc:
         message = one_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         tracker.set_tags({"segsweep.error": message[:5000]})

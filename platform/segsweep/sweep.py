@@ -34,7 +34,16 @@ from typing import Any
 
 from segsweep.errors import ConfigError, UserError
 from segsweep.sweepspec import Cell, Plan, run_config_of
-from segsweep.tracking import TAG_KEY, TAG_PARENT, TAG_STATUS, RunTracker, finished_run, redact, resolve_uri
+from segsweep.tracking import (
+    TAG_KEY,
+    TAG_PARENT,
+    TAG_STATUS,
+    RunTracker,
+    finished_run,
+    redact,
+    resolve_uri,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -802,7 +811,7 @@ def run_sweep(
     echo(
         f"sweep {spec.name}: {len(plan.cells)} cells, {plan.total_trials} search trials"
         f"{f', then {len(plan.cells) * len(spec.final.seeds)} final runs' if spec.final else ''}; "
-        f"up to {concurrency} at once; MLflow experiment '{plan.experiment}' at {parent.uri}"
+        f"up to {concurrency} at once; MLflow experiment '{plan.experiment}' at {redact(parent.uri)}"
     )
     interrupted = False
     previous = signal.getsignal(signal.SIGTERM)
@@ -889,24 +898,42 @@ class SweepInterrupted(UserError):
 def _close_orphans(
     parent: RunTracker, ctx: SweepContext, outcomes: dict[str, Outcome], echo: Callable[[str], None]
 ) -> None:
-    """Child runs that no known trial owns (a trial started just before the driver died and
-    that Ray's saved state never recorded) are deleted, so every trial counts once."""
+    """Reconcile MLflow with Ray's record of the trials, once the sweep is over.
+
+    Child runs that no known trial owns (a trial started just before the driver died, that
+    Ray's saved state never recorded) are deleted, so every trial counts once; runs whose
+    worker died without closing them end FAILED; trials the scheduler stopped end FINISHED
+    with ``segsweep.status=stopped_early`` whatever their worker managed to write.
+    """
     client = parent.client
-    known = {o.key for o in outcomes.values()}
-    children = client.search_runs(
-        [parent.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent.run_id}'", max_results=50000
+
+    def call(fn: Callable[[], Any], what: str) -> Any:
+        return with_retries(fn, what, parent.retry_budget_s)
+
+    by_key = {o.key: o for o in outcomes.values()}
+    children = call(
+        lambda: client.search_runs(
+            [parent.experiment_id],
+            filter_string=f"tags.`{TAG_PARENT}` = '{parent.run_id}'",
+            max_results=50000,
+        ),
+        "list trial runs",
     )
     for run in children:
-        key = run.data.tags.get(TAG_KEY, "")
-        if key not in known:
-            client.set_tag(run.info.run_id, TAG_STATUS, "orphaned")
+        rid, key = run.info.run_id, run.data.tags.get(TAG_KEY, "")
+        outcome = by_key.get(key)
+        if outcome is None:
+            call(lambda rid=rid: client.set_tag(rid, TAG_STATUS, "orphaned"), "tag run")
             if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, "KILLED")
-            client.delete_run(run.info.run_id)
-            echo(f"  removed orphaned run {run.info.run_id} ({key})")
+                call(lambda rid=rid: client.set_terminated(rid, "KILLED"), "end run")
+            call(lambda rid=rid: client.delete_run(rid), "delete run")
+            echo(f"  removed orphaned run {rid} ({key})")
+        elif outcome.status == "stopped_early" and run.data.tags.get(TAG_STATUS) != "stopped_early":
+            call(lambda rid=rid: client.set_tag(rid, TAG_STATUS, "stopped_early"), "tag run")
+            call(lambda rid=rid: client.set_terminated(rid, "FINISHED"), "end run")
         elif run.info.status == "RUNNING":  # its worker died with no chance to close it
-            client.set_tag(run.info.run_id, TAG_STATUS, "failed")
-            client.set_terminated(run.info.run_id, "FAILED")
+            call(lambda rid=rid: client.set_tag(rid, TAG_STATUS, "failed"), "tag run")
+            call(lambda rid=rid: client.set_terminated(rid, "FAILED"), "end run")
 
 
 def _summarise(

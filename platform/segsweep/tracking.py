@@ -121,13 +121,13 @@ def local_artifact_root(uri: str) -> str | None:
 
 
 def client_for(uri: str):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
     prepare_store(uri)
-    mlflow.set_tracking_uri(uri)
+    # An explicit client, never mlflow.set_tracking_uri: that exports MLFLOW_TRACKING_URI to
+    # every child process, which would then silently write to this store.
     return MlflowClient(tracking_uri=uri)
 
 
@@ -170,16 +170,51 @@ def git_state() -> dict[str, str]:
         return {}
 
 
+TRANSIENT_HINTS = (
+    "database is locked",
+    "connection",
+    "timed out",
+    "timeout",
+    "temporarily",
+    "max retries",
+    "503",
+    "502",
+    "504",
+    "500",
+    "reset by peer",
+    "refused",
+    "unavailable",
+    "broken pipe",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: a server restarting, a network hiccup, SQLite's writer lock. A local
+    file error (permissions, not a directory, disk full) or a rejected request is not."""
+    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
+        return False
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if "resource_already_exists" in text or "invalid_parameter" in text or "401" in text or "403" in text:
+        return False
+    return any(hint in text for hint in TRANSIENT_HINTS)
+
+
 def with_retries(fn: Callable[[], Any], what: str, budget_s: float) -> Any:
-    """Call ``fn`` until it succeeds, backing off (0.25 s doubling to 8 s) within ``budget_s``."""
+    """Call ``fn``; retry transient failures with backoff (0.25 s doubling to 8 s) for up to
+    ``budget_s``; raise a one-line TrackingError naming ``what`` when it gives up."""
     delay, deadline = 0.25, time.monotonic() + budget_s
     while True:
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - any store error is retried, then reported
+        except Exception as exc:  # noqa: BLE001 - classified below, then retried or reported
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            if not is_transient(exc):
+                raise TrackingError(f"tracking store: {what} failed: {reason}") from None
             if time.monotonic() + delay > deadline:
-                raise TrackingError(f"tracking store: {what} failed after retries: {exc}") from None
-            log.warning("tracking store: %s failed (%s); retrying in %.1fs", what, exc, delay)
+                raise TrackingError(
+                    f"tracking store: {what} failed after {budget_s:.0f}s of retries: {reason}"
+                ) from None
+            log.warning("tracking store: %s failed (%s); retrying in %.1fs", what, reason, delay)
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
 
@@ -190,14 +225,18 @@ def finished_run(uri: str, experiment: str, run_key: str) -> tuple[str, dict[str
     A resumed sweep may restart a trial whose run had finished just before the driver died;
     it reports these instead of reopening (and touching) a finished run.
     """
-    client = client_for(resolve_uri(uri))
-    exp = client.get_experiment_by_name(experiment)
+    client = with_retries(lambda: client_for(resolve_uri(uri)), "connect", 180)
+    exp = with_retries(lambda: client.get_experiment_by_name(experiment), "find experiment", 180)
     if exp is None:
         return None
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{TAG_KEY}` = '{run_key}' and attributes.status = 'FINISHED'",
-        max_results=1,
+    runs = with_retries(
+        lambda: client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{TAG_KEY}` = '{run_key}' and attributes.status = 'FINISHED'",
+            max_results=1,
+        ),
+        "search runs",
+        180,
     )
     if not runs or runs[0].data.tags.get(TAG_STATUS) != "finished":
         return None

@@ -1,0 +1,338 @@
+"""Faults injected on purpose: divergence, concurrent writers, an unwritable artifact store,
+corrupt data, generated bad input, and secrets that must never be logged or printed."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from segsweep.cli import build_parser, main
+from segsweep.tracking import RunTracker, redact, safe_params
+
+from .conftest import tiny_tree
+from .fixtures import write_folder
+from .helpers import assert_user_error, runs_in, segsweep, write_config
+
+# -- divergence -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_stops_at_once_is_not_retried_and_the_sweep_goes_on(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    spec = {
+        "name": "nan",
+        "base": tiny_tree(cache_dir, **{"train.steps": 6}) | {"tracking": {}},
+        "grid": {
+            "method": ["supervised"],
+            "data.label_ratio": [0.25],
+            "seed": [0],
+            "debug.nan_at_step": [3, 99],
+        },
+        "max_failures": 3,
+    }
+    for key in ("output_dir",):
+        spec["base"].pop(key, None)
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = segsweep("sweep", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "NaN!" in proc.stdout and "retry" not in proc.stdout
+    assert "1 finished, 0 stopped early, 0 failed, 1 diverged" in proc.stdout
+    runs = [
+        r
+        for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "nan")
+        if "mlflow.parentRunId" in r.data.tags
+    ]
+    status = {
+        r.data.params["debug.nan_at_step"]: (r.info.status, r.data.tags["segsweep.status"]) for r in runs
+    }
+    assert status == {"3": ("FAILED", "diverged"), "99": ("FINISHED", "finished")}
+    [diverged] = [r for r in runs if r.data.params["debug.nan_at_step"] == "3"]
+    assert "is nan at step 3" in diverged.data.tags["segsweep.error"]
+    assert diverged.data.metrics.get("train/loss") is None or np.isfinite(diverged.data.metrics["train/loss"])
+
+
+def test_a_diverging_run_exits_1_with_one_line(cache_dir: Path, tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path / "r.yaml", tiny_tree(cache_dir, **{"debug.nan_at_step": 2, "tracking.enabled": True})
+    )
+    proc = segsweep("run", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: loss 'loss' is nan at step 2")
+    [run] = runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FAILED" and run.data.tags["segsweep.status"] == "diverged"
+
+
+# -- concurrent writers ------------------------------------------------------------------------
+
+
+def _writer(uri: str, index: int, steps: int) -> None:
+    tracker = RunTracker(uri, "concurrent", run_name=f"w{index}")
+    for step in range(steps):
+        tracker.log_metrics({f"m{k}": float(step * 10 + k) for k in range(10)}, step)
+        if step % 25 == 0:
+            tracker.flush()
+    tracker.finish("FINISHED", "finished")
+
+
+def test_eight_concurrent_writers_lose_no_metric(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    RunTracker(uri, "concurrent", run_name="init").finish()  # the store exists before the writers
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(uri, i, 100)) for i in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * 8  # none failed with "database is locked"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = [r for r in runs_in(uri, "concurrent") if r.info.run_name != "init"]
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        for k in range(10):
+            history = client.get_metric_history(r.info.run_id, f"m{k}")
+            assert sorted(m.step for m in history) == list(range(100))
+
+
+# -- the artifact store fails -----------------------------------------------------------------
+
+
+def test_an_unwritable_artifact_store_fails_the_run_and_keeps_the_checkpoint(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "mlartifacts").write_text("a file where the artifact folder should be")
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        tiny_tree(
+            cache_dir,
+            **{"tracking.enabled": True, "method": "fixmatch", "output_dir": str(tmp_path / "runs")},
+        ),
+    )
+    proc = segsweep("run", str(cfg), cwd=tmp_path)
+    assert_user_error(proc, "tracking store:", "the last checkpoint stays on local disk at")
+    path = Path(proc.stderr.split("stays on local disk at ")[1].strip())
+    assert path.name == "last.pt" and path.is_file()
+    [run] = runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FAILED"
+
+
+# -- corrupt data -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broken_folder(tmp_path: Path) -> Path:
+    root = write_folder(tmp_path / "data", n_masked=10, n_unlabeled=2)
+    (root / "images" / "im02.png").write_bytes((root / "images" / "im02.png").read_bytes()[:60])  # truncated
+    (root / "masks" / "im03.png").write_bytes(b"")  # empty mask
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8), mode="L").save(
+        root / "masks" / "im04.png"
+    )  # wrong size
+    return root
+
+
+def folder_config(cache_dir: Path, tmp_path: Path, root: Path, **over: object) -> Path:
+    tree = tiny_tree(
+        cache_dir,
+        **{
+            "data.name": "folder",
+            "data.root": str(root),
+            "data.tune_size": 0,
+            "data.label_ratio": 0.8,
+            "tracking.enabled": True,
+            "eval.batch_size": 1,
+            "train.batch_size": 2,
+            **over,
+        },
+    )
+    return write_config(tmp_path / "folder.yaml", tree)
+
+
+def test_check_data_names_every_broken_file(cache_dir: Path, tmp_path: Path, broken_folder: Path) -> None:
+    cfg = folder_config(cache_dir, tmp_path, broken_folder)
+    proc = segsweep("check-data", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "im02.png: cannot read image" in proc.stdout
+    assert "im03.png: cannot read mask" in proc.stdout
+    assert "im04.png: mask is 8x8 but its image is 40x40" in proc.stdout
+    assert proc.stderr.strip() == "error: 3 problem(s) in 12 files checked"
+
+
+def test_a_run_with_data_verify_fails_before_training(
+    cache_dir: Path, tmp_path: Path, broken_folder: Path
+) -> None:
+    cfg = folder_config(cache_dir, tmp_path, broken_folder, **{"data.verify": True})
+    proc = segsweep("run", str(cfg), cwd=tmp_path)
+    assert_user_error(proc, "(and 2 more problems; run segsweep check-data)")
+    assert not (tmp_path / "mlflow.db").exists() or runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}") == []
+
+
+def test_a_split_list_naming_a_missing_file_fails_before_training(cache_dir: Path, tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "data", n_masked=10, n_unlabeled=0)
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "labeled.txt").write_text("images/im02.png masks/im02.png\nimages/gone.png masks/gone.png\n")
+    (split / "unlabeled.txt").write_text("images/im05.png masks/im05.png\n")
+    cfg = folder_config(cache_dir, tmp_path, root, **{"data.split": str(split)})
+    proc = segsweep("run", str(cfg), cwd=tmp_path)
+    assert_user_error(proc, "images/gone.png: file not found", "(and 1 more missing files)")
+    assert not (tmp_path / "mlflow.db").exists() or runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}") == []
+
+
+# -- generated bad input: one line and exit 2, or a run; never a traceback, never half a run --
+
+
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.integers(0, 3), max_size=3),
+)
+KEYS = st.sampled_from(
+    [
+        "method",
+        "seed",
+        "data.label_ratio",
+        "data.num_labeled",
+        "data.crop_size",
+        "data.tune_size",
+        "data.name",
+        "data.root",
+        "data.split",
+        "model.arch",
+        "model.encoder",
+        "model.decoder_channels",
+        "train.steps",
+        "train.lr",
+        "train.optimizer",
+        "train.amp",
+        "fixmatch.conf_threshold",
+        "eval.mode",
+        "tracking.experiment",
+        "data.bogus",
+        "nonsense",
+        "data.augment.scale_min",
+        "train.eval_every",
+        "debug.fail_at_step",
+    ]
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides=st.dictionaries(KEYS, SCALARS, min_size=1, max_size=3))
+def test_generated_run_configs_run_or_fail_in_one_line(
+    overrides: dict, cache_dir: Path, tmp_path_factory, capsys: pytest.CaptureFixture
+) -> None:
+    tmp = tmp_path_factory.mktemp("gen")
+    tree = tiny_tree(
+        cache_dir,
+        **{
+            "train.steps": 1,
+            "train.eval_every": 1,
+            "tracking.enabled": True,
+            "output_dir": str(tmp / "runs"),
+        },
+    )
+    cfg = write_config(tmp / "c.yaml", tree)
+    sets = [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k, v in overrides.items()
+    ]
+    args = ["run", str(cfg), "--quiet", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    for s in sets:
+        args += ["--set", s]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code in (0, 1, 2), (code, err)
+    if code == 2:
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+    if (tmp / "mlflow.db").exists():
+        runs = runs_in(f"sqlite:///{tmp / 'mlflow.db'}")
+        assert all(r.info.status != "RUNNING" for r in runs)
+        if code == 2:  # bad input found up front leaves nothing; found later, a FAILED run
+            assert all(r.info.status == "FAILED" for r in runs)
+
+
+SPEC_KEYS = st.sampled_from(
+    [
+        "name",
+        "grid",
+        "search",
+        "num_samples",
+        "early_stop",
+        "resources",
+        "final",
+        "max_failures",
+        "base",
+        "tracking",
+        "ray",
+        "extra",
+    ]
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    changes=st.dictionaries(
+        SPEC_KEYS, st.one_of(SCALARS, st.dictionaries(st.text(max_size=8), SCALARS, max_size=2)), max_size=2
+    )
+)
+def test_generated_sweep_specs_plan_or_fail_in_one_line(
+    changes: dict, cache_dir: Path, tmp_path_factory
+) -> None:
+    from segsweep.errors import UserError
+    from segsweep.sweepspec import plan_sweep
+
+    tmp = tmp_path_factory.mktemp("spec")
+    spec = {
+        "name": "g",
+        "base": {"train": {"steps": 2}},
+        "grid": {"method": ["supervised"], "data.label_ratio": [0.5], "seed": [0]},
+    }
+    spec.update(changes)
+    path = tmp / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    try:
+        plan = plan_sweep(path, cwd=tmp)
+    except UserError as exc:
+        assert "\n" not in str(exc) and str(exc)
+    else:
+        assert plan.cells and plan.total_trials >= 1
+    assert sorted(p.name for p in tmp.iterdir()) == ["s.yaml"]  # planning writes nothing
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_secrets_never_become_params_and_uris_are_redacted() -> None:
+    params = safe_params(
+        {
+            "tracking.uri": "http://alice:hunter2-long@mlflow:5000",
+            "aws_secret_access_key": "x",
+            "api_token": "y",
+            "optuna_password": "z",
+            "lr": 0.1,
+        }
+    )
+    assert params == {"tracking.uri": "http://alice:***@mlflow:5000", "lr": "0.1"}
+    assert (
+        redact("postgresql+psycopg2://u:p4ss@db:5432/optuna") == "postgresql+psycopg2://u:***@db:5432/optuna"
+    )
+    assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+
+
+def test_services_listen_on_loopback_by_default() -> None:
+    args = build_parser().parse_args(["dashboard"])
+    assert args.host == "127.0.0.1"
