@@ -218,6 +218,39 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# segsweep bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from segsweep.bench import format_table, run_bench
+    from segsweep.config import parse_override
+
+    overrides = {".".join(k): v for k, v in (parse_override(s) for s in args.set or [])}
+    methods = args.methods.split(",") if args.methods else None
+    if methods:
+        from segsweep.methods import get_method
+
+        for name in methods:
+            get_method(name)
+    print("segsweep bench: measuring (this takes a few minutes on a CPU)...", flush=True)
+    report = run_bench(
+        quick=args.quick,
+        methods=methods,
+        device=args.device,
+        sweep=not args.no_sweep,
+        peak_tflops=args.peak_tflops,
+        echo=_echo(False),
+        overrides=overrides,
+    )
+    print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(report.to_json(), encoding="utf-8")
+        print(f"written: {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # listings
 
 
@@ -325,6 +358,26 @@ def build_parser() -> Parser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--max", type=int, default=50, help="problems to list (default 50)")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure the platform's overhead against a bare loop (JSON + table)",
+        description="Training throughput of every method next to a bare PyTorch loop, tracking and sweep "
+        "overhead, data loading, FLOPs and memory; on a GPU also AMP, channels_last and compile.",
+    )
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for smoke tests)")
+    p.add_argument("--methods", help="comma-separated methods (default: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--no-sweep", action="store_true", help="skip the Ray sweep rows")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak, for model FLOPs utilisation")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override the benchmark's run config, e.g. --set model.encoder=resnet50",
+    )
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "methods", help="list the methods and their knobs", description="List the methods and their knobs."

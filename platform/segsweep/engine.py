@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -233,6 +234,15 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 @dataclass
+class Timing:
+    """Per-step clocks of the main loop (for ``segsweep bench``): when each step ended and
+    how long it waited for its batch. Bounded, so a long run does not grow them."""
+
+    step_end: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    data_wait: deque = field(default_factory=lambda: deque(maxlen=100_000))
+
+
+@dataclass
 class Progress:
     """Where a run is, and the best-so-far bookkeeping; saved in every checkpoint."""
 
@@ -289,6 +299,7 @@ class Trainer:
             model.net.decoder.compile()
         self.stages = self.method.stages(cfg.train.steps)
         self.progress = Progress()
+        self.timing = Timing()
         self.final_report: dict[str, Any] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(enabled=self.numerics.amp_dtype == torch.float16)
@@ -472,7 +483,9 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
 
+            waited = time.perf_counter()
             batch = next_batch()
+            self.timing.data_wait.append(time.perf_counter() - waited)
             with self.numerics.autocast():
                 loss, logs = self.method.training_step(batch, step)
             if cfg.debug.nan_at_step == step + 1 and last:
@@ -491,6 +504,7 @@ class Trainer:
             self.scaler.update()
             self.method.after_step(step)
             self.progress.step = step = step + 1
+            self.timing.step_end.append(time.perf_counter())
 
             for k, v in logs.items():
                 window.setdefault(k, []).append(v)

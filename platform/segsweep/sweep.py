@@ -540,6 +540,8 @@ class SweepResult:
     tracking_uri: str
     experiment_id: str
     optuna_storage: str
+    #: Wall-clock seconds: "ray_init", "search" (the Tuner's fit), "final".
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _ray_init(address: str | None, plan: Plan) -> None:
@@ -741,7 +743,9 @@ def run_sweep(
 
     uri = resolve_uri(plan.tracking_uri)
     address = ray_address or spec.ray.address
+    clock = time.perf_counter()
     _ray_init(address, plan)
+    seconds = {"ray_init": time.perf_counter() - clock}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "spec.yaml").write_text(plan.spec_text, encoding="utf-8")
     storage_url = (
@@ -830,7 +834,9 @@ def run_sweep(
         tuner = _tuner(
             "search", plan, ctx, storage, cb, resume, searcher, scheduler, num_samples=plan.total_trials
         )
+        clock = time.perf_counter()
         found, complete = _outcomes_from(tuner.fit(), ctx, es.metric)
+        seconds["search"] = time.perf_counter() - clock
         outcomes.update(found)
         if not complete:
             raise KeyboardInterrupt
@@ -880,7 +886,9 @@ def run_sweep(
     importances = {c.id: imp for c in plan.cells if c.space and (imp := searcher.studies[c.id].importances())}
     _summarise(parent, plan, outcomes, best, echo, importances)
     parent.finish("FINISHED", "finished")
-    return SweepResult(outcomes, best, parent.run_id, sweep_dir, uri, parent.experiment_id, storage_url)
+    return SweepResult(
+        outcomes, best, parent.run_id, sweep_dir, uri, parent.experiment_id, storage_url, seconds
+    )
 
 
 def _interrupt(signum: int, frame: Any) -> None:

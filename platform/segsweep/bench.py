@@ -1,0 +1,520 @@
+"""``segsweep bench``: what the platform costs, measured side by side on one machine.
+
+Rows (each with its value, the baseline it is compared with, the ratio and the target):
+
+* ``step/<method>``: training throughput of every method through the real trainer, and
+  ``step/bare``: a bare PyTorch loop (same model, batch, data loader, AdamW, poly LR,
+  cross-entropy). ``overhead/supervised_vs_bare`` is the platform's cost (target <= 3%).
+* ``overhead/tracking``: a run with MLflow logging (metrics every step, sample panels at each
+  evaluation) against the same run untracked (target <= 2%).
+* ``data/*``: loader throughput alone, and the share of step time spent waiting for a batch
+  at 0 and 2 workers (target: no waiting at the default worker count).
+* ``sweep/*``: Ray Tune start, and seconds of scheduling + tracking per trivial trial at
+  steady state (target < 1 s).
+* ``flops/*``, ``memory/*``: FLOPs per step, achieved FLOP/s (model FLOPs utilisation
+  against ``--peak-tflops`` on a GPU), peak memory of a trial.
+* ``gpu/*`` (CUDA only): bf16 autocast, channels_last and torch.compile switched one at a
+  time, and several small trials sharing one GPU against one alone (target >= 2x).
+
+On a CPU the GPU rows are reported as skipped, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from segsweep.config import RunConfig, validate_run_config
+from segsweep.data.loaders import hash_seed, stream_loader
+from segsweep.engine import numerics_for, seed_everything, to_device
+from segsweep.models import build_model
+from segsweep.primitives import poly_lr
+from segsweep.runner import prepare
+from segsweep.tracking import NullTracker, RunTracker
+
+SCHEMA = 1
+
+
+@dataclass
+class Row:
+    name: str
+    value: float | None
+    unit: str
+    baseline: float | None = None
+    ratio: float | None = None
+    target: str = ""
+    passed: bool | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    schema: int
+    date: str
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        return row
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "rows": [asdict(r) for r in self.rows]}, indent=2)
+
+
+def overhead(measured: float, baseline: float) -> float:
+    """Relative extra cost of ``measured`` over ``baseline`` (0.03 = 3% slower)."""
+    return measured / baseline - 1.0
+
+
+def speedup(measured: float, baseline: float) -> float:
+    return measured / baseline
+
+
+def check(value: float, limit: float, below: bool = True) -> bool:
+    return value <= limit if below else value >= limit
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def _interval_mean(ends: list[float], count: int) -> float:
+    """Mean seconds per step over the last ``count`` steps."""
+    ends = list(ends)[-(count + 1) :]
+    return (ends[-1] - ends[0]) / (len(ends) - 1)
+
+
+def trainer_step_seconds(cfg: RunConfig, measure: int, tracker_uri: str | None = None) -> tuple[float, Any]:
+    """Seconds per main-stage step through the real trainer (its own clocks); the trainer."""
+    prepared = prepare(cfg)
+    tracker = (
+        RunTracker(tracker_uri, cfg.tracking.experiment, run_name=f"bench-{cfg.method}")
+        if tracker_uri
+        else NullTracker()
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared.trainer.run(Path(tmp), tracker)
+    tracker.finish()
+    return _interval_mean(prepared.trainer.timing.step_end, measure), prepared.trainer
+
+
+def wall_seconds(cfg: RunConfig, tracker_uri: str | None) -> float:
+    """Wall time of a whole run (evaluations and panels included), tracked or not."""
+    prepared = prepare(cfg)
+    tracker = (
+        RunTracker(tracker_uri, cfg.tracking.experiment, run_name="bench-tracking")
+        if tracker_uri
+        else NullTracker()
+    )
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared.trainer.run(Path(tmp), tracker)
+        tracker.finish()
+    return time.perf_counter() - start
+
+
+def bare_step_seconds(cfg: RunConfig, steps: int, measure: int) -> float:
+    """The same model, data, optimizer and schedule in a plain loop: the floor to compare with."""
+    data = prepare(cfg).data
+    numerics = numerics_for(cfg)
+    seed_everything(cfg.seed)
+    model = build_model(
+        cfg.model.arch, cfg.model.encoder, data.source.num_classes, None, cfg.model.decoder_channels
+    ).to(numerics.device)
+    if numerics.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    t = cfg.train
+    opt = torch.optim.AdamW(model.parameters(), lr=t.scaled_lr(), weight_decay=t.weight_decay)
+    loader = stream_loader(
+        data.labeled(),
+        t.batch_size,
+        hash_seed(cfg.seed, 0),
+        0,
+        cfg.data.num_workers,
+        numerics.device.type == "cuda",
+    )
+    model.train()
+    ends = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = poly_lr(t.scaled_lr(), step, steps, t.poly_power)
+        batch = to_device(next(loader), numerics)
+        with numerics.autocast():
+            loss = F.cross_entropy(model(batch["image_l"]).float(), batch["mask_l"], ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()  # the trainer also reads its losses back once per step
+        ends.append(time.perf_counter())
+    return _interval_mean(ends, measure)
+
+
+def loader_batches_per_second(cfg: RunConfig, batches: int, workers: int) -> float:
+    data = prepare(cfg).data
+    loader = stream_loader(data.labeled(), cfg.train.batch_size, 1, 0, workers, False)
+    next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches / (time.perf_counter() - start)
+
+
+def flops_per_step(cfg: RunConfig) -> float:
+    """Forward + backward FLOPs of one supervised step (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    data = prepare(cfg).data
+    numerics = numerics_for(cfg)
+    model = build_model(
+        cfg.model.arch, cfg.model.encoder, data.source.num_classes, None, cfg.model.decoder_channels
+    ).to(numerics.device)
+    crop = cfg.data.crop_size
+    x = torch.randn(cfg.train.batch_size, 3, crop, crop, device=numerics.device)
+    y = torch.randint(0, data.source.num_classes, (cfg.train.batch_size, crop, crop), device=numerics.device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return float(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def base_config(quick: bool, device: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    tree: dict[str, Any] = {
+        "method": "supervised",
+        "data": {"label_ratio": 0.25, "tune_size": 16, "synthetic": {"num_train": 400, "num_val": 32}},
+        "train": {"steps": 40, "batch_size": 16, "eval_every": 10_000, "log_every": 10, "device": device},
+        "eval": {"diag_samples": 16, "panel_samples": 4},
+        "tracking": {"enabled": False, "experiment": "bench"},
+        "hfpl": {"cam_steps": 2},
+        "mixandmatch": {"proxy_steps": 2, "mm_steps": 2},
+    }
+    if quick:
+        tree["data"]["synthetic"] = {"num_train": 64, "num_val": 8}
+        tree["data"]["tune_size"] = 4
+        tree["train"].update(steps=6, batch_size=4)
+        tree["model"] = {"decoder_channels": 16}
+        tree["eval"] = {"diag_samples": 4, "panel_samples": 2}
+    for key, value in (overrides or {}).items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def run_bench(
+    quick: bool = False,
+    methods: list[str] | None = None,
+    device: str = "auto",
+    sweep: bool = True,
+    peak_tflops: float | None = None,
+    echo: Callable[[str], None] = print,
+    overrides: dict[str, Any] | None = None,
+) -> Report:
+    from segsweep.methods import METHODS
+
+    tree = base_config(quick, device, overrides)
+    cfg = validate_run_config(tree, "bench")
+    steps = cfg.train.steps
+    measure = max(2, steps - max(2, steps // 4))  # skip warm-up steps
+    report = Report(
+        SCHEMA,
+        datetime.now(UTC).isoformat(timespec="seconds"),
+        machine_info(),
+        {
+            "arch": cfg.model.arch,
+            "encoder": cfg.model.encoder,
+            "crop": cfg.data.crop_size,
+            "batch_size": cfg.train.batch_size,
+            "steps": steps,
+            "device": str(numerics_for(cfg).device),
+            "num_workers": cfg.data.num_workers,
+            "quick": quick,
+        },
+    )
+    images = cfg.train.batch_size
+
+    # 1. the bare loop and every method through the trainer
+    bare = bare_step_seconds(cfg, steps, measure)
+    report.add(Row("step/bare", images / bare, "img/s", note="plain PyTorch loop, supervised step"))
+    echo(f"  bare loop: {images / bare:.1f} img/s")
+    peak_rss = 0.0
+    for name in methods or list(METHODS):
+        seconds, trainer = trainer_step_seconds(
+            validate_run_config({**tree, "method": name}, "bench"), measure
+        )
+        row = report.add(
+            Row(
+                f"step/{name}",
+                images / seconds,
+                "img/s (labeled)",
+                images / bare,
+                speedup(images / seconds, images / bare),
+                note="unlabeled views too" if trainer.method.uses_unlabeled else "",
+            )
+        )
+        echo(f"  {name}: {row.value:.1f} img/s")
+        peak_rss = max(peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if name == "supervised":
+            cost = overhead(seconds, bare)
+            report.add(
+                Row(
+                    "overhead/supervised_vs_bare",
+                    cost,
+                    "fraction",
+                    bare,
+                    seconds / bare,
+                    "<= 0.03",
+                    check(cost, 0.03),
+                    "extra time per step of segsweep's loop over the bare loop",
+                )
+            )
+            waits = list(trainer.timing.data_wait)[-measure:]
+            share = sum(waits) / (seconds * len(waits))
+            report.add(
+                Row(
+                    f"data/wait_share_workers{cfg.data.num_workers}",
+                    share,
+                    "fraction",
+                    target="~0",
+                    note="share of step time spent waiting for the next batch (default workers)",
+                )
+            )
+
+    # 2. tracking overhead: metrics every step, panels at each evaluation
+    track_tree = {**tree, "method": "fixmatch"}
+    track_tree["train"] = {**tree["train"], "log_every": 1, "eval_every": max(1, steps // 2)}
+    track_tree["tracking"] = {"enabled": True, "experiment": "bench"}
+    track_cfg = validate_run_config(track_tree, "bench")
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        RunTracker(uri, "bench", run_name="warm-up").finish()  # store creation is not the runs' cost
+        untracked = wall_seconds(track_cfg, None)
+        tracked = wall_seconds(track_cfg, uri)
+    cost = overhead(tracked, untracked)
+    report.add(
+        Row(
+            "overhead/tracking",
+            cost,
+            "fraction",
+            untracked,
+            tracked / untracked,
+            "<= 0.02",
+            check(cost, 0.02),
+            "fixmatch run, metrics every step + panels per evaluation, SQLite store",
+        )
+    )
+    echo(f"  tracking overhead: {100 * cost:+.1f}%")
+
+    # 3. data loading against consumption
+    for workers in (0, 2):
+        rate = loader_batches_per_second(cfg, 10 if quick else 40, workers)
+        report.add(
+            Row(
+                f"data/loader_workers{workers}",
+                rate * images,
+                "img/s",
+                images / bare,
+                speedup(rate * images, images / bare),
+                ">= 1 (keeps up with the bare step)",
+                check(rate * images / (images / bare), 1.0, below=False),
+            )
+        )
+    w_tree = {**tree, "data": {**tree["data"], "num_workers": 2}}
+    seconds, trainer = trainer_step_seconds(validate_run_config(w_tree, "bench"), measure)
+    waits = list(trainer.timing.data_wait)[-measure:]
+    report.add(Row("data/wait_share_workers2", sum(waits) / (seconds * len(waits)), "fraction", target="~0"))
+
+    # 4. FLOPs and memory
+    flops = flops_per_step(cfg)
+    achieved = flops / bare
+    util_note = ""
+    util = None
+    if peak_tflops:
+        util = achieved / (peak_tflops * 1e12)
+        util_note = f"model FLOPs utilisation vs {peak_tflops} TFLOP/s peak"
+    report.add(Row("flops/per_step", flops / 1e9, "GFLOP", note="forward + backward, supervised step"))
+    report.add(Row("flops/achieved", achieved / 1e9, "GFLOP/s", note="FLOPs per step / bare step time"))
+    if util is not None:
+        report.add(Row("flops/mfu", util, "fraction", note=util_note))
+    if torch.cuda.is_available() and numerics_for(cfg).device.type == "cuda":
+        report.add(Row("memory/peak_gpu", torch.cuda.max_memory_allocated() / 2**30, "GiB"))
+    report.add(Row("memory/peak_rss", peak_rss, "MiB", note="this process, all methods"))
+
+    # 5. GPU switches and packing
+    if numerics_for(cfg).device.type == "cuda":
+        gpu_rows(report, tree, measure, images, echo)
+    else:
+        for name in ("gpu/bf16", "gpu/channels_last", "gpu/compile", "gpu/packing"):
+            report.add(Row(name, None, "", note="skipped: no CUDA device on this machine"))
+
+    # 6. the sweep layer
+    if sweep:
+        sweep_rows(report, quick, echo)
+    return report
+
+
+def gpu_rows(
+    report: Report, tree: dict[str, Any], measure: int, images: int, echo: Callable[[str], None]
+) -> None:
+    """Each switch against full precision, then the fastest correct setting."""
+
+    def rate(**train: Any) -> float:
+        t = {**tree, "train": {**tree["train"], **train}}
+        seconds, _ = trainer_step_seconds(validate_run_config(t, "bench"), measure)
+        return images / seconds
+
+    # Packing: several quickstart-size trials on one GPU (fractional GPUs) against one alone.
+    alone = _packed_rate(tree, measure, 1)
+    packed = _packed_rate(tree, measure, 4)
+    report.add(
+        Row(
+            "gpu/packing",
+            packed / alone,
+            "x aggregate",
+            alone,
+            packed / alone,
+            ">= 2",
+            check(packed / alone, 2.0, below=False),
+            "4 trials on one GPU vs 1, aggregate img/s",
+        )
+    )
+    fp32 = rate(amp="off", channels_last=False, compile=False)
+    report.add(Row("gpu/fp32", fp32, "img/s"))
+    for name, kw in (
+        ("gpu/bf16", {"amp": "bf16", "channels_last": False}),
+        ("gpu/channels_last", {"amp": "off", "channels_last": True}),
+        ("gpu/bf16+channels_last", {"amp": "bf16", "channels_last": True}),
+        ("gpu/compile", {"amp": "bf16", "channels_last": True, "compile": True}),
+    ):
+        value = rate(**kw)
+        report.add(Row(name, value, "img/s", fp32, speedup(value, fp32)))
+        echo(f"  {name}: {value:.1f} img/s ({speedup(value, fp32):.2f}x fp32)")
+
+
+def _trial_rate(tree: dict[str, Any], measure: int, queue: Any) -> None:
+    seconds, _ = trainer_step_seconds(validate_run_config(tree, "bench"), measure)
+    queue.put(tree["train"]["batch_size"] / seconds)
+
+
+def _packed_rate(tree: dict[str, Any], measure: int, trials: int) -> float:
+    """Aggregate img/s of ``trials`` processes training at once on the same GPU."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_trial_rate, args=(tree, measure, queue)) for _ in range(trials)]
+    for p in procs:
+        p.start()
+    rates = [queue.get(timeout=3600) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
+
+
+def sweep_rows(report: Report, quick: bool, echo: Callable[[str], None]) -> None:
+    """Ray start and per-trial scheduling + tracking cost with trivial trials."""
+    import yaml
+
+    from segsweep.sweep import run_sweep
+    from segsweep.sweepspec import plan_sweep
+
+    n = 6 if quick else 12
+    with tempfile.TemporaryDirectory() as tmp:
+        base = base_config(True, "cpu")
+        base["train"].update(steps=1, eval_every=1)
+        base.pop("tracking")
+        spec = {
+            "name": "bench",
+            "base": base,
+            "grid": {"method": ["supervised"], "data.label_ratio": [0.5], "seed": list(range(n))},
+            "early_stop": {"enabled": False},
+            "resources": {"cpus_per_trial": 1},
+        }
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        cwd = Path.cwd()
+        os.chdir(tmp)
+        try:
+            plan = plan_sweep(path, tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+            result = run_sweep(plan, Path(tmp) / "sweeps", echo=lambda _m: None)
+            # One trivial trial's own work, untracked and unscheduled, in this process.
+            cfg = validate_run_config({**plan.cells[0].tree, "tracking": {"enabled": False}}, "bench")
+            start = time.perf_counter()
+            prepared = prepare(cfg)
+            prepared.trainer.run(Path(tmp) / "solo", NullTracker())
+            compute = time.perf_counter() - start
+        finally:
+            os.chdir(cwd)
+            import ray
+
+            ray.shutdown()
+    concurrency = max(1, min(n, int(os.cpu_count() or 1)))
+    per_trial = result.seconds["search"] * concurrency / n
+    cost = per_trial - compute
+    report.add(Row("sweep/ray_start", result.seconds["ray_init"], "s", note="local Ray, once per sweep"))
+    report.add(
+        Row(
+            "sweep/per_trial_overhead",
+            cost,
+            "s",
+            compute,
+            per_trial / compute,
+            "< 1",
+            check(cost, 1.0),
+            f"{n} trivial trials, {concurrency} at once: slot-seconds per trial minus the trial's own "
+            "compute (model build, 1 step, evaluation)",
+        )
+    )
+    echo(f"  sweep: {cost:.2f} s of scheduling + tracking per trial")
+
+
+def format_table(report: Report) -> str:
+    lines = [
+        f"segsweep bench, {report.date}, {report.machine.get('gpu') or report.machine['cpu']} "
+        f"({report.machine['cpu_count']} CPUs), torch {report.machine['torch']}",
+        f"{'row':<34}{'value':>12} {'unit':<16}{'vs':>10}{'target':>16}  ok",
+    ]
+    for r in report.rows:
+        value = "-" if r.value is None else f"{r.value:.4g}"
+        ratio = "" if r.ratio is None else f"{r.ratio:.3f}x"
+        ok = "" if r.passed is None else ("yes" if r.passed else "NO")
+        lines.append(f"{r.name:<34}{value:>12} {r.unit:<16}{ratio:>10}{r.target:>16}  {ok}")
+        if r.note and r.value is None:
+            lines[-1] += f"  ({r.note})"
+    return "\n".join(lines)
+
+
+__all__ = ["Report", "Row", "check", "format_table", "overhead", "run_bench", "speedup"]
