@@ -139,3 +139,39 @@ def test_cli_reports_spec_errors_in_one_line(tmp_path: Path) -> None:
     proc = segsweep("sweep", "s.yaml", cwd=tmp_path)
     assert_user_error(proc, "early_stop.metric", "tuning split")
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_every_shipped_spec_and_declared_search_space_is_valid(tmp_path: Path, cache_dir: Path) -> None:
+    from segsweep.methods import METHODS
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    specs = [p for p in experiments.glob("*.yaml") if "grid" in p.read_text()]
+    assert len(specs) >= 6
+    for path in specs:
+        plan = plan_sweep(path, cwd=tmp_path)
+        assert plan.cells, path
+    plan = plan_sweep(experiments / "search_all.yaml", cwd=tmp_path)
+    for method, cls in METHODS.items():
+        if method != "supervised":
+            assert cls.search_space, method
+            cell = next(c for c in plan.cells if c.method == method)
+            assert set(cell.space) == set(cls.search_space)
+
+
+def test_variants_cross_the_grid_without_duplicating_baselines(tmp_path: Path, cache_dir: Path) -> None:
+    tree = spec(**{"grid": {"data.label_ratio": [0.25, 0.5], "seed": [0]}, "search": {}})
+    tree["variants"] = [
+        {"method": "supervised"},
+        {"method": "fixmatch", "fixmatch.cutmix": False},
+        {"method": "fixmatch", "fixmatch.cutmix": True},
+    ]
+    plan = plan_of(tmp_path, tree)
+    ids = [c.id for c in plan.cells]
+    assert len(ids) == 6 and "method=fixmatch,ratio=0.25,fixmatch.cutmix=False,seed=0" in ids
+    assert sum(c.method == "supervised" for c in plan.cells) == 2
+    tree["variants"].append({"method": "supervised"})
+    with pytest.raises(ConfigError, match="appears twice"):
+        plan_of(tmp_path, tree)
+    tree["variants"] = [{"method": "mixmatch"}]
+    with pytest.raises(ConfigError, match=r"variants\.0: unknown method 'mixmatch'"):
+        plan_of(tmp_path, tree)

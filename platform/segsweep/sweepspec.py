@@ -125,7 +125,14 @@ class SweepSpec(Section):
     name: str = Field(pattern=NAME_PATTERN, description="the sweep (and MLflow experiment) name")
     base: Path | dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]]
-    search: dict[str, dict[str, SearchParam]] = Field(default_factory=dict)
+    variants: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="alternatives crossed with the grid, e.g. {method: mixandmatch, mixandmatch.mm: false}; "
+        "their keys may replace grid keys (method included)",
+    )
+    search: dict[str, dict[str, SearchParam]] = Field(
+        default_factory=dict, description="per method: a space, or 'default' (the method's own)"
+    )
     num_samples: int = Field(1, ge=1, le=10000, description="trials per cell with a search space")
     early_stop: EarlyStop = EarlyStop()
     resources: Resources = Resources()
@@ -138,18 +145,47 @@ class SweepSpec(Section):
     @field_validator("grid")
     @classmethod
     def _grid(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        missing = [k for k in REQUIRED_GRID_KEYS if k not in grid]
-        if missing:
-            raise ValueError(f"needs the keys {', '.join(REQUIRED_GRID_KEYS)} (missing {', '.join(missing)})")
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"'{key}' must be a non-empty list")
             if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
                 raise ValueError(f"'{key}' lists a value twice")
-        for method in grid["method"]:
+        for method in grid.get("method", []):
             if method not in METHODS:
                 raise ValueError(f"unknown method '{method}'; valid methods: {', '.join(METHODS)}")
         return grid
+
+    @model_validator(mode="after")
+    def _required_keys(self) -> SweepSpec:
+        """method, label ratio and seed come from the grid or from every variant."""
+        missing = [
+            k
+            for k in REQUIRED_GRID_KEYS
+            if k not in self.grid and not (self.variants and all(k in v for v in self.variants))
+        ]
+        if missing:
+            raise ValueError(
+                f"grid: needs the keys {', '.join(REQUIRED_GRID_KEYS)} (missing {', '.join(missing)})"
+            )
+        for i, variant in enumerate(self.variants):
+            if not variant:
+                raise ValueError(f"variants.{i}: an empty variant")
+            if "method" in variant and variant["method"] not in METHODS:
+                raise ValueError(
+                    f"variants.{i}: unknown method '{variant['method']}'; valid methods: {', '.join(METHODS)}"
+                )
+        return self
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _default_spaces(cls, search: Any) -> Any:
+        """``search: {guidedmix: default}`` takes the space the method declares."""
+        if isinstance(search, dict):
+            search = {
+                m: (METHODS[m].search_space if space == "default" and m in METHODS else space)
+                for m, space in search.items()
+            }
+        return search
 
     @field_validator("search")
     @classmethod
@@ -166,8 +202,9 @@ class SweepSpec(Section):
 
     @model_validator(mode="after")
     def _no_overlap(self) -> SweepSpec:
+        varied = set(self.grid).union(*(set(v) for v in self.variants))
         for method, space in self.search.items():
-            both = set(space) & set(self.grid)
+            both = set(space) & varied
             if both:
                 raise ValueError(f"search.{method}: '{sorted(both)[0]}' is also a grid key")
         return self
@@ -275,11 +312,16 @@ def plan_sweep(
     experiment = spec.tracking.experiment or spec.name
 
     # Cell ids read the same whatever the YAML order: method, label ratio, others, seed.
-    others = [k for k in spec.grid if k not in REQUIRED_GRID_KEYS]
-    keys = ["method", "data.label_ratio", *others, "seed"]
     cells = []
-    for combo in itertools.product(*(spec.grid[k] for k in keys)):
-        values = dict(zip(keys, combo, strict=True))
+    for variant in spec.variants or [{}]:
+        axes = {**spec.grid, **{k: [v] for k, v in variant.items()}}
+        others = [k for k in axes if k not in REQUIRED_GRID_KEYS]
+        keys = ["method", "data.label_ratio", *others, "seed"]
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            cells.append(dict(zip(keys, combo, strict=True)))
+    seen_ids: set[str] = set()
+    planned = []
+    for values in cells:
         overrides = [f"{k}={json.dumps(v)}" for k, v in values.items()]
         tree = apply_overrides(base_tree, overrides)
         tree = apply_overrides(
@@ -295,9 +337,12 @@ def plan_sweep(
                     apply_overrides(tree, [f"{key}={json.dumps(value)}"]),
                     f"{path}: search.{cfg.method}.{key}",
                 )
+        if cid in seen_ids:
+            raise ConfigError(f"{path}: the cell {cid} appears twice (variants overlap the grid)")
+        seen_ids.add(cid)
         # Relative paths are resolved against the folder the sweep was started from.
-        cells.append(Cell(cid, values, _resolve_paths(tree, cwd), space))
-    return Plan(spec, path.read_text(encoding="utf-8"), cells, uri, experiment)
+        planned.append(Cell(cid, values, _resolve_paths(tree, cwd), space))
+    return Plan(spec, path.read_text(encoding="utf-8"), planned, uri, experiment)
 
 
 def run_config_of(cell: Cell, params: dict[str, Any], seed: int | None = None) -> RunConfig:

@@ -82,6 +82,9 @@ class Method(nn.Module):
     uses_unlabeled: ClassVar[bool] = False
     #: One line for ``segsweep methods``.
     summary: ClassVar[str] = ""
+    #: The Optuna search space a sweep uses with ``search: {<method>: default}``: mixing and
+    #: threshold knobs first. Keys are run-config keys; values are sweep ``SearchParam`` specs.
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, model: SegModel, knobs: Knobs, num_classes: int) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ Tarvainen & Valpola 2017) makes the pseudo masks instead of the student.
 from __future__ import annotations
 
 import copy
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -45,6 +46,11 @@ class FixMatch(Method):
     Knobs = FixMatchKnobs
     uses_unlabeled = True
     summary = "weak-to-strong consistency, confidence threshold, CutMix; EMA teacher optional"
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "fixmatch.conf_threshold": {"type": "float", "low": 0.6, "high": 0.98},
+        "data.augment.cutmix_prob": {"type": "float", "low": 0.0, "high": 1.0},
+        "fixmatch.unsup_weight": {"type": "logfloat", "low": 0.25, "high": 4.0},
+    }
 
     def __init__(self, model: SegModel, knobs: FixMatchKnobs, num_classes: int) -> None:
         super().__init__(model, knobs, num_classes)

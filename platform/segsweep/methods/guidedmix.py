@@ -33,7 +33,7 @@ images (as the paper states) and pair by similarity. No strong augmentation, as 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +172,12 @@ class GuidedMix(Method):
     Knobs = GuidedMixKnobs
     uses_unlabeled = True
     summary = "GuidedMix-Net: similar-pair mixing, MITrans, pseudo masks guided by labeled masks"
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "guidedmix.mix_strength": {"type": "float", "low": 0.1, "high": 0.6},
+        "guidedmix.conf_threshold": {"type": "float", "low": 0.5, "high": 0.95},
+        "guidedmix.mix_weight": {"type": "logfloat", "low": 0.25, "high": 4.0},
+        "guidedmix.unsup_weight": {"type": "logfloat", "low": 0.25, "high": 4.0},
+    }
 
     def __init__(self, model: SegModel, knobs: GuidedMixKnobs, num_classes: int) -> None:
         super().__init__(model, knobs, num_classes)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -156,6 +156,12 @@ class HFPL(Method):
     Knobs = HFPLKnobs
     uses_unlabeled = False
     summary = "weakly supervised (tags): CAMs + importance sampling + feature similarity -> pseudo masks"
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "hfpl.bg_threshold": {"type": "float", "low": 0.1, "high": 0.6},
+        "hfpl.sampling_temperature": {"type": "logfloat", "low": 0.25, "high": 4.0},
+        "hfpl.fs_weight": {"type": "logfloat", "low": 0.05, "high": 3.0},
+        "hfpl.is_weight": {"type": "float", "low": 0.05, "high": 0.8},
+    }
 
     def __init__(self, model: SegModel, knobs: HFPLKnobs, num_classes: int) -> None:
         super().__init__(model, knobs, num_classes)

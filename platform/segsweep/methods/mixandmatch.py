@@ -36,7 +36,7 @@ switch off on unit vectors).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +192,12 @@ class MixAndMatch(Method):
     Knobs = MixAndMatchKnobs
     uses_unlabeled = False
     summary = "self-supervised colourisation proxy, patch mix + class-wise triplet match, fine-tune"
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "mixandmatch.overlap_threshold": {"type": "float", "low": 0.1, "high": 0.7},
+        "mixandmatch.dominant_ratio": {"type": "float", "low": 0.4, "high": 0.9},
+        "mixandmatch.margin": {"type": "float", "low": 0.1, "high": 1.5},
+        "mixandmatch.patches_per_image": {"type": "int", "low": 4, "high": 16},
+    }
 
     def __init__(self, model: SegModel, knobs: MixAndMatchKnobs, num_classes: int) -> None:
         super().__init__(model, knobs, num_classes)

@@ -29,6 +29,8 @@ one class per image per step keeps the cost at one extra forward pass.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -132,6 +134,13 @@ class ReconstructionHead(nn.Module):
 class S4MIM(FixMatch):
     Knobs = S4MIMKnobs
     summary = "FixMatch + class-wise masked image modeling, feature aggregation, semantic-space MIM"
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "s4mim.conf_threshold": {"type": "float", "low": 0.6, "high": 0.98},
+        "data.augment.cutmix_prob": {"type": "float", "low": 0.0, "high": 1.0},
+        "s4mim.mask_ratio": {"type": "float", "low": 0.25, "high": 0.75},
+        "s4mim.recon_weight": {"type": "logfloat", "low": 0.1, "high": 3.0},
+        "s4mim.sem_weight": {"type": "logfloat", "low": 0.1, "high": 3.0},
+    }
 
     def __init__(self, model: SegModel, knobs: S4MIMKnobs, num_classes: int) -> None:
         super().__init__(model, knobs, num_classes)
