@@ -36,12 +36,10 @@ def tiny_tree(cache: Path, **over: object) -> dict:
         "eval": {"diag_samples": 4, "panel_samples": 2},
         "tracking": {"enabled": False, "experiment": "tests"},
     }
+    from segsweep.config import set_dotted
+
     for key, value in over.items():
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        set_dotted(tree, key, value)
     return tree
 
 

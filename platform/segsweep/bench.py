@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from segsweep.config import RunConfig, validate_run_config
+from segsweep.config import RunConfig, set_dotted, validate_run_config
 from segsweep.data.loaders import hash_seed, stream_loader
 from segsweep.engine import numerics_for, seed_everything, to_device
 from segsweep.models import build_model
@@ -226,11 +226,7 @@ def base_config(quick: bool, device: str, overrides: dict[str, Any] | None = Non
         tree["model"] = {"decoder_channels": 16}
         tree["eval"] = {"diag_samples": 4, "panel_samples": 2}
     for key, value in (overrides or {}).items():
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        set_dotted(tree, key, value)
     return tree
 
 

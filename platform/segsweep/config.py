@@ -47,6 +47,9 @@ class AugmentConfig(Section):
     color_jitter: float = Field(0.5, ge=0, le=1, description="strength of the strong view's jitter")
     grayscale_prob: float = Field(0.2, ge=0, le=1)
     blur_prob: float = Field(0.5, ge=0, le=1)
+    blur_sigma_max: float | None = Field(
+        None, gt=0, description="None: UniMatch's 2.0 px at 321 px crops, scaled to crop_size"
+    )
     cutmix_prob: float = Field(0.5, ge=0, le=1, description="chance that a strong view gets a box")
 
     @model_validator(mode="after")
@@ -208,6 +211,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw
     return parts, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """tree["a"]["b"] = value for key "a.b", creating missing sections (in place)."""
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

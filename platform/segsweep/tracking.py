@@ -475,6 +475,20 @@ class RunRecord:
     metrics: dict[str, float]
     tags: dict[str, str]
 
+    @classmethod
+    def of(cls, r: Any) -> RunRecord:
+        """From an ``mlflow.entities.Run``."""
+        return cls(
+            r.info.run_id,
+            r.info.experiment_id,
+            r.info.run_name or "",
+            r.info.status,
+            r.info.start_time or 0,
+            dict(r.data.params),
+            dict(r.data.metrics),
+            dict(r.data.tags),
+        )
+
 
 def experiment_id_of(client: Any, name: str) -> str:
     exp = client.get_experiment_by_name(name)
@@ -495,19 +509,7 @@ def fetch_runs(uri: str | None, experiment: str) -> list[RunRecord]:
     token = None
     while True:
         page = client.search_runs([exp_id], max_results=1000, page_token=token)
-        for r in page:
-            out.append(
-                RunRecord(
-                    r.info.run_id,
-                    exp_id,
-                    r.info.run_name or "",
-                    r.info.status,
-                    r.info.start_time or 0,
-                    dict(r.data.params),
-                    dict(r.data.metrics),
-                    dict(r.data.tags),
-                )
-            )
+        out += [RunRecord.of(r) for r in page]
         token = page.token
         if not token:
             return out
@@ -524,16 +526,7 @@ def get_run(uri: str | None, run_id: str) -> RunRecord:
         r = client.get_run(run_id)
     except Exception:  # noqa: BLE001 - MLflow raises its own error types for unknown ids
         raise ConfigError(f"run {run_id}: not found in the tracking store") from None
-    return RunRecord(
-        r.info.run_id,
-        r.info.experiment_id,
-        r.info.run_name or "",
-        r.info.status,
-        r.info.start_time or 0,
-        dict(r.data.params),
-        dict(r.data.metrics),
-        dict(r.data.tags),
-    )
+    return RunRecord.of(r)
 
 
 def metric_history(uri: str | None, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
