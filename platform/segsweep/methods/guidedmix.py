@@ -52,7 +52,9 @@ class GuidedMixKnobs(Knobs):
     mitrans: bool = Field(True, description="refine mixed features with MITrans")
     mitrans_steps: int = Field(2, ge=1, le=8, description="MITrans refinement iterations")
     mask_generation: bool = Field(True, description="PMG pseudo masks (off: plain pseudo labels)")
-    conf_threshold: float = Field(0.8, ge=0, le=1)
+    conf_threshold: float = Field(
+        0.95, ge=0, le=1, description="PMG renormalisation sharpens masks: lower values drift"
+    )
     mix_weight: float = Field(1.0, ge=0, description="weight of the mixed-prediction loss")
     unsup_weight: float = Field(1.0, ge=0, description="weight of the pseudo-mask loss")
 
