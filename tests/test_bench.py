@@ -42,6 +42,7 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
         "gpu/bf16",
         "gpu/compile",
         "gpu/packing",
+        "report/curve_100_runs",
     ):
         assert name in rows, name
     bare, sup = rows["step/bare"].value, rows["step/supervised"].value
