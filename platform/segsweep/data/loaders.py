@@ -1,0 +1,197 @@
+"""Torch datasets and loaders over a Source and a Split.
+
+Training loaders are infinite streams. ``StreamSampler`` yields ``(index, seed, position)``:
+the order comes from per-epoch permutations fixed by the seed, and each draw's augmentation
+is seeded by its position, so the stream is a pure function of (seed, position). Resuming at
+step k means starting the sampler at position k * batch_size: exact resume with any number
+of workers, no state to save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from segsweep.data import transforms as T
+from segsweep.data.sources import Sample, Source
+from segsweep.data.splits import Split
+from segsweep.primitives import IGNORE, cutmix_box
+
+Draw = tuple[int, int, int]  # (index into the sample list, stream seed, stream position)
+
+
+class StreamSampler(Sampler[Draw]):
+    def __init__(self, size: int, seed: int, start: int = 0) -> None:
+        self.size, self.seed, self.start = size, seed, start
+
+    def __iter__(self) -> Iterator[Draw]:
+        position = self.start
+        epoch, order = -1, torch.empty(0, dtype=torch.long)
+        while True:
+            e, k = divmod(position, self.size)
+            if e != epoch:
+                g = torch.Generator().manual_seed(hash_seed(self.seed, e))
+                epoch, order = e, torch.randperm(self.size, generator=g)
+            yield int(order[k]), self.seed, position
+            position += 1
+
+
+def hash_seed(*parts: int) -> int:
+    """Mix integers into one 63-bit seed (numpy's SeedSequence: stable across platforms)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def tags_of(mask: np.ndarray, num_classes: int) -> torch.Tensor:
+    """(C,) multi-hot of the classes present in a mask (255 ignored); class 0 included."""
+    present = np.unique(mask)
+    tags = torch.zeros(num_classes)
+    tags[torch.from_numpy(present[present < num_classes].astype(np.int64))] = 1.0
+    return tags
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    crop: int
+    scale: tuple[float, float]
+    hflip: bool
+    jitter: float
+    grayscale_prob: float
+    blur_prob: float
+    blur_sigma_max: float
+    cutmix_prob: float
+
+
+class LabeledSet(Dataset):
+    """Weak view of labeled images: image_l, mask_l, tags_l.
+
+    ``masks`` (image name -> array) replaces the dataset's masks, e.g. pseudo masks that a
+    weakly supervised method generated; tags still come from the dataset's masks.
+    """
+
+    def __init__(self, source: Source, samples: list[Sample], aug: AugmentParams,
+                 masks: dict[str, np.ndarray] | None = None) -> None:
+        self.source, self.samples, self.aug, self.masks = source, samples, aug, masks
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
+        index, seed, position = draw
+        rng = np.random.default_rng([seed, position])
+        image, mask = self.source.read_pair(self.samples[index])
+        if self.masks is not None:
+            tags = tags_of(mask, self.source.num_classes)
+            mask = self.masks[self.samples[index].name]
+            img, msk, _ = T.weak(T.to_tensor(image), torch.from_numpy(np.ascontiguousarray(mask)),
+                                 self.aug.crop, rng, self.aug.scale, self.aug.hflip)
+            return {"image_l": T.normalize(img), "mask_l": msk.long(), "tags_l": tags}
+        tags = tags_of(mask, self.source.num_classes)
+        img, msk, _ = T.weak(
+            T.to_tensor(image), torch.from_numpy(np.ascontiguousarray(mask)), self.aug.crop, rng,
+            self.aug.scale, self.aug.hflip,
+        )
+        return {"image_l": T.normalize(img), "mask_l": msk.long(), "tags_l": tags}
+
+
+class UnlabeledSet(Dataset):
+    """Weak and strong views of unlabeled images, a CutMix box, the valid (unpadded) area.
+
+    Masks are never read here, even where the dataset has them: unlabeled ground truth is
+    scored only by the evaluation's pseudo-mask diagnostics, never trained on.
+    """
+
+    def __init__(self, source: Source, samples: list[Sample], aug: AugmentParams) -> None:
+        self.source, self.samples, self.aug = source, samples, aug
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
+        index, seed, position = draw
+        rng = np.random.default_rng([seed, position])
+        image = self.source.read_image(self.samples[index])
+        no_mask = torch.full(image.shape[:2], IGNORE, dtype=torch.uint8)
+        img, _, valid = T.weak(
+            T.to_tensor(image), no_mask, self.aug.crop, rng, self.aug.scale, self.aug.hflip
+        )
+        img_s = T.strong(img, rng, self.aug.jitter, self.aug.grayscale_prob, self.aug.blur_prob,
+                         self.aug.blur_sigma_max)
+        g = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        box = cutmix_box(self.aug.crop, self.aug.crop, g, prob=self.aug.cutmix_prob)
+        return {
+            "image_u_w": T.normalize(img),
+            "image_u_s": T.normalize(img_s),
+            "box_u": box,
+            "valid_u": valid,
+        }
+
+
+class EvalSet(Dataset):
+    """Unaugmented images and masks, in order: image (3, H, W), mask (H, W), index."""
+
+    def __init__(self, source: Source, samples: list[Sample]) -> None:
+        self.source, self.samples = source, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, mask = self.source.read_pair(self.samples[index])
+        return {
+            "image": T.normalize(T.to_tensor(image)),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
+            "index": torch.tensor(index),
+        }
+
+
+def stream_loader(
+    dataset: Dataset, batch_size: int, seed: int, start_step: int, workers: int, pin: bool
+) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless iterator of batches, starting at ``start_step`` (exact resume)."""
+    sampler = StreamSampler(len(dataset), seed, start=start_step * batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        # Its own generator: creating the loader must not consume the global RNG, which
+        # the checkpoint restores for the methods' own randomness.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return iter(loader)
+
+
+def eval_loader(source: Source, samples: list[Sample], batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(
+        EvalSet(source, samples),
+        batch_size=batch_size if source.fixed_size else 1,
+        shuffle=False,
+        num_workers=workers,
+    )
+
+
+@dataclass
+class Data:
+    """What a run trains and evaluates on."""
+
+    source: Source
+    split: Split
+    aug: AugmentParams
+
+    def labeled(self, masks: dict[str, np.ndarray] | None = None) -> LabeledSet:
+        return LabeledSet(self.source, self.split.labeled, self.aug, masks)
+
+    def unlabeled(self) -> UnlabeledSet:
+        return UnlabeledSet(self.source, self.split.unlabeled, self.aug)
+
+    def all_images(self) -> UnlabeledSet:
+        """Every training image as an unlabeled one (self-supervised stages)."""
+        return UnlabeledSet(self.source, self.split.labeled + self.split.unlabeled, self.aug)
