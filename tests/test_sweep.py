@@ -82,6 +82,47 @@ def test_early_stopping_compares_trials_only_within_their_cell(tmp_path: Path) -
     assert per_cell["low"] < 4
 
 
+def _slow_to_close(config: dict) -> None:
+    """Stopped after step 2; like a trial closing its MLflow run, it takes 4 s to end."""
+    from ray import tune
+
+    try:
+        for step in range(1, 9):
+            tune.report({"step": step})
+    except SystemExit:  # how Ray ends a stopped trial's thread at its next report
+        time.sleep(4)
+        raise
+
+
+@pytest.mark.timeout(300)  # without the fix Ray hangs or fails the next trial
+def test_a_worker_is_reused_after_a_trial_slow_to_close(tmp_path: Path) -> None:
+    """Ray waits 2 s for a stopped trial's thread before reusing its worker, and otherwise
+    fails the *next* trial ("Could not re-use actor"); segsweep's Ray start waits longer."""
+    from types import SimpleNamespace
+
+    import ray
+    from ray import tune
+
+    from segsweep.sweep import _ray_init
+
+    plan = SimpleNamespace(
+        spec=SimpleNamespace(resources=SimpleNamespace(gpus_per_trial=0, cpus_per_trial=1))
+    )
+    _ray_init(None, plan)  # type: ignore[arg-type]
+    try:
+        tuner = tune.Tuner(
+            _slow_to_close,
+            param_space={"i": tune.grid_search([0, 1, 2])},
+            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=1),
+            run_config=tune.RunConfig(verbose=0, storage_path=str(tmp_path), stop={"step": 2}),
+        )
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    assert results.num_errors == 0, [str(r.error)[:200] for r in results if r.error]
+    assert sorted(r.metrics["step"] for r in results) == [2, 2, 2]
+
+
 # --------------------------------------------------------------------------------------------
 # Real sweeps on the tiny synthetic dataset
 

@@ -397,18 +397,32 @@ def curve_row(report: Report, count: int, echo: Callable[[str], None]) -> None:
         for i in range(count):
             run = client.create_run(exp, tags={"segsweep.phase": "final"})
             method, ratio, seed = ("supervised", "fixmatch")[i % 2], (0.0625, 0.25, 0.5)[i // 2 % 3], i // 6
-            client.log_batch(run.info.run_id,
-                             metrics=[Metric("val/mIoU_last", 0.3 + 0.1 * ratio + 0.01 * (i % 2), 0, 1)],
-                             params=[Param("method", method), Param("label_ratio", str(ratio)),
-                                     Param("seed", str(seed)), Param("dataset", "synthetic")],
-                             tags=[RunTag("segsweep.status", "finished")])
+            client.log_batch(
+                run.info.run_id,
+                metrics=[Metric("val/mIoU_last", 0.3 + 0.1 * ratio + 0.01 * (i % 2), 0, 1)],
+                params=[
+                    Param("method", method),
+                    Param("label_ratio", str(ratio)),
+                    Param("seed", str(seed)),
+                    Param("dataset", "synthetic"),
+                ],
+                tags=[RunTag("segsweep.status", "finished")],
+            )
             client.set_terminated(run.info.run_id, "FINISHED")
         start = time.perf_counter()
         curve = curves.build_curve(fetch_runs(uri, "curve-bench"))
         curves.write_outputs(curve, Path(tmp) / "out", "bench")
         seconds = time.perf_counter() - start
-    report.add(Row(f"report/curve_{count}_runs", seconds, "s", target="a few seconds", passed=seconds < 10,
-                   note="read every run in bulk, aggregate, paired differences, plot, CSVs"))
+    report.add(
+        Row(
+            f"report/curve_{count}_runs",
+            seconds,
+            "s",
+            target="a few seconds",
+            passed=seconds < 10,
+            note="read every run in bulk, aggregate, paired differences, plot, CSVs",
+        )
+    )
     echo(f"  curve over {count} runs: {seconds:.2f} s")
 
 

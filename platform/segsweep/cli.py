@@ -20,6 +20,14 @@ from segsweep.errors import ConfigError, UserError, one_line
 class Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one ``error:`` line and exit code 2 like the rest."""
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        # Wide enough that every command name and its help share one line.
+        kwargs.setdefault(
+            "formatter_class",
+            lambda prog: argparse.HelpFormatter(prog, max_help_position=28, width=100),
+        )
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"error: {self.prog}: {message} (see --help)\n")
         raise SystemExit(2)

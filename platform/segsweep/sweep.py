@@ -384,6 +384,7 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
         self.started_at = time.time()
         self.best: dict[str, float] = {}
         self.last_view = time.time() - 20  # the first view comes ~10 s in
+        self.ended_here = 0  # trials this driver saw end (the ETA's rate; not restored ones)
         self._client = None
 
     @property
@@ -405,9 +406,8 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
-        status = "finished" if result.get("final") else "stopped_early"
-        if result.get("diverged"):
-            status = "diverged"
+        status = _ended_status(result)
+        self.ended_here += 1
         run_id = result.get("mlflow_run_id")
         if status == "stopped_early" and run_id:
             # The trial was killed after its last report: its run is closed here.
@@ -428,6 +428,7 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
         self._line(trial, status, result)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended_here += 1
         self._record(trial, "failed", trial.last_result or {})
         self._line(trial, "failed", trial.last_result or {})
         run_id = (trial.last_result or {}).get("mlflow_run_id")
@@ -486,12 +487,20 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
         if now - self.last_view < 30:
             return
         self.last_view = now
+        for t in trials:  # trials that ended before a --resume count too
+            if t.trial_id not in self.outcomes and t.status in ("TERMINATED", "ERROR"):
+                result = t.last_result or {}
+                self._record(t, "failed" if t.status == "ERROR" else _ended_status(result), result)
+                if result.get("val/mIoU") is not None:
+                    cell = self._config(t)["cell"]
+                    self.best[cell] = max(self.best.get(cell, 0.0), float(result["val/mIoU"]))
         running = sum(t.status == "RUNNING" for t in trials)
         done = [o for o in self.outcomes.values() if o.phase == self.phase]
         elapsed = now - self.started_at
         left = self.total - len(done)
         # Trials end at a roughly steady rate once the pipeline is full.
-        eta = f", ~{_fmt_s(elapsed * left / len(done))} left" if done and left > 0 else ""
+        rate = self.ended_here / elapsed
+        eta = f", ~{_fmt_s(left / rate)} left" if rate > 0 and left > 0 else ""
         stopped = sum(o.status == "stopped_early" for o in done)
         failed = sum(o.status in ("failed", "diverged") for o in done)
         self.echo(
@@ -501,6 +510,13 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
         if self.best:
             shown = "  ".join(f"{_short(c)} {v:.3f}" for c, v in self.best.items())
             self.echo(f"        best val/mIoU so far: {shown}")
+
+
+def _ended_status(result: dict[str, Any]) -> str:
+    """How a trial that Tune reports as ended did end, from its last reported result."""
+    if result.get("diverged"):
+        return "diverged"
+    return "finished" if result.get("final") else "stopped_early"
 
 
 def _error_line(trial: Any) -> str:
@@ -544,6 +560,10 @@ class SweepResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+#: Seconds a reused Ray worker waits for the previous trial's thread to end (Ray's default: 2).
+TRIAL_THREAD_TIMEOUT_S = 300
+
+
 def _ray_init(address: str | None, plan: Plan) -> None:
     import ray
 
@@ -553,6 +573,10 @@ def _ray_init(address: str | None, plan: Plan) -> None:
         "logging_level": logging.ERROR,
         "log_to_driver": False,
         "configure_logging": True,
+        # A worker is reused for the next trial only once the last one's thread has ended; Ray
+        # waits 2 s by default, and a stopped trial still closing its MLflow run takes longer
+        # on a busy machine: the next trial then fails with "Could not re-use actor".
+        "runtime_env": {"env_vars": {"TUNE_FUNCTION_THREAD_TIMEOUT_S": str(TRIAL_THREAD_TIMEOUT_S)}},
     }
     if address:
         # Trials on other machines need the tracking server's credentials: they travel in the
@@ -560,8 +584,7 @@ def _ray_init(address: str | None, plan: Plan) -> None:
         from segsweep.tracking import CREDENTIAL_VARS
 
         secrets = {k: os.environ[k] for k in CREDENTIAL_VARS if os.environ.get(k)}
-        if secrets:
-            kwargs["runtime_env"] = {"env_vars": secrets}
+        kwargs["runtime_env"]["env_vars"].update(secrets)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -676,14 +699,7 @@ def _outcomes_from(result_grid: Any, ctx: SweepContext, metric: str) -> tuple[di
         if ray_status not in ("TERMINATED", "ERROR"):
             complete = False
             continue
-        if r.error is not None or ray_status == "ERROR":
-            status = "failed"
-        elif m.get("diverged"):
-            status = "diverged"
-        elif m.get("final"):
-            status = "finished"
-        else:
-            status = "stopped_early"
+        status = "failed" if r.error is not None or ray_status == "ERROR" else _ended_status(m)
         val = m.get("val/mIoU_last", m.get("val/mIoU"))
         out[trial_id] = Outcome(
             cfg["cell"],

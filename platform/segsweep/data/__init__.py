@@ -7,8 +7,9 @@ the source, its deterministic split, and the augmentation parameters.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from segsweep.data.loaders import AugmentParams, Data
 from segsweep.data.sources import (
@@ -61,9 +62,7 @@ def load_source(cfg: DataConfig) -> Source:
 
 def build_data(cfg: DataConfig) -> Data:
     source = load_source(cfg)
-    split = make_split(
-        source, cfg.label_ratio, cfg.split_seed, cfg.tune_size, cfg.num_labeled, cfg.split
-    )
+    split = make_split(source, cfg.label_ratio, cfg.split_seed, cfg.tune_size, cfg.num_labeled, cfg.split)
     a = cfg.augment
     aug = AugmentParams(
         crop=cfg.crop_size,
@@ -80,4 +79,4 @@ def build_data(cfg: DataConfig) -> Data:
     return Data(source, split, aug)
 
 
-__all__ = ["DATASETS", "Data", "Source", "Split", "build_data", "load_source", "default_cache"]
+__all__ = ["DATASETS", "Data", "Source", "Split", "build_data", "default_cache", "load_source"]

@@ -17,8 +17,7 @@ from segsweep.errors import DataError, one_line
 def _files(data: Data) -> list[tuple[Sample, bool]]:
     """(sample, whether its mask is read) for every image a run touches."""
     s = data.split
-    return ([(x, True) for x in s.labeled + s.tune + data.source.val]
-            + [(x, False) for x in s.unlabeled])
+    return [(x, True) for x in s.labeled + s.tune + data.source.val] + [(x, False) for x in s.unlabeled]
 
 
 def missing_files(data: Data) -> list[str]:
@@ -61,7 +60,9 @@ def require_files(data: Data) -> None:
 def require_valid(data: Data) -> int:
     count, problems = verify(data)
     if problems:
-        more = f" (and {len(problems) - 1} more problems; run segsweep check-data)" if len(problems) > 1 else ""
+        more = (
+            f" (and {len(problems) - 1} more problems; run segsweep check-data)" if len(problems) > 1 else ""
+        )
         raise DataError(f"{problems[0]}{more}")
     return count
 

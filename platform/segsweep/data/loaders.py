@@ -72,8 +72,13 @@ class LabeledSet(Dataset):
     weakly supervised method generated; tags still come from the dataset's masks.
     """
 
-    def __init__(self, source: Source, samples: list[Sample], aug: AugmentParams,
-                 masks: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        samples: list[Sample],
+        aug: AugmentParams,
+        masks: dict[str, np.ndarray] | None = None,
+    ) -> None:
         self.source, self.samples, self.aug, self.masks = source, samples, aug, masks
 
     def __len__(self) -> int:
@@ -86,13 +91,23 @@ class LabeledSet(Dataset):
         if self.masks is not None:
             tags = tags_of(mask, self.source.num_classes)
             mask = self.masks[self.samples[index].name]
-            img, msk, _ = T.weak(T.to_tensor(image), torch.from_numpy(np.ascontiguousarray(mask)),
-                                 self.aug.crop, rng, self.aug.scale, self.aug.hflip)
+            img, msk, _ = T.weak(
+                T.to_tensor(image),
+                torch.from_numpy(np.ascontiguousarray(mask)),
+                self.aug.crop,
+                rng,
+                self.aug.scale,
+                self.aug.hflip,
+            )
             return {"image_l": T.normalize(img), "mask_l": msk.long(), "tags_l": tags}
         tags = tags_of(mask, self.source.num_classes)
         img, msk, _ = T.weak(
-            T.to_tensor(image), torch.from_numpy(np.ascontiguousarray(mask)), self.aug.crop, rng,
-            self.aug.scale, self.aug.hflip,
+            T.to_tensor(image),
+            torch.from_numpy(np.ascontiguousarray(mask)),
+            self.aug.crop,
+            rng,
+            self.aug.scale,
+            self.aug.hflip,
         )
         return {"image_l": T.normalize(img), "mask_l": msk.long(), "tags_l": tags}
 
@@ -118,8 +133,9 @@ class UnlabeledSet(Dataset):
         img, _, valid = T.weak(
             T.to_tensor(image), no_mask, self.aug.crop, rng, self.aug.scale, self.aug.hflip
         )
-        img_s = T.strong(img, rng, self.aug.jitter, self.aug.grayscale_prob, self.aug.blur_prob,
-                         self.aug.blur_sigma_max)
+        img_s = T.strong(
+            img, rng, self.aug.jitter, self.aug.grayscale_prob, self.aug.blur_prob, self.aug.blur_sigma_max
+        )
         g = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         box = cutmix_box(self.aug.crop, self.aug.crop, g, prob=self.aug.cutmix_prob)
         return {

@@ -8,9 +8,9 @@ exist) and raise ``DataError`` naming the file for anything unreadable later.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -75,8 +75,7 @@ class Source:
             with Image.open(path) as im:
                 if im.mode not in ("P", "L", "I", "I;16"):
                     raise DataError(
-                        f"{path}: mask must be a palette or grayscale PNG of class ids, "
-                        f"not mode {im.mode}"
+                        f"{path}: mask must be a palette or grayscale PNG of class ids, not mode {im.mode}"
                     )
                 mask = np.asarray(im)
         except FileNotFoundError:
@@ -290,8 +289,11 @@ def folder_source(root: Path) -> Source:
             continue
         mask = masks_dir / f"{path.stem}.png"
         samples.append(
-            Sample(path.stem, path.relative_to(root).as_posix(),
-                   mask.relative_to(root).as_posix() if mask.is_file() else None)
+            Sample(
+                path.stem,
+                path.relative_to(root).as_posix(),
+                mask.relative_to(root).as_posix() if mask.is_file() else None,
+            )
         )
     if not samples:
         raise DataError(f"{images_dir}: no images found")

@@ -12,9 +12,9 @@ read as they are; the masks named on unlabeled lines are never given to training
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from segsweep.data.sources import Sample, Source, read_list, stable_fraction
 from segsweep.errors import ConfigError, DataError

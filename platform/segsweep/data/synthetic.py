@@ -56,7 +56,9 @@ def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray, radius: float, aspect: 
     raise ValueError(kind)
 
 
-def _texture(kind: str, u: np.ndarray, v: np.ndarray, period: float, phase: float, rng: np.random.Generator) -> np.ndarray:
+def _texture(
+    kind: str, u: np.ndarray, v: np.ndarray, period: float, phase: float, rng: np.random.Generator
+) -> np.ndarray:
     """Texture pattern in [0, 1] in the object's own (rotated) frame."""
     if kind == "stripes":
         return (np.sin(2 * np.pi * u / period + phase) > 0).astype(np.float32)
