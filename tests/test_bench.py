@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from segsweep.bench import check, format_table, overhead, run_bench, speedup
+from segsweep.bench import check, format_table, overhead, run_bench, speedup, steady_seconds_per_trial
 
 from .helpers import segsweep
 
@@ -18,6 +18,16 @@ def test_ratio_arithmetic() -> None:
     assert speedup(30.0, 10.0) == 3.0
     assert check(0.02, 0.03) and not check(0.04, 0.03)
     assert check(2.5, 2.0, below=False) and not check(1.5, 2.0, below=False)
+
+
+def test_steady_state_ignores_the_start_up_before_the_first_trial_ends() -> None:
+    # 2 slots; the first trial ends after a 30 s start-up, then one ends every 0.5 s: each
+    # trial holds a slot for 1 s, however long the start-up was
+    ends = [31.0, 30.0, 32.0, 30.5, 31.5]  # in any order
+    assert steady_seconds_per_trial(ends, 2) == pytest.approx(1.0)
+    assert steady_seconds_per_trial([5.0, 7.0], 1) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        steady_seconds_per_trial([1.0], 2)
 
 
 def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:

@@ -474,6 +474,7 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    end_time: int = 0  # ms since the epoch; 0 while the run is open
 
     @classmethod
     def of(cls, r: Any) -> RunRecord:
@@ -487,6 +488,7 @@ class RunRecord:
             dict(r.data.params),
             dict(r.data.metrics),
             dict(r.data.tags),
+            r.info.end_time or 0,
         )
 
 
