@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from segsweep.methods.hfpl import (
+    THRESHOLD_GRID,
+    HFPLKnobs,
+    best_threshold,
     cam_pseudo_mask,
     expected_is_loss,
     feature_similarity_loss,
@@ -77,6 +80,22 @@ def test_cam_pseudo_masks_threshold_the_background() -> None:
     cams = normalised_cams(z, torch.tensor([[1.0, 0.0]]))
     assert cams[0, 1].abs().sum() == 0  # an absent tag has no CAM
     assert cams[0, 0, 0, 1] == pytest.approx(1.0, abs=1e-4) and cams[0, 0, 0, 0] == 0
+
+
+def test_the_tuned_threshold_is_the_one_whose_pseudo_masks_score_best() -> None:
+    from segsweep.primitives import confusion_matrix
+
+    # one image, truth [0, 1, 1, 0]; CAM of class 1 [0.2, 0.9, 0.6, 0.5]: thresholds in
+    # [0.5, 0.6) give back the truth exactly (a tie goes to background); ties pick the lowest
+    truth = torch.tensor([[0, 1, 1, 0]])
+    cams = torch.tensor([[[0.2, 0.9, 0.6, 0.5]]])
+    confusions = {t: confusion_matrix(cam_pseudo_mask(cams, t), truth, 2) for t in THRESHOLD_GRID}
+    threshold, score = best_threshold(confusions)
+    assert threshold == 0.5 and score == pytest.approx(1.0)
+    assert best_threshold({t: confusions[t] for t in (0.55, 0.6, 0.7)})[0] == 0.55
+    assert HFPLKnobs().bg_threshold == "tune" and HFPLKnobs(bg_threshold=0.4).bg_threshold == 0.4
+    with pytest.raises(ValueError, match="must be in"):
+        HFPLKnobs(bg_threshold=1.5)
 
 
 # -- Mix-and-Match ---------------------------------------------------------------------------
@@ -176,3 +195,5 @@ def test_multi_stage_runs_resume_from_the_last_stage_and_step(
     assert resumed.metrics[("val/mIoU", 4)] == full.metrics[("val/mIoU", 4)]
     if method == "hfpl":
         assert full.metrics[("pseudo/mIoU", 0)] > 0
+        assert full.metrics[("pseudo/bg_threshold", 0)] in THRESHOLD_GRID  # tuned by default
+        assert ("pseudo/tune_mIoU", 0) in full.metrics

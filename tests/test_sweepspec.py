@@ -175,3 +175,32 @@ def test_variants_cross_the_grid_without_duplicating_baselines(tmp_path: Path, c
     tree["variants"] = [{"method": "mixmatch"}]
     with pytest.raises(ConfigError, match=r"variants\.0: unknown method 'mixmatch'"):
         plan_of(tmp_path, tree)
+
+
+def test_outcomes_of_an_interrupted_sweep_skip_trials_that_never_started() -> None:
+    """SIGTERM while trials wait: Ray's results then hold trials with no config and no metrics."""
+    from types import SimpleNamespace
+
+    from segsweep.sweep import SweepContext, _outcomes_from
+
+    cfg = {"cell": "method=supervised,ratio=0.5,seed=0", "phase": "search", "sample": 0, "params": {}}
+    done = SimpleNamespace(
+        config={"trial": cfg},
+        metrics={"trial_id": "a", "final": True, "tune/mIoU": 0.4, "val/mIoU_last": 0.3},
+        error=None,
+        path="/x/a",
+    )
+    never = SimpleNamespace(config=None, metrics=None, error=None, path="/x/b")
+    running = SimpleNamespace(config={"trial": cfg}, metrics={"trial_id": "c"}, error=None, path="/x/c")
+    trials = [
+        SimpleNamespace(trial_id="a", status="TERMINATED"),
+        SimpleNamespace(trial_id="c", status="RUNNING"),
+    ]
+
+    class Grid(list):  # a ResultGrid: iterable results plus Ray's trial records
+        _experiment_analysis = SimpleNamespace(trials=trials)
+
+    ctx = SweepContext("s", "s", "sqlite://", "p", {}, 1.0, "/tmp", "s@1")
+    out, complete = _outcomes_from(Grid([done, never, running]), ctx, "tune/mIoU")
+    assert not complete
+    assert list(out) == ["a"] and out["a"].status == "finished" and out["a"].val == 0.3

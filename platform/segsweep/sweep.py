@@ -692,13 +692,13 @@ def _outcomes_from(result_grid: Any, ctx: SweepContext, metric: str) -> tuple[di
     statuses = {t.trial_id: t.status for t in result_grid._experiment_analysis.trials}
     out, complete = {}, True
     for r in result_grid:
-        cfg = r.config.get("trial", r.config)
         m = r.metrics or {}
         trial_id = m.get("trial_id") or r.path
         ray_status = statuses.get(m.get("trial_id"), "TERMINATED" if m else "PENDING")
-        if ray_status not in ("TERMINATED", "ERROR"):
-            complete = False
+        if ray_status not in ("TERMINATED", "ERROR") or not r.config:
+            complete = False  # still running, or never started (no config yet) when interrupted
             continue
+        cfg = r.config.get("trial", r.config)
         status = "failed" if r.error is not None or ray_status == "ERROR" else _ended_status(m)
         val = m.get("val/mIoU_last", m.get("val/mIoU"))
         out[trial_id] = Outcome(

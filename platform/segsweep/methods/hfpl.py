@@ -21,7 +21,8 @@ building on its predecessor arvijj/icam. A pipeline of three stages:
 
 2. ``pseudo``: CAMs of every tagged training image (with a flipped copy), ReLU and min-max
    normalised per class, restricted to the image's tags; a pixel is background where no
-   class reaches ``bg_threshold``. Their mIoU against the training ground truth (the
+   class reaches ``bg_threshold`` (by default tuned: the grid value scoring best on the tuning
+   split, as WSSS papers report each CAM at its best threshold). Their mIoU against the training ground truth (the
    standard WSSS metric) is logged with sample panels; the masks become training masks.
 3. ``train``: the segmentation model is trained on the pseudo masks and evaluated on real
    masks (``val/mIoU``).
@@ -41,12 +42,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from segsweep.data.loaders import eval_loader
@@ -69,7 +70,18 @@ class HFPLKnobs(Knobs):
     fs_sigma: float = Field(2.0, gt=0, description="spatial Gaussian, working-resolution pixels")
     fs_mu: float = Field(2.5, description="colour-edge offset of the tanh")
     work_side: int = Field(16, ge=4, le=64, description="working resolution of IS and FSL")
-    bg_threshold: float = Field(0.3, gt=0, lt=1, description="CAM background threshold")
+    bg_threshold: float | Literal["tune"] = Field(
+        "tune",
+        description="CAM background threshold, or 'tune': the grid value whose pseudo masks score "
+        "best on the tuning split (held-out images with masks, never the reported ones)",
+    )
+
+    @field_validator("bg_threshold")
+    @classmethod
+    def _in_unit_interval(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and not 0 < value < 1:
+            raise ValueError("must be in (0, 1) or 'tune'")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +154,18 @@ def feature_similarity_loss(image01: Tensor, cams: Tensor, sigma: float, mu: flo
     return -(g * delta * edge).sum((1, 2)).mean() / (h * w)
 
 
+#: Background thresholds tried when ``bg_threshold: tune``.
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def best_threshold(confusions: dict[float, Tensor]) -> tuple[float, float]:
+    """The threshold whose confusion matrix has the highest mIoU (ties: the lowest), and that
+    mIoU."""
+    scored = [(float(scores_from_confusion(c)["mIoU"]), -t) for t, c in confusions.items()]
+    score, neg = max(scored)
+    return -neg, score
+
+
 def cam_pseudo_mask(cams: Tensor, bg_threshold: float) -> Tensor:
     """(K, H, W) normalised foreground CAMs -> (H, W) ids: 0 where no class reaches the
     threshold, else 1 + the arg-max class."""
@@ -174,6 +198,8 @@ class HFPL(Method):
                 m.reset_parameters()
         self.stage = "train"
         self.pseudo_masks: dict[str, np.ndarray] = {}
+        # The threshold in use: the knob's value, or the tuned one once stage 2 has run.
+        self.threshold = 0.3 if knobs.bg_threshold == "tune" else float(knobs.bg_threshold)
 
     # -- pipeline -----------------------------------------------------------------------------
     def stages(self, train_steps: int) -> list[Stage]:
@@ -228,16 +254,10 @@ class HFPL(Method):
 
     # -- stage 2: pseudo masks ------------------------------------------------------------------
     @torch.no_grad()
-    def run_stage(self, stage: Stage, data: Any) -> dict[str, Any]:
-        """Pseudo masks of every tagged training image; their mIoU against the ground truth
-        (read for scoring only) and a panel of image | truth | pseudo mask | CAM."""
+    def _cams(self, data: Any, samples: list) -> Any:
+        """(index, image, ground truth, normalised CAMs of the true tags) per sample: CAMs of
+        the image and its flip, restricted to the tags its mask implies."""
         device = next(self.parameters()).device
-        was = self.training
-        self.eval()
-        conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
-        samples = data.split.labeled
-        self.pseudo_masks = {}
-        rows: list[list[np.ndarray]] = []
         for batch in eval_loader(data.source, samples, 16, 0):
             image, mask = batch["image"].to(device), batch["mask"]
             padded, (h, w) = pad_to_multiple(image)
@@ -247,31 +267,56 @@ class HFPL(Method):
                 tags = torch.zeros(1, self.num_classes - 1)
                 present = mask[i].unique()
                 tags[0, present[(present > 0) & (present < self.num_classes)] - 1] = 1
-                cams = normalised_cams(z[i : i + 1], tags)[0]
-                pseudo = cam_pseudo_mask(cams, self.knobs.bg_threshold)
-                self.pseudo_masks[samples[index].name] = pseudo.numpy().astype(np.uint8)
-                conf += confusion_matrix(pseudo, mask[i], self.num_classes)
-                if len(rows) < 4:
-                    strongest = cams.amax(0) if len(cams) else torch.zeros(h, w)
-                    rows.append(
-                        [image_tile(image[i].cpu()), colour(mask[i]), colour(pseudo), heat(strongest)]
-                    )
+                yield index, image[i].cpu(), mask[i], normalised_cams(z[i : i + 1], tags)[0]
+
+    @torch.no_grad()
+    def run_stage(self, stage: Stage, data: Any) -> dict[str, Any]:
+        """Pseudo masks of every tagged training image; their mIoU against the ground truth
+        (read for scoring only) and a panel of image | truth | pseudo mask | CAM. With
+        ``bg_threshold: tune`` the threshold is first chosen on the tuning split: CAM methods
+        differ in scale (the add-on's CAMs are wider), so one fixed threshold favours one of
+        them; WSSS papers report each CAM at its best threshold."""
+        was = self.training
+        self.eval()
+        logs: dict[str, Any] = {}
+        if self.knobs.bg_threshold == "tune" and data.split.tune:
+            confusions = {
+                t: torch.zeros(self.num_classes, self.num_classes, dtype=torch.long) for t in THRESHOLD_GRID
+            }
+            for _, _, mask, cams in self._cams(data, data.split.tune):
+                for t in THRESHOLD_GRID:
+                    confusions[t] += confusion_matrix(cam_pseudo_mask(cams, t), mask, self.num_classes)
+            self.threshold, logs["tune_mIoU"] = best_threshold(confusions)
+        conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+        samples = data.split.labeled
+        self.pseudo_masks = {}
+        rows: list[list[np.ndarray]] = []
+        for index, image, mask, cams in self._cams(data, samples):
+            pseudo = cam_pseudo_mask(cams, self.threshold)
+            self.pseudo_masks[samples[index].name] = pseudo.numpy().astype(np.uint8)
+            conf += confusion_matrix(pseudo, mask, self.num_classes)
+            if len(rows) < 4:
+                strongest = cams.amax(0) if len(cams) else torch.zeros(mask.shape)
+                rows.append([image_tile(image), colour(mask), colour(pseudo), heat(strongest)])
         self.train(was)
         scores = scores_from_confusion(conf)
         return {
             "mIoU": float(scores["mIoU"]),
             "pixel_acc": float(scores["pixel_acc"]),
             "images": float(len(self.pseudo_masks)),
+            "bg_threshold": self.threshold,
+            **logs,
             "panel": compose(rows),
         }
 
     # -- checkpoints carry the pseudo masks (a resume after stage 2 must not redo it) ------------
     def get_extra_state(self) -> dict[str, Any]:
-        return {"stage": self.stage, "pseudo_masks": self.pseudo_masks}
+        return {"stage": self.stage, "pseudo_masks": self.pseudo_masks, "threshold": self.threshold}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.stage = state.get("stage", "train")
         self.pseudo_masks = state.get("pseudo_masks", {})
+        self.threshold = state.get("threshold", self.threshold)
 
     @torch.no_grad()
     def pseudo_label(self, image_u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -279,6 +324,6 @@ class HFPL(Method):
         z = self.cam_logits(image_u)
         tags = (torch.sigmoid(z.float().mean((2, 3))) > 0.5).float()
         cams = normalised_cams(z, tags)
-        pseudo = torch.stack([cam_pseudo_mask(c, self.knobs.bg_threshold) for c in cams])
-        conf = torch.cat([torch.full_like(cams[:, :1], self.knobs.bg_threshold), cams], 1).amax(1)
+        pseudo = torch.stack([cam_pseudo_mask(c, self.threshold) for c in cams])
+        conf = torch.cat([torch.full_like(cams[:, :1], self.threshold), cams], 1).amax(1)
         return pseudo, conf, torch.ones_like(pseudo, dtype=torch.bool)
