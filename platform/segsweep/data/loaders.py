@@ -88,19 +88,9 @@ class LabeledSet(Dataset):
         index, seed, position = draw
         rng = np.random.default_rng([seed, position])
         image, mask = self.source.read_pair(self.samples[index])
-        if self.masks is not None:
-            tags = tags_of(mask, self.source.num_classes)
+        tags = tags_of(mask, self.source.num_classes)  # from the ground truth, always
+        if self.masks is not None:  # a method's own masks (e.g. CAM pseudo masks) replace it
             mask = self.masks[self.samples[index].name]
-            img, msk, _ = T.weak(
-                T.to_tensor(image),
-                torch.from_numpy(np.ascontiguousarray(mask)),
-                self.aug.crop,
-                rng,
-                self.aug.scale,
-                self.aug.hflip,
-            )
-            return {"image_l": T.normalize(img), "mask_l": msk.long(), "tags_l": tags}
-        tags = tags_of(mask, self.source.num_classes)
         img, msk, _ = T.weak(
             T.to_tensor(image),
             torch.from_numpy(np.ascontiguousarray(mask)),
