@@ -661,8 +661,11 @@ def _tuner(
             max_concurrent_trials=r.max_concurrent,
             metric=es.metric,
             mode=es.mode,
-            # A worker process serves trial after trial: imports and CUDA init are paid once.
-            reuse_actors=True,
+            # A fresh worker per trial. Reusing one saves its start (about 10 s on a small CPU),
+            # but Ray can reuse it only once the previous trial's thread has ended, and the
+            # thread of a trial stopped by ASHA was seen never to end (the next trial failed
+            # with "Could not re-use actor" after TRIAL_THREAD_TIMEOUT_S): correctness first.
+            reuse_actors=False,
         ),
         run_config=tune.RunConfig(
             name=phase,

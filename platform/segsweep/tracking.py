@@ -243,10 +243,6 @@ def finished_run(uri: str, experiment: str, run_key: str) -> tuple[str, dict[str
     return runs[0].info.run_id, dict(runs[0].data.metrics)
 
 
-#: Seconds of metrics gathered into one write (a flush, an image or the run's end comes first).
-METRIC_WINDOW_S = 2.0
-
-
 class RunTracker:
     """One MLflow run, written asynchronously.
 
@@ -374,10 +370,8 @@ class RunTracker:
 
     # -- consumer side (background thread) -----------------------------------------------------
     def _work(self) -> None:
-        pending: tuple[str, Any] | None = None
         while True:
-            kind, payload = pending or self._queue.get()
-            pending = None
+            kind, payload = self._queue.get()
             if kind == "stop":
                 return
             if kind == "flush":
@@ -385,18 +379,12 @@ class RunTracker:
                 continue
             metrics = payload if kind == "metrics" else None
             if metrics is not None:
-                # Coalesce the metrics of the next METRIC_WINDOW_S into one request (MLflow
-                # takes 1000): one write per step would cost the training loop CPU time on a
-                # small machine. Anything else (a flush, an image, the end) ends the window.
-                deadline = time.monotonic() + METRIC_WINDOW_S
-                while len(metrics) < 1000:
-                    try:
-                        k2, p2 = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
+                # Coalesce every queued metric batch into one request (MLflow takes 1000).
+                while not self._queue.empty():
+                    k2, p2 = self._queue.queue[0]
                     if k2 != "metrics" or len(metrics) + len(p2) > 1000:
-                        pending = (k2, p2)
                         break
+                    self._queue.get()
                     metrics = metrics + p2
             if self._error is not None:
                 continue  # the run already failed; drain the queue without writing
