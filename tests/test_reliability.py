@@ -4,6 +4,7 @@ corrupt data, generated bad input, and secrets that must never be logged or prin
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import numpy as np
@@ -252,7 +253,12 @@ def test_generated_run_configs_run_or_fail_in_one_line(
     args = ["run", str(cfg), "--quiet", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
     for s in sets:
         args += ["--set", s]
-    code = main(args)
+    cwd = os.getcwd()
+    os.chdir(tmp)  # a generated relative path (a dataset root, a cache) lands here, not in the repo
+    try:
+        code = main(args)
+    finally:
+        os.chdir(cwd)
     err = capsys.readouterr().err
     assert code in (0, 1, 2), (code, err)
     if code == 2:
