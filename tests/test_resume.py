@@ -40,3 +40,36 @@ def test_resumed_run_matches_the_uninterrupted_one(tiny, tmp_path: Path, method:
     assert resumed.metrics[("val/mIoU", 6)] == full.metrics[("val/mIoU", 6)]
     sa, sb = a.trainer.method.state_dict(), b.trainer.method.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class Closing(NullTracker):
+    def __init__(self) -> None:
+        self.ended: tuple[str, str | None] | None = None
+
+    def finish(self, status: str = "FINISHED", segsweep_status: str | None = None) -> None:
+        self.ended = (status, segsweep_status)
+
+
+def test_a_trial_stopped_at_a_report_closes_its_run_and_ends_its_thread(tiny, tmp_path: Path) -> None:
+    """Ray ends a stopped trial's thread with SystemExit at the report it is stopped at. The
+    run must close as stopped early and the SystemExit must propagate: a trial function that
+    returns instead makes Ray's wrapper report once more and wait for ever, and its worker can
+    never serve another trial."""
+    from segsweep.runner import execute
+
+    reports: list[dict] = []
+
+    def stopped_at_first_report(metrics: dict, checkpoint_dir: Path) -> None:
+        reports.append(metrics)
+        raise SystemExit(0)
+
+    tracker = Closing()
+    with pytest.raises(SystemExit):
+        execute(
+            prepare(tiny(**{"train.steps": 6, "train.eval_every": 2})),
+            tracker,
+            tmp_path / "r",
+            stopped_at_first_report,
+        )
+    assert len(reports) == 1 and reports[0]["step"] == 2
+    assert tracker.ended == ("FINISHED", "stopped_early")

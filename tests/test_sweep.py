@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -277,8 +278,10 @@ KILL_WHEN = {
 }
 
 
-@pytest.mark.parametrize("moment", list(KILL_WHEN))
-def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path, moment: str) -> None:
+def _start_then_signal(
+    tmp_path: Path, moment: Callable[[list], bool], how: str
+) -> tuple[Path, str, list, subprocess.Popen]:
+    """Start the "killed" sweep in a subprocess and signal it at ``moment``."""
     tree = tiny_spec("killed", num_samples=3, final={"seeds": [1]})
     tree["base"]["train"]["steps"] = 10
     path = write_spec(tmp_path, tree)
@@ -294,16 +297,23 @@ def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path, mome
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None:
         kids = _children_now(uri, "killed")
-        if KILL_WHEN[moment](kids):
+        if moment(kids):
             break
         time.sleep(0.3)
-    assert driver.poll() is None, "the sweep ended before the moment to kill it"
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    driver.wait(timeout=60)
-    before = _children_now(uri, "killed")
-    assert KILL_WHEN[moment](before) or moment == "mid_sweep"
-    finished_before = {k.info.run_id: k.info.end_time for k in before if k.info.status == "FINISHED"}
+    assert driver.poll() is None, "the sweep ended before the moment to stop it"
+    if how == "SIGKILL":
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    elif how == "SIGTERM":
+        driver.send_signal(signal.SIGTERM)  # e.g. a job scheduler's polite stop
+    else:
+        os.killpg(driver.pid, signal.SIGINT)  # Ctrl+C: the whole foreground process group
+    driver.wait(timeout=120)
+    return path, uri, _children_now(uri, "killed"), driver
 
+
+def _resume_and_count(path: Path, uri: str, before: list, tmp_path: Path) -> None:
+    """--resume completes the sweep: every trial once, none re-run, none left RUNNING."""
+    finished_before = {k.info.run_id: k.info.end_time for k in before if k.info.status == "FINISHED"}
     proc = segsweep("sweep", str(path), "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     parent, kids = children(uri, "killed")
@@ -313,6 +323,35 @@ def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path, mome
     assert len(search) == 2 + 2 * 3 and len(final) == 4  # every trial exactly once ...
     assert len({k.data.tags["segsweep.run_key"] for k in kids}) == len(kids)  # ... no duplicate
     assert all(k.info.status == "FINISHED" for k in kids)  # ... none left RUNNING
+    assert {k.data.tags["segsweep.status"] for k in kids} <= {"finished", "stopped_early"}
     after = {k.info.run_id: k.info.end_time for k in kids}
     for run_id, end in finished_before.items():  # finished trials were not run again
         assert after[run_id] == end
+    assert parent.data.metrics["trials/finished"] + parent.data.metrics.get("trials/stopped_early", 0) == 12
+
+
+@pytest.mark.parametrize("moment", list(KILL_WHEN))
+def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path, moment: str) -> None:
+    path, uri, before, _ = _start_then_signal(tmp_path, KILL_WHEN[moment], "SIGKILL")
+    assert KILL_WHEN[moment](before) or moment == "mid_sweep"
+    _resume_and_count(path, uri, before, tmp_path)
+
+
+def _mid_sweep_with_a_trial_running(kids: list) -> bool:
+    return KILL_WHEN["mid_sweep"](kids) and any(k.info.status == "RUNNING" for k in kids)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_an_interrupted_sweep_says_so_and_resumes(cache_dir: Path, tmp_path: Path, how: str) -> None:
+    """Ctrl+C or SIGTERM: exit 130 with one line, running trials end KILLED (not "stopped
+    early", which would count them as done), and --resume runs them again."""
+    path, uri, before, driver = _start_then_signal(tmp_path, _mid_sweep_with_a_trial_running, how)
+    out = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "interrupted; continue it with --resume" in out, out[-3000:]
+    parent, kids = children(uri, "killed")
+    assert parent.info.status == "KILLED"
+    assert not [k for k in kids if k.info.status == "RUNNING"]
+    cut = [k for k in kids if k.data.tags.get("segsweep.status") == "interrupted"]
+    assert cut and all(k.info.status == "KILLED" for k in cut)
+    _resume_and_count(path, uri, before, tmp_path)

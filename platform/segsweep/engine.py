@@ -573,6 +573,9 @@ class Trainer:
 
     def _checkpoint_and_report(self, stage: Stage, metrics: dict[str, float]) -> None:
         self.save_checkpoint("last.pt")
+        if self.reporter is None:
+            self.tracker.check()  # a failing store stops a plain run early, without waiting on it
+            return
         # Everything logged so far reaches the store before the sweep may stop this trial.
         self.tracker.flush()
         report = {k: v for k, v in metrics.items() if "/iou/" not in k}
@@ -580,7 +583,7 @@ class Trainer:
         # The run's last report waits until its MLflow run is closed (``runner.execute``):
         # a scheduler may stop a trial at any report, and nothing after it would run.
         last = stage is self.stages[-1] and self.progress.step == stage.steps
-        if self.reporter is not None and not last:
+        if not last:
             self.reporter(report, self.checkpoint_dir)
 
     def _final_metrics(self) -> dict[str, float]:

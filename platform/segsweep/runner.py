@@ -128,11 +128,16 @@ def execute(
                 {"final": True, "diverged": True, "mlflow_run_id": tracker.run_id}, trainer.checkpoint_dir
             )
         return RunResult("diverged", {}, run_dir, str(exc))
-    except (Stopped, SystemExit):
-        # Stopped early by a sweep's scheduler (Ray ends a stopped trial's thread with
-        # SystemExit at its next report): a normal end, not a failure.
+    except Stopped:  # a sweep's scheduler asked this trial to stop: a normal end
         tracker.finish("FINISHED", "stopped_early")
         return RunResult("stopped", {}, run_dir, "stopped early by the scheduler")
+    except SystemExit:
+        # Ray ends a stopped trial's thread with SystemExit at its next report. It must
+        # propagate once the run is closed: returning normally makes Ray's wrapper report once
+        # more and wait for an answer that never comes, so the thread never ends and the
+        # worker can serve no other trial.
+        tracker.finish("FINISHED", "stopped_early")
+        raise
     except KeyboardInterrupt:
         tracker.finish("KILLED", "killed")
         raise

@@ -25,6 +25,8 @@ import os
 import pickle
 import shutil
 import signal
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -42,6 +44,7 @@ from segsweep.tracking import (
     finished_run,
     redact,
     resolve_uri,
+    runs_tagged,
     with_retries,
 )
 
@@ -385,6 +388,9 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
         self.best: dict[str, float] = {}
         self.last_view = time.time() - 20  # the first view comes ~10 s in
         self.ended_here = 0  # trials this driver saw end (the ETA's rate; not restored ones)
+        self.ended_before: set[str] | None = None  # trials that had ended when it restored them
+        self.completed: set[str] = set()  # trials this driver saw end normally
+        self.forwarded = False
         self._client = None
 
     @property
@@ -398,6 +404,25 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
     def _config(self, trial: Any) -> dict[str, Any]:
         return trial.config.get("trial", trial.config)
 
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.ended_before is None:
+            self.ended_before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        if INTERRUPT.is_set() and not self.forwarded:
+            # Ray's own stop path (SIGUSR1 handler, installed by every fit()): it saves the
+            # experiment state with the running trials as RUNNING, so --resume re-runs them.
+            self.forwarded = True
+            handler = signal.getsignal(signal.SIGUSR1)
+            if callable(handler):
+                handler(signal.SIGUSR1, None)
+
+    def interrupted_trials(self, trials: list) -> list:
+        """Trials an interrupt cut short: neither ended before this driver restored them nor
+        seen to end normally. Ray marks the running ones TERMINATED without telling callbacks;
+        others failed as the signal reached their workers (Ctrl+C reaches the whole process
+        group) and are waiting for a retry. ``--resume`` runs all of them again."""
+        before = self.ended_before or set()
+        return [t for t in trials if t.trial_id not in before and t.trial_id not in self.completed]
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         cell = self._config(trial)["cell"]
         if result.get("val/mIoU") is not None:  # shown only; selection uses the tuning split
@@ -408,6 +433,7 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
         result = trial.last_result or {}
         status = _ended_status(result)
         self.ended_here += 1
+        self.completed.add(trial.trial_id)
         run_id = result.get("mlflow_run_id")
         if status == "stopped_early" and run_id:
             # The trial was killed after its last report: its run is closed here.
@@ -481,10 +507,14 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
             score = _error_line(trial)
         self.echo(f"  {mark:<4} {what}{' (' + params + ')' if params else ''}  {score}")
 
-    def _view(self, trials: list) -> None:
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if not INTERRUPT.is_set():
+            self._view(trials, force=True)  # the phase's closing counts, however short it was
+
+    def _view(self, trials: list, force: bool = False) -> None:
         """Every 30 s: trial counts, elapsed and remaining time, best val/mIoU per cell."""
         now = time.time()
-        if now - self.last_view < 30:
+        if now - self.last_view < 30 and not force:
             return
         self.last_view = now
         for t in trials:  # trials that ended before a --resume count too
@@ -661,11 +691,10 @@ def _tuner(
             max_concurrent_trials=r.max_concurrent,
             metric=es.metric,
             mode=es.mode,
-            # A fresh worker per trial. Reusing one saves its start (about 10 s on a small CPU),
-            # but Ray can reuse it only once the previous trial's thread has ended, and the
-            # thread of a trial stopped by ASHA was seen never to end (the next trial failed
-            # with "Could not re-use actor" after TRIAL_THREAD_TIMEOUT_S): correctness first.
-            reuse_actors=False,
+            # A worker serves trial after trial: a fresh one costs seconds to start (torch
+            # import, model build). Ray reuses it once the previous trial's thread has ended;
+            # ``runner.execute`` lets a stopped trial's SystemExit end it.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=phase,
@@ -810,8 +839,6 @@ def run_sweep(
     )
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume loses at most ~2 s of scheduling
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our live view instead of Ray's tables
-    # A stopped trial closes its MLflow run before its worker serves the next trial.
-    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     # Reports of pipeline stages before the main one carry no tuning metric yet.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
@@ -837,8 +864,13 @@ def run_sweep(
         f"up to {concurrency} at once; MLflow experiment '{plan.experiment}' at {redact(parent.uri)}"
     )
     interrupted = False
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl+C and SIGTERM only set INTERRUPT; the callback hands it to Ray inside fit() (a
+    # signal between two fits would reach a stale Ray handler and be lost).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    INTERRUPT.clear()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, _interrupt)
     try:
         searcher = CellSearcher(plan, storage_url, spec.name, es.metric, es.mode)
         scheduler = CellScheduler(
@@ -854,7 +886,7 @@ def run_sweep(
             "search", plan, ctx, storage, cb, resume, searcher, scheduler, num_samples=plan.total_trials
         )
         clock = time.perf_counter()
-        found, complete = _outcomes_from(tuner.fit(), ctx, es.metric)
+        found, complete = _fit(tuner, cb, ctx, parent, es.metric)
         seconds["search"] = time.perf_counter() - clock
         outcomes.update(found)
         if not complete:
@@ -887,14 +919,15 @@ def run_sweep(
                 final_tuner = _tuner(
                     "final", plan, ctx, storage, fcb, resume, param_space={"trial": tune.grid_search(configs)}
                 )
-                found, complete = _outcomes_from(final_tuner.fit(), ctx, es.metric)
+                found, complete = _fit(final_tuner, fcb, ctx, parent, es.metric)
                 outcomes.update(found)
                 if not complete:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     if interrupted:
         parent.finish("KILLED", "killed")
@@ -910,9 +943,44 @@ def run_sweep(
     )
 
 
+#: Set by Ctrl+C or SIGTERM while a sweep runs; ``SweepCallback`` hands it to Ray Tune.
+INTERRUPT = threading.Event()
+
+
 def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM takes Ray Tune's SIGINT path: it saves the experiment state, then stops."""
-    os.kill(os.getpid(), signal.SIGINT)
+    """First signal: stop gracefully (Ray saves the experiment state, then ends the running
+    trials, which ``--resume`` runs again). A second one: quit at once."""
+    if INTERRUPT.is_set():
+        raise KeyboardInterrupt
+    INTERRUPT.set()
+    print(
+        "\ninterrupted: saving the sweep's state and stopping its trials (again to quit at once)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _fit(
+    tuner: Any, callback: SweepCallback, ctx: SweepContext, parent: RunTracker, metric: str
+) -> tuple[dict[str, Outcome], bool]:
+    """Run one Tuner; outcomes of its trials, and whether it ran to the end.
+
+    On an interrupt Ray ends the running trials as TERMINATED (as if they had finished) and
+    their workers close their runs as stopped early: their runs are marked KILLED here, and
+    nothing is counted, since ``--resume`` runs those trials again from their checkpoints
+    (a run that did finish is left as it is: ``--resume`` reports it without running it).
+    """
+    grid = tuner.fit()
+    if not INTERRUPT.is_set():
+        return _outcomes_from(grid, ctx, metric)
+    for trial in callback.interrupted_trials(grid._experiment_analysis.trials):
+        if not trial.config:
+            continue
+        key = trial_key(ctx.key_prefix, trial.config.get("trial", trial.config))
+        for run in runs_tagged(parent.client, parent.experiment_id, TAG_KEY, key, parent.retry_budget_s):
+            if run.info.status != "FINISHED" or run.data.tags.get(TAG_STATUS) != "finished":
+                _end_run(parent, run.info.run_id, "KILLED", "interrupted")
+    return {}, False
 
 
 class SweepInterrupted(UserError):
@@ -932,35 +1000,33 @@ def _close_orphans(
     worker died without closing them end FAILED; trials the scheduler stopped end FINISHED
     with ``segsweep.status=stopped_early`` whatever their worker managed to write.
     """
-    client = parent.client
-
-    def call(fn: Callable[[], Any], what: str) -> Any:
-        return with_retries(fn, what, parent.retry_budget_s)
-
     by_key = {o.key: o for o in outcomes.values()}
-    children = call(
-        lambda: client.search_runs(
-            [parent.experiment_id],
-            filter_string=f"tags.`{TAG_PARENT}` = '{parent.run_id}'",
-            max_results=50000,
-        ),
-        "list trial runs",
-    )
-    for run in children:
+    for run in runs_tagged(
+        parent.client, parent.experiment_id, TAG_PARENT, parent.run_id, parent.retry_budget_s
+    ):
         rid, key = run.info.run_id, run.data.tags.get(TAG_KEY, "")
         outcome = by_key.get(key)
         if outcome is None:
-            call(lambda rid=rid: client.set_tag(rid, TAG_STATUS, "orphaned"), "tag run")
-            if run.info.status == "RUNNING":
-                call(lambda rid=rid: client.set_terminated(rid, "KILLED"), "end run")
-            call(lambda rid=rid: client.delete_run(rid), "delete run")
+            _end_run(parent, rid, "KILLED", "orphaned", only_if_running=True)
+            with_retries(lambda rid=rid: parent.client.delete_run(rid), "delete run", parent.retry_budget_s)
             echo(f"  removed orphaned run {rid} ({key})")
         elif outcome.status == "stopped_early" and run.data.tags.get(TAG_STATUS) != "stopped_early":
-            call(lambda rid=rid: client.set_tag(rid, TAG_STATUS, "stopped_early"), "tag run")
-            call(lambda rid=rid: client.set_terminated(rid, "FINISHED"), "end run")
+            _end_run(parent, rid, "FINISHED", "stopped_early")
         elif run.info.status == "RUNNING":  # its worker died with no chance to close it
-            call(lambda rid=rid: client.set_tag(rid, TAG_STATUS, "failed"), "tag run")
-            call(lambda rid=rid: client.set_terminated(rid, "FAILED"), "end run")
+            _end_run(parent, rid, "FAILED", "failed")
+
+
+def _end_run(
+    parent: RunTracker, run_id: str, status: str, segsweep_status: str, only_if_running: bool = False
+) -> None:
+    """Tag a trial's run with how it ended and end it (from the driver, with retries)."""
+    budget = parent.retry_budget_s
+    with_retries(lambda: parent.client.set_tag(run_id, TAG_STATUS, segsweep_status), "tag run", budget)
+    if only_if_running:
+        run = with_retries(lambda: parent.client.get_run(run_id), "read run", budget)
+        if run.info.status != "RUNNING":
+            return
+    with_retries(lambda: parent.client.set_terminated(run_id, status), "end run", budget)
 
 
 def _summarise(

@@ -219,6 +219,24 @@ def with_retries(fn: Callable[[], Any], what: str, budget_s: float) -> Any:
             delay = min(delay * 2, 8.0)
 
 
+def runs_tagged(
+    client: Any,
+    experiment_id: str,
+    tag: str,
+    value: str,
+    budget_s: float,
+    where: str = "",
+    limit: int = 50000,
+) -> list[Any]:
+    """Runs of an experiment whose ``tag`` equals ``value`` (and the extra ``where`` filter)."""
+    query = f"tags.`{tag}` = '{value}'" + (f" and {where}" if where else "")
+    return with_retries(
+        lambda: client.search_runs([experiment_id], filter_string=query, max_results=limit),
+        "search runs",
+        budget_s,
+    )
+
+
 def finished_run(uri: str, experiment: str, run_key: str) -> tuple[str, dict[str, float]] | None:
     """The run id and latest metrics of a run with this key that already ended FINISHED.
 
@@ -229,15 +247,7 @@ def finished_run(uri: str, experiment: str, run_key: str) -> tuple[str, dict[str
     exp = with_retries(lambda: client.get_experiment_by_name(experiment), "find experiment", 180)
     if exp is None:
         return None
-    runs = with_retries(
-        lambda: client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`{TAG_KEY}` = '{run_key}' and attributes.status = 'FINISHED'",
-            max_results=1,
-        ),
-        "search runs",
-        180,
-    )
+    runs = runs_tagged(client, exp.experiment_id, TAG_KEY, run_key, 180, "attributes.status = 'FINISHED'", 1)
     if not runs or runs[0].data.tags.get(TAG_STATUS) != "finished":
         return None
     return runs[0].info.run_id, dict(runs[0].data.metrics)
@@ -302,13 +312,7 @@ class RunTracker:
         self._thread.start()
 
     def _find(self, run_key: str) -> str | None:
-        runs = with_retries(
-            lambda: self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{TAG_KEY}` = '{run_key}'", max_results=5
-            ),
-            "search runs",
-            self.retry_budget_s,
-        )
+        runs = runs_tagged(self.client, self.experiment_id, TAG_KEY, run_key, self.retry_budget_s, limit=5)
         return runs[0].info.run_id if runs else None
 
     # -- producer side (training thread): never blocks on the store -------------------------
@@ -336,6 +340,11 @@ class RunTracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._queue.put(("text", (text, artifact_file)))
+
+    def check(self) -> None:
+        """Raise if a write has failed so far; never waits for the store."""
+        if self._error is not None:
+            raise TrackingError(str(self._error)) from None
 
     def flush(self) -> None:
         """Wait until everything queued is written; raise if a write failed."""
@@ -450,6 +459,7 @@ class NullTracker:
     def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
+    def check(self) -> None: ...
     def flush(self) -> None: ...
     def finish(self, status: str = "FINISHED", segsweep_status: str | None = None) -> None: ...
 
