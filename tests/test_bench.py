@@ -41,6 +41,8 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
         "step/fixmatch",
         "overhead/supervised_vs_bare",
         "overhead/tracking",
+        "overhead/tracking_open_close",
+        "overhead/tracking_whole_run",
         "data/loader_workers0",
         "data/loader_workers2",
         "data/wait_share_workers0",
@@ -60,6 +62,9 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     cost = rows["overhead/supervised_vs_bare"]
     assert cost.value == pytest.approx(bare / sup - 1, rel=1e-6)  # time per step, from throughputs
     assert cost.passed == (cost.value <= 0.03)
+    track = rows["overhead/tracking"]
+    assert track.ratio == pytest.approx(1 + track.value) and track.passed == (track.value <= 0.02)
+    assert rows["overhead/tracking_open_close"].value > 0  # an MLflow run costs something to open
     assert rows["flops/per_step"].value > 0 and 0 < rows["flops/mfu"].value
     assert rows["flops/achieved"].value == pytest.approx(rows["flops/per_step"].value * bare / 4, rel=1e-6)
     assert rows["gpu/bf16"].value is None and "no CUDA" in rows["gpu/bf16"].note  # never guessed

@@ -112,12 +112,38 @@ def test_patch_sampling_respects_overlap_and_dominant_class() -> None:
     for i, (top, left, side, cls) in enumerate(patches):
         region = mask[top : top + side, left : left + side]
         labels = region[region != IGNORE]
-        assert (labels == cls).sum() >= 0.7 * region.numel()
+        assert (labels == cls).sum() >= 0.7 * labels.numel()
         assert int(torch.bincount(labels).argmax()) == cls
         for other in patches[i + 1 :]:
             assert box_iou((top, left, side), other[:3]) <= 0.2
     noise = torch.randint(0, 5, (32, 32), generator=g)  # no region has a dominant class
     assert sample_patches(noise, 8, 8, 16, 0.5, 0.6, g) == []
+
+
+def test_patch_centres_are_class_balanced() -> None:
+    """A small object gets patches of its own, not only the background around it."""
+    mask = torch.zeros(64, 64, dtype=torch.long)
+    mask[20:32, 20:32] = 1  # 3.5% of the image
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_patches(mask, 8, 8, 12, 0.5, 0.6, g) for _ in range(10)]
+    share = sum(cls == 1 for d in draws for *_, cls in d) / sum(len(d) for d in draws)
+    assert share > 0.2  # centres drawn uniformly over the image would give about 0.04
+
+
+def test_the_first_layer_answers_colour_as_it_learned_brightness() -> None:
+    from segsweep.data.transforms import MEAN, STD
+    from segsweep.methods.mixandmatch import colour_first_layer, to_gray_input
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    rgb = torch.rand(2, 3, 8, 8) * 255
+    colour = (rgb - MEAN) / STD
+    before = encoder[0](to_gray_input(colour))
+    colour_first_layer(encoder)
+    after = encoder[0](colour)
+    shift = (after - before).mean(dim=(0, 2, 3), keepdim=True)  # a constant per filter
+    assert torch.allclose(after - shift, before, atol=1e-3)
+    assert not torch.allclose(encoder[0].weight[:, 0], torch.zeros_like(encoder[0].weight[:, 0]))
 
 
 def test_class_graph_links_same_class_positives_and_other_class_negatives() -> None:
@@ -197,3 +223,19 @@ def test_multi_stage_runs_resume_from_the_last_stage_and_step(
         assert full.metrics[("pseudo/mIoU", 0)] > 0
         assert full.metrics[("pseudo/bg_threshold", 0)] in THRESHOLD_GRID  # tuned by default
         assert ("pseudo/tune_mIoU", 0) in full.metrics
+
+
+def test_blurring_removes_texture_edges_from_the_feature_similarity_loss() -> None:
+    """Stripes inside an object are colour edges; blurred at their period they are not, and the
+    loss stops rewarding CAM contours along them."""
+    from segsweep.methods.hfpl import gaussian_blur
+
+    stripes = torch.zeros(1, 3, 16, 16)
+    stripes[..., ::2] = 1.0  # a 2-pixel period
+    blurred = gaussian_blur(stripes, 2.0)
+    assert blurred.std() < 0.05 * stripes.std() and abs(blurred.mean() - 0.5) < 0.05
+    cams = torch.rand(1, 2, 16, 16)
+    raw = feature_similarity_loss(stripes, cams, 2.0, 2.5)
+    smooth = feature_similarity_loss(blurred, cams, 2.0, 2.5)
+    assert smooth > raw  # raw stripes pay the CAM for varying; a uniform patch penalises it
+    assert gaussian_blur(torch.full((1, 3, 8, 8), 0.3), 1.5).sub(0.3).abs().max() < 1e-6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,31 @@ def test_eight_concurrent_writers_lose_no_metric(tmp_path: Path) -> None:
         for k in range(10):
             history = client.get_metric_history(r.info.run_id, f"m{k}")
             assert sorted(m.step for m in history) == list(range(100))
+
+
+def test_metrics_of_many_steps_go_out_in_few_writes_and_a_flush_waits_for_none(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = RunTracker(uri, "batched", run_name="b")
+    writes: list[int] = []
+    write = tracker._write
+
+    def counting(kind: str, payload: object) -> None:
+        if kind == "metrics":
+            writes.append(len(payload))  # type: ignore[arg-type]
+        write(kind, payload)
+
+    tracker._write = counting  # type: ignore[method-assign]
+    for step in range(60):  # a step every 10 ms, as a training loop logs
+        tracker.log_metrics({"loss": float(step), "lr": 0.1}, step)
+        time.sleep(0.01)
+    tracker.log_image(np.zeros((4, 4, 3), np.uint8), "panel", 59)  # ends the window at once
+    tracker.flush()
+    assert sum(writes) == 120 and len(writes) <= 2  # not one request per step
+    tracker.finish("FINISHED", "finished")
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(uri).get_metric_history(tracker.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(60))
 
 
 # -- the artifact store fails -----------------------------------------------------------------

@@ -253,6 +253,14 @@ def finished_run(uri: str, experiment: str, run_key: str) -> tuple[str, dict[str
     return runs[0].info.run_id, dict(runs[0].data.metrics)
 
 
+#: Niceness of the writer thread: on a small machine its requests (SQLAlchemy, PNG encoding)
+#: would take a core from the training step's threads.
+WRITER_NICE = 10
+
+#: Seconds of metrics gathered into one write (a flush, an image or the run's end comes first).
+METRIC_WINDOW_S = 2.0
+
+
 class RunTracker:
     """One MLflow run, written asynchronously.
 
@@ -379,8 +387,14 @@ class RunTracker:
 
     # -- consumer side (background thread) -----------------------------------------------------
     def _work(self) -> None:
+        try:  # Linux: a thread's own nice value. Training threads get the cores first.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        except (AttributeError, OSError):
+            pass
+        pending: tuple[str, Any] | None = None
         while True:
-            kind, payload = self._queue.get()
+            kind, payload = pending or self._queue.get()
+            pending = None
             if kind == "stop":
                 return
             if kind == "flush":
@@ -388,12 +402,18 @@ class RunTracker:
                 continue
             metrics = payload if kind == "metrics" else None
             if metrics is not None:
-                # Coalesce every queued metric batch into one request (MLflow takes 1000).
-                while not self._queue.empty():
-                    k2, p2 = self._queue.queue[0]
-                    if k2 != "metrics" or len(metrics) + len(p2) > 1000:
+                # Coalesce the metrics of the next METRIC_WINDOW_S into one request (MLflow
+                # takes 1000): one write per step would cost the training loop CPU time on a
+                # small machine. Anything else (a flush, an image, the end) ends the window.
+                deadline = time.monotonic() + METRIC_WINDOW_S
+                while len(metrics) < 1000:
+                    try:
+                        k2, p2 = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
                         break
-                    self._queue.get()
+                    if k2 != "metrics" or len(metrics) + len(p2) > 1000:
+                        pending = (k2, p2)
+                        break
                     metrics = metrics + p2
             if self._error is not None:
                 continue  # the run already failed; drain the queue without writing

@@ -11,13 +11,16 @@ building on its predecessor arvijj/icam. A pipeline of three stages:
    over classes):
 
    * **importance sampling pooling** (``probutils`` of the official code): per image and
-     class, ``num_samples`` pixels are drawn from pi_c(i) ∝ sigmoid(z_c(i) / T) (T, the
-     sampling temperature, is 1 in the paper) and BCE is applied to each sampled logit;
-     the classification loss becomes (1 - is_weight) * L_GAP + is_weight * L_IS.
+     class, ``num_samples`` pixels are drawn from pi_c(i) ∝ sigmoid(z_c(i) / T) (the
+     sampling temperature T is ours; the official code has none, i.e. T = 1) and BCE is
+     applied to each sampled logit; the classification loss becomes
+     (1 - is_weight) * L_GAP + is_weight * L_IS.
    * **feature-similarity loss**: over all pixel pairs weighted by a spatial Gaussian,
      -g(i, j) * 1/2 ||y_i - y_j||^2 * tanh(mu + logit(d_ij)), where y are the normalised CAMs
      (background = 1 - max) and d_ij the mean absolute RGB difference: CAM contours are
-     pushed onto colour edges and smoothed inside colour-uniform regions.
+     pushed onto colour edges and smoothed inside colour-uniform regions. ``fs_smooth``
+     (ours, 0 by default) blurs the image first, so that colour edges inside a textured object
+     (its stripes) do not count as contours.
 
 2. ``pseudo``: CAMs of every tagged training image (with a flipped copy), ReLU and min-max
    normalised per class, restricted to the image's tags; a pixel is background where no
@@ -69,6 +72,14 @@ class HFPLKnobs(Knobs):
     fs_weight: float = Field(1.0, ge=0)
     fs_sigma: float = Field(2.0, gt=0, description="spatial Gaussian, working-resolution pixels")
     fs_mu: float = Field(2.5, description="colour-edge offset of the tanh")
+    fs_smooth: float = Field(
+        0.0,
+        ge=0,
+        le=16,
+        description="Gaussian blur (image pixels) of the colour image before colour distances; "
+        "0: raw colour, as in the paper. Objects made of a texture need about its period, or "
+        "every stripe counts as an object contour",
+    )
     work_side: int = Field(16, ge=4, le=64, description="working resolution of IS and FSL")
     bg_threshold: float | Literal["tune"] = Field(
         "tune",
@@ -158,6 +169,18 @@ def feature_similarity_loss(image01: Tensor, cams: Tensor, sigma: float, mu: flo
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
+def gaussian_blur(image: Tensor, sigma: float) -> Tensor:
+    """(N, C, H, W) blurred by a separable Gaussian of ``sigma`` pixels (edges mirrored)."""
+    radius = min(max(1, math.ceil(3 * sigma)), min(image.shape[-2:]) - 1)
+    t = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = image.shape[1]
+    out = F.pad(image, (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
 def best_threshold(confusions: dict[float, Tensor]) -> tuple[float, float]:
     """The threshold whose confusion matrix has the highest mIoU (ties: the lowest), and that
     mIoU."""
@@ -184,6 +207,7 @@ class HFPL(Method):
         "hfpl.bg_threshold": {"type": "float", "low": 0.1, "high": 0.6},
         "hfpl.sampling_temperature": {"type": "logfloat", "low": 0.25, "high": 4.0},
         "hfpl.fs_weight": {"type": "logfloat", "low": 0.05, "high": 3.0},
+        "hfpl.fs_smooth": {"type": "float", "low": 0.0, "high": 6.0},
         "hfpl.is_weight": {"type": "float", "low": 0.05, "high": 0.8},
     }
 
@@ -246,6 +270,8 @@ class HFPL(Method):
             logs["loss_is"] = loss_is
         if k.addon and k.feature_similarity:
             rgb = ((x.float() * STD.to(x.device) + MEAN.to(x.device)) / 255).clamp(0, 1)
+            if k.fs_smooth:
+                rgb = gaussian_blur(rgb, k.fs_smooth)
             rgb = F.adaptive_avg_pool2d(rgb, z_small.shape[-2:])
             loss_fs = feature_similarity_loss(rgb, normalised_cams(z_small, tags), k.fs_sigma, k.fs_mu)
             loss = loss + k.fs_weight * loss_fs

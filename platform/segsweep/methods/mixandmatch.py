@@ -9,10 +9,11 @@ Segmentation", AAAI 2018 (arXiv 1712.00661); official code XiaohangZhan/mix-and-
    loads): from a grayscale input, classify each pixel's hue and chroma into ``color_bins``
    bins each, the hue loss weighted by chroma (hue means nothing on grey pixels).
 2. ``mix`` (run inside the ``match`` stage's batches): many square patches of various sizes
-   (``patch_min``..``patch_max`` of the image side) are sampled from the labeled images;
-   candidates overlapping a kept patch by more than ``overlap_threshold`` (IoU) are discarded;
-   each patch takes the dominant class of its region in the label map, and patches without
-   one (no class covering ``dominant_ratio``) are discarded. Patches of all images of the
+   (``patch_min``..``patch_max`` of the image side) are sampled from the labeled images,
+   centred on pixels of classes drawn uniformly among those present; candidates overlapping a
+   kept patch by more than ``overlap_threshold`` (IoU) are discarded; each patch takes the
+   dominant class of its region in the label map, and patches without one (no class covering
+   ``dominant_ratio`` of its labelled pixels) are discarded. Patches of all images of the
    batch are pooled, so the graph below mixes images.
 3. ``match``: a class-wise connected graph over the patches. Visiting them in random order,
    each links to a random earlier patch of its class (positive: the positive edges form a
@@ -29,9 +30,11 @@ features (P, D) unit vectors.
 
 Departures (README, "Methods"): the encoder is the run's smp encoder (not AlexNet/VGG); the
 proxy feeds a grayscale image replicated to three channels so the same encoder serves every
-stage; patches follow the issue's dominant-class rule where the official code takes the
-centre pixel's label, and the margin defaults to 0.5 (the code's 2.1 never lets the hinge
-switch off on unit vectors).
+stage, and its first layer is handed over to colour input after the proxy
+(``colour_first_layer``; the official code stays gray throughout); patches follow the issue's
+dominant-class rule where the official code takes the centre pixel's label, with centres
+drawn class-balanced where the official code draws 90% on foreground; the margin defaults to
+0.5 (the code's 2.1 never lets the hinge switch off on unit vectors).
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ class MixAndMatchKnobs(Knobs):
     mm: bool = Field(True, description="the mix-and-match stage (off: proxy + fine-tune)")
     mm_steps: int = Field(200, ge=1, description="budget of the mix-and-match stage")
     patches_per_image: int = Field(8, ge=2, le=64)
-    patch_min: float = Field(0.2, gt=0, le=1, description="smallest patch side / image side")
-    patch_max: float = Field(0.5, gt=0, le=1, description="largest patch side / image side")
+    patch_min: float = Field(0.12, gt=0, le=1, description="smallest patch side / image side")
+    patch_max: float = Field(0.35, gt=0, le=1, description="largest patch side / image side")
     patch_input: int = Field(32, ge=32, description="patches are resized to this side")
     overlap_threshold: float = Field(0.3, ge=0, le=1, description="max IoU with a kept patch")
     dominant_ratio: float = Field(0.6, gt=0, le=1, description="share the patch's class must cover")
@@ -90,6 +93,23 @@ def to_gray_input(x: Tensor) -> Tensor:
     return ((gray - MEAN.to(x.device)) / STD.to(x.device)).to(x.dtype)
 
 
+@torch.no_grad()
+def colour_first_layer(encoder: nn.Module) -> None:
+    """Hand the first convolution over from the proxy's gray input to colour input.
+
+    The proxy saw gray images replicated to three channels, so only the sum of each filter's
+    channel weights was trained. Spreading that sum evenly (per normalised channel) makes each
+    filter's response to a colour image what it learned for the image's brightness, up to a
+    small offset from the per-channel normalisation; colour sensitivity is then learned by
+    the later stages. (The official code stays gray in every stage; this keeps colour, which
+    the from-scratch baseline sees too.)
+    """
+    first = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3)
+    scale = (STD / 255).to(first.weight).view(1, 3, 1, 1)  # x_c = (rgb_c - mean_c) / std_c
+    per_unit = (first.weight / scale).sum(1, keepdim=True) / 3  # response to a unit of brightness
+    first.weight.copy_(per_unit * scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mix: patch sampling
 
@@ -113,26 +133,34 @@ def sample_patches(
 ) -> list[tuple[int, int, int, int]]:
     """Up to ``count`` squares (top, left, side, class) from one (H, W) label map.
 
-    5 x count random candidates are visited in order; one is kept when its most frequent
-    class (ignoring 255) covers at least ``dominant`` of its pixels and its IoU with every
+    5 x count candidates are visited in order. Each is centred on a pixel of a class drawn
+    uniformly among the classes present (class-balanced: with centres drawn uniformly over the
+    image, small objects get almost no patch and the graph is mostly background; the official
+    code draws 90% of its centres on foreground pixels). One is kept when its most frequent
+    class covers at least ``dominant`` of its labelled (non-255) pixels and its IoU with every
     kept square is at most ``overlap``.
     """
     h, w = mask.shape
+    where = {c: (mask == c).nonzero() for c in mask.unique().tolist() if c != IGNORE}
+    classes = sorted(where)
     kept: list[tuple[int, int, int, int]] = []
+    if not classes:
+        return kept
     for _ in range(5 * count):
         if len(kept) == count:
             break
-        side = int(torch.randint(side_min, side_max + 1, (1,), generator=generator))
-        side = min(side, h, w)
-        top = int(torch.randint(0, h - side + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - side + 1, (1,), generator=generator))
+        pixels = where[classes[int(torch.randint(len(classes), (1,), generator=generator))]]
+        cy, cx = pixels[int(torch.randint(len(pixels), (1,), generator=generator))].tolist()
+        side = min(int(torch.randint(side_min, side_max + 1, (1,), generator=generator)), h, w)
+        top = min(max(cy - side // 2, 0), h - side)
+        left = min(max(cx - side // 2, 0), w - side)
         region = mask[top : top + side, left : left + side]
         labels = region[region != IGNORE]
         if labels.numel() == 0:
             continue
         counts = torch.bincount(labels.flatten())
         cls = int(counts.argmax())
-        if counts[cls] < dominant * region.numel():
+        if counts[cls] < dominant * labels.numel():
             continue  # no dominant class
         if any(box_iou((top, left, side), k[:3]) > overlap for k in kept):
             continue  # overlaps a kept patch too much
@@ -204,6 +232,7 @@ class MixAndMatch(Method):
         self.knobs: MixAndMatchKnobs = knobs
         self.color_head = nn.Conv2d(model.decoder_channels, 2 * knobs.color_bins, 1)
         self.stage = "train"
+        self.colour_input = False  # the first layer was handed over from gray to colour input
 
     def stages(self, train_steps: int) -> list[Stage]:
         k = self.knobs
@@ -217,12 +246,16 @@ class MixAndMatch(Method):
     def begin_stage(self, stage: Stage) -> None:
         self.stage = stage.name
         self.color_head.requires_grad_(stage.name == "proxy")
+        if stage.name != "proxy" and self.knobs.proxy_steps and not self.colour_input:
+            colour_first_layer(self.model.encoder)
+            self.colour_input = True
 
-    def get_extra_state(self) -> dict[str, str]:
-        return {"stage": self.stage}
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"stage": self.stage, "colour_input": self.colour_input}
 
-    def set_extra_state(self, state: dict[str, str]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.stage = state.get("stage", "train")
+        self.colour_input = bool(state.get("colour_input", False))
 
     # -- the three kinds of step ---------------------------------------------------------------
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
