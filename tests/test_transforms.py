@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,47 @@ def test_stream_sampler_restarts_at_any_position() -> None:
     later = iter(StreamSampler(10, seed=5, start=17))
     assert [next(later) for _ in range(18)] == first[17:]
     assert sorted(d[0] for d in first[:10]) == list(range(10))  # each epoch is a permutation
+
+
+def test_prefetched_batches_come_in_order_and_errors_reach_the_caller() -> None:
+    import gc
+    import threading
+
+    from segsweep.data.loaders import Prefetch
+
+    def counting():
+        yield from range(5)
+        raise ValueError("broken sample 5")
+
+    it = Prefetch(counting())
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="broken sample 5"):
+        next(it)
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    before = threading.active_count()
+    streams = [Prefetch(endless()) for _ in range(3)]
+    assert [next(s) for s in streams] == [0, 0, 0]
+    del streams
+    gc.collect()
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:  # dropped: threads end
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_a_prefetched_stream_is_the_same_stream(tiny) -> None:
+    from segsweep.data.loaders import stream_loader
+    from segsweep.runner import prepare
+
+    data = prepare(tiny()).data
+    fetched = stream_loader(data.labeled(), 4, 7, 3, 0, False)  # a prefetch thread
+    plain = stream_loader(data.labeled(), 4, 7, 3, 1, False)  # a worker process
+    for _ in range(4):
+        a, b = next(plain), next(fetched)
+        assert all(torch.equal(a[k], b[k]) for k in a)

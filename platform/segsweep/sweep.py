@@ -414,6 +414,7 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
             handler = signal.getsignal(signal.SIGUSR1)
             if callable(handler):
                 handler(signal.SIGUSR1, None)
+        self._view(trials)  # on a clock, not only on results: some stages report nothing for long
 
     def interrupted_trials(self, trials: list) -> list:
         """Trials an interrupt cut short: neither ended before this driver restored them nor

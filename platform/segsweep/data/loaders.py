@@ -9,8 +9,11 @@ of workers, no state to save.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,7 +175,61 @@ def stream_loader(
         # the checkpoint restores for the methods' own randomness.
         generator=torch.Generator().manual_seed(seed),
     )
-    return iter(loader)
+    # Worker processes prefetch on their own; without them a thread makes the next batches
+    # while the step runs (decoding and augmentation are numpy/torch work that releases the
+    # GIL), so the step does not wait for its data.
+    return iter(loader) if workers > 0 else Prefetch(iter(loader))
+
+
+class _Raised:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Prefetch(Iterator[dict[str, torch.Tensor]]):
+    """Items of ``source`` made ``depth`` ahead by a background thread, in the same order.
+
+    The thread stops when the iterator is closed or garbage-collected (a stage's streams are
+    dropped when it ends); an error in ``source`` is raised by ``next`` in the caller.
+    """
+
+    def __init__(self, source: Iterator[dict[str, torch.Tensor]], depth: int = 2) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(depth)
+        self._stop = threading.Event()
+        # The thread holds the queue and the event, never ``self``: dropping the iterator
+        # stops it.
+        threading.Thread(
+            target=_fill, args=(source, self._queue, self._stop), name="segsweep-prefetch", daemon=True
+        ).start()
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        item = self._queue.get()
+        if isinstance(item, _Raised):
+            self._queue.put(item)  # every later call raises it too
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _fill(source: Iterator[Any], out: queue.Queue[Any], stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            item: Any = next(source)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            item = _Raised(exc)
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+        if isinstance(item, _Raised):
+            return
 
 
 def eval_loader(source: Source, samples: list[Sample], batch_size: int, workers: int) -> DataLoader:
