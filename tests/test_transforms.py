@@ -94,12 +94,14 @@ def test_prefetched_batches_come_in_order_and_errors_reach_the_caller() -> None:
 
 
 def test_a_prefetched_stream_is_the_same_stream(tiny) -> None:
-    from segsweep.data.loaders import stream_loader
+    from segsweep.data.loaders import Prefetch, stream_loader
     from segsweep.runner import prepare
 
     data = prepare(tiny()).data
-    fetched = stream_loader(data.labeled(), 4, 7, 3, 0, False)  # a prefetch thread
+    # The worker process first: forking while another thread runs torch can deadlock the child
+    # (which is why the trainer never mixes the prefetch thread with worker processes).
     plain = stream_loader(data.labeled(), 4, 7, 3, 1, False)  # a worker process
+    fetched = Prefetch(stream_loader(data.labeled(), 4, 7, 3, 0, False))  # a thread, as on a GPU
     for _ in range(4):
         a, b = next(plain), next(fetched)
         assert all(torch.equal(a[k], b[k]) for k in a)

@@ -377,17 +377,19 @@ class Trainer:
         """A function returning the next batch of this stage (labeled and/or unlabeled)."""
         t, d = self.cfg.train, self.data
         workers = self.cfg.data.num_workers
-        pin = self.numerics.device.type == "cuda"
+        accelerator = self.numerics.device.type == "cuda"
         ub = t.unlabeled_batch_size or t.batch_size
         seed = hash_seed(self.cfg.seed, self.progress.stage)
         iters: list[Iterator[dict[str, Tensor]]] = []
         if stage.batch in ("labeled", "tags", "semi"):
             labeled = d.labeled(self.method.training_masks())
-            iters.append(stream_loader(labeled, t.batch_size, hash_seed(seed, 1), start, workers, pin))
+            iters.append(
+                stream_loader(labeled, t.batch_size, hash_seed(seed, 1), start, workers, accelerator)
+            )
         if stage.batch == "semi":
-            iters.append(stream_loader(d.unlabeled(), ub, hash_seed(seed, 2), start, workers, pin))
+            iters.append(stream_loader(d.unlabeled(), ub, hash_seed(seed, 2), start, workers, accelerator))
         if stage.batch == "all":
-            iters.append(stream_loader(d.all_images(), ub, hash_seed(seed, 3), start, workers, pin))
+            iters.append(stream_loader(d.all_images(), ub, hash_seed(seed, 3), start, workers, accelerator))
 
         def next_batch() -> dict[str, Tensor]:
             batch: dict[str, Tensor] = {}
