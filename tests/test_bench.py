@@ -60,7 +60,8 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     bare, sup = rows["step/bare"].value, rows["step/supervised"].value
     assert rows["step/supervised"].ratio == pytest.approx(sup / bare)
     cost = rows["overhead/supervised_vs_bare"]
-    assert cost.value == pytest.approx(bare / sup - 1, rel=1e-6)  # time per step, from throughputs
+    assert cost.value == pytest.approx(bare / sup - 1, rel=1e-6)  # one pair (quick): from throughputs
+    assert cost.ratio == pytest.approx(1 + cost.value)
     assert cost.passed == (cost.value <= 0.03)
     track = rows["overhead/tracking"]
     assert track.ratio == pytest.approx(1 + track.value) and track.passed == (track.value <= 0.02)
