@@ -368,3 +368,12 @@ def test_secrets_never_become_params_and_uris_are_redacted() -> None:
 def test_services_listen_on_loopback_by_default() -> None:
     args = build_parser().parse_args(["dashboard"])
     assert args.host == "127.0.0.1"
+
+
+def test_a_race_on_one_tag_is_retried_but_a_rejected_request_is_not() -> None:
+    from segsweep.tracking import is_transient
+
+    race = Exception("(sqlite3.IntegrityError) UNIQUE constraint failed: tags.key, tags.run_uuid")
+    assert is_transient(race)  # a worker and the driver set the same tag at once
+    assert not is_transient(Exception("UNIQUE constraint failed: metrics.key"))
+    assert not is_transient(Exception("INVALID_PARAMETER_VALUE: param changed"))

@@ -978,9 +978,12 @@ def _fit(
         if not trial.config:
             continue
         key = trial_key(ctx.key_prefix, trial.config.get("trial", trial.config))
-        for run in runs_tagged(parent.client, parent.experiment_id, TAG_KEY, key, parent.retry_budget_s):
-            if run.info.status != "FINISHED" or run.data.tags.get(TAG_STATUS) != "finished":
-                _end_run(parent, run.info.run_id, "KILLED", "interrupted")
+        try:
+            for run in runs_tagged(parent.client, parent.experiment_id, TAG_KEY, key, parent.retry_budget_s):
+                if run.info.status != "FINISHED" or run.data.tags.get(TAG_STATUS) != "finished":
+                    _end_run(parent, run.info.run_id, "KILLED", "interrupted")
+        except UserError as exc:  # the interrupt still ends the sweep; --resume runs the trial again
+            print(f"warning: could not mark the run of {key} interrupted: {exc}", file=sys.stderr)
     return {}, False
 
 

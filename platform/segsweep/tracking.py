@@ -185,6 +185,9 @@ TRANSIENT_HINTS = (
     "refused",
     "unavailable",
     "broken pipe",
+    # Two writers setting the same tag at once (a trial's worker and the sweep driver): the
+    # SQL store's insert-or-update is not atomic; the retry updates.
+    "unique constraint failed: tags",
 )
 
 

@@ -195,7 +195,8 @@ class Prefetch(Iterator[dict[str, torch.Tensor]]):
     """Items of ``source`` made ``depth`` ahead by a background thread, in the same order.
 
     The thread stops when the iterator is closed or garbage-collected (a stage's streams are
-    dropped when it ends); an error in ``source`` is raised by ``next`` in the caller.
+    dropped when it ends); an error in ``source`` is raised by ``next`` in the caller. Never
+    used beside worker processes: forking while this thread runs torch can deadlock the child.
     """
 
     def __init__(self, source: Iterator[dict[str, torch.Tensor]], depth: int = 2) -> None:
