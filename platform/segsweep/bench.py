@@ -284,13 +284,15 @@ def run_bench(
     names = methods or list(METHODS)
     repeats = 1 if quick or "supervised" not in names else 5
     bare_runs: list[float] = []
-    supervised_runs: list[tuple[float, Any]] = []
+    supervised_runs: list[float] = []
+    supervised_trainer: Any = None  # the last one: its data-wait clock
     for _ in range(repeats):
         bare_runs.append(bare_step_seconds(cfg, steps, measure))
         if "supervised" in names:
-            supervised_runs.append(
-                trainer_step_seconds(validate_run_config({**tree, "method": "supervised"}, "bench"), measure)
+            seconds, supervised_trainer = trainer_step_seconds(
+                validate_run_config({**tree, "method": "supervised"}, "bench"), measure
             )
+            supervised_runs.append(seconds)
     bare = median(bare_runs)
     report.add(
         Row(
@@ -304,7 +306,7 @@ def run_bench(
     peak_rss = 0.0
     for name in names:
         if name == "supervised":
-            seconds, trainer = median([s for s, _ in supervised_runs]), supervised_runs[-1][1]
+            seconds, trainer = median(supervised_runs), supervised_trainer
         else:
             seconds, trainer = trainer_step_seconds(
                 validate_run_config({**tree, "method": name}, "bench"), measure
@@ -323,7 +325,7 @@ def run_bench(
         peak_rss = max(peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if name == "supervised":
             # The median of the pairs' ratios: a spike of the machine hits one run of a pair.
-            cost = median([overhead(s, b) for (s, _), b in zip(supervised_runs, bare_runs, strict=True)])
+            cost = median([overhead(s, b) for s, b in zip(supervised_runs, bare_runs, strict=True)])
             report.add(
                 Row(
                     "overhead/supervised_vs_bare",

@@ -1011,7 +1011,7 @@ def _close_orphans(
         rid, key = run.info.run_id, run.data.tags.get(TAG_KEY, "")
         outcome = by_key.get(key)
         if outcome is None:
-            _end_run(parent, rid, "KILLED", "orphaned", only_if_running=True)
+            _end_run(parent, rid, "KILLED", "orphaned", end=run.info.status == "RUNNING")
             with_retries(lambda rid=rid: parent.client.delete_run(rid), "delete run", parent.retry_budget_s)
             echo(f"  removed orphaned run {rid} ({key})")
         elif outcome.status == "stopped_early" and run.data.tags.get(TAG_STATUS) != "stopped_early":
@@ -1020,17 +1020,12 @@ def _close_orphans(
             _end_run(parent, rid, "FAILED", "failed")
 
 
-def _end_run(
-    parent: RunTracker, run_id: str, status: str, segsweep_status: str, only_if_running: bool = False
-) -> None:
-    """Tag a trial's run with how it ended and end it (from the driver, with retries)."""
+def _end_run(parent: RunTracker, run_id: str, status: str, segsweep_status: str, end: bool = True) -> None:
+    """Tag a trial's run with how it ended and (``end``) end it, from the driver, with retries."""
     budget = parent.retry_budget_s
     with_retries(lambda: parent.client.set_tag(run_id, TAG_STATUS, segsweep_status), "tag run", budget)
-    if only_if_running:
-        run = with_retries(lambda: parent.client.get_run(run_id), "read run", budget)
-        if run.info.status != "RUNNING":
-            return
-    with_retries(lambda: parent.client.set_terminated(run_id, status), "end run", budget)
+    if end:
+        with_retries(lambda: parent.client.set_terminated(run_id, status), "end run", budget)
 
 
 def _summarise(

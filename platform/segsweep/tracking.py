@@ -364,8 +364,7 @@ class RunTracker:
         while not done.wait(0.5):
             if not self._thread.is_alive():
                 break
-        if self._error is not None:
-            raise TrackingError(str(self._error)) from None
+        self.check()
 
     def finish(self, status: str = "FINISHED", segsweep_status: str | None = None) -> None:
         """Flush, then end the run (FINISHED, FAILED or KILLED). Safe to call twice."""

@@ -194,8 +194,8 @@ class _Raised:
 class Prefetch(Iterator[dict[str, torch.Tensor]]):
     """Items of ``source`` made ``depth`` ahead by a background thread, in the same order.
 
-    The thread stops when the iterator is closed or garbage-collected (a stage's streams are
-    dropped when it ends); an error in ``source`` is raised by ``next`` in the caller. Never
+    The thread stops when the iterator is garbage-collected (a stage's streams are dropped
+    when it ends); an error in ``source`` is raised by ``next`` in the caller. Never
     used beside worker processes: forking while this thread runs torch can deadlock the child.
     """
 
@@ -214,9 +214,6 @@ class Prefetch(Iterator[dict[str, torch.Tensor]]):
             self._queue.put(item)  # every later call raises it too
             raise item.error
         return item
-
-    def close(self) -> None:
-        self._stop.set()
 
     def __del__(self) -> None:
         self._stop.set()
