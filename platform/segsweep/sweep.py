@@ -961,6 +961,10 @@ def _interrupt(signum: int, frame: Any) -> None:
     )
 
 
+#: Seconds the driver waits, after an interrupt, for stopped workers to close their runs.
+WORKER_CLOSE_WAIT_S = 10.0
+
+
 def _fit(
     tuner: Any, callback: SweepCallback, ctx: SweepContext, parent: RunTracker, metric: str
 ) -> tuple[dict[str, Outcome], bool]:
@@ -979,7 +983,14 @@ def _fit(
             continue
         key = trial_key(ctx.key_prefix, trial.config.get("trial", trial.config))
         try:
-            for run in runs_tagged(parent.client, parent.experiment_id, TAG_KEY, key, parent.retry_budget_s):
+            # A stopped worker may still be closing its run (as "stopped early"): let it finish
+            # first, so that the driver's mark is the last word.
+            deadline = time.monotonic() + WORKER_CLOSE_WAIT_S
+            runs = runs_tagged(parent.client, parent.experiment_id, TAG_KEY, key, parent.retry_budget_s)
+            while any(r.info.status == "RUNNING" for r in runs) and time.monotonic() < deadline:
+                time.sleep(0.5)
+                runs = runs_tagged(parent.client, parent.experiment_id, TAG_KEY, key, parent.retry_budget_s)
+            for run in runs:
                 if run.info.status != "FINISHED" or run.data.tags.get(TAG_STATUS) != "finished":
                     _end_run(parent, run.info.run_id, "KILLED", "interrupted")
         except UserError as exc:  # the interrupt still ends the sweep; --resume runs the trial again
