@@ -239,3 +239,24 @@ def test_blurring_removes_texture_edges_from_the_feature_similarity_loss() -> No
     smooth = feature_similarity_loss(blurred, cams, 2.0, 2.5)
     assert smooth > raw  # raw stripes pay the CAM for varying; a uniform patch penalises it
     assert gaussian_blur(torch.full((1, 3, 8, 8), 0.3), 1.5).sub(0.3).abs().max() < 1e-6
+
+
+def test_the_addon_switches_on_after_its_warm_up() -> None:
+    """``addon_start``: the first share of the CAM steps trains the baseline loss alone; from
+    then on importance sampling and the feature-similarity loss join it."""
+    from segsweep.methods.base import Stage
+    from segsweep.methods.hfpl import HFPL
+    from segsweep.models import build_model
+
+    from .test_contract import C, make_batch
+
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus", "tu-mobilenetv3_small_050", C, decoder_channels=16)
+    method = HFPL(model, HFPLKnobs(cam_steps=10, addon_start=0.5), C)
+    method.begin_stage(Stage("cam", 10, batch="tags"))
+    batch = make_batch()
+    _, before = method.training_step(batch, 4)
+    loss, after = method.training_step(batch, 5)
+    assert set(before) == {"loss", "loss_gap"} and before["loss"] == before["loss_gap"]
+    assert {"loss_is", "loss_fs"} <= set(after) and after["loss"] != after["loss_gap"]
+    assert torch.isfinite(loss)

@@ -355,3 +355,44 @@ def test_an_interrupted_sweep_says_so_and_resumes(cache_dir: Path, tmp_path: Pat
     cut = [k for k in kids if k.data.tags.get("segsweep.status") == "interrupted"]
     assert cut and all(k.info.status == "KILLED" for k in cut)
     _resume_and_count(path, uri, before, tmp_path)
+
+
+def test_the_live_view_closes_the_runs_of_stopped_and_killed_trials(tmp_path: Path) -> None:
+    """A trial stopped after its last report, and one whose worker died, leave RUNNING runs:
+    the driver's callback ends them (stopped early: FINISHED, with the step; died: FAILED).
+    A store that refuses does not stop the sweep: a one-line warning says so."""
+    from types import SimpleNamespace
+
+    from segsweep.sweep import SweepCallback, SweepContext
+    from segsweep.tracking import TAG_STATUS, client_for
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    experiment = client.create_experiment("live")
+    stopped, died = (client.create_run(experiment).info.run_id for _ in range(2))
+    lines: list[str] = []
+    ctx = SweepContext("s", "live", uri, "parent", {}, 1.0, str(tmp_path))
+    cb = SweepCallback(ctx, "tune/mIoU", "max", "search", 2, 1, lines.append, {})
+
+    def trial(trial_id: str, run_id: str, **result: object) -> SimpleNamespace:
+        config = {"cell": "c", "phase": "search", "sample": 0, "params": {}}
+        return SimpleNamespace(
+            trial_id=trial_id, config=config, error_file=None, last_result={"mlflow_run_id": run_id, **result}
+        )
+
+    cb.on_trial_complete(0, [], trial("a", stopped, step=40, **{"tune/mIoU": 0.3}))
+    cb.on_trial_error(0, [], trial("b", died, step=10))
+    a, b = client.get_run(stopped), client.get_run(died)
+    assert (a.info.status, a.data.tags[TAG_STATUS], a.data.tags["segsweep.stopped_at_step"]) == (
+        "FINISHED",
+        "stopped_early",
+        "40",
+    )
+    assert (b.info.status, b.data.tags[TAG_STATUS]) == ("FAILED", "failed")
+    assert cb.outcomes["a"].status == "stopped_early" and cb.outcomes["b"].status == "failed"
+
+    cb.on_trial_complete(0, [], trial("c", "no-such-run", step=5))
+    warnings = [line for line in lines if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "  warning: could not close run no-such-run: tracking"
+    )

@@ -361,6 +361,11 @@ class Outcome:
     seed: int | None = None
 
 
+#: Retry budget of the live view's run closings: they run in Ray's event loop, which must not
+#: stall for long (the end of the sweep closes whatever they could not, with the full budget).
+CALLBACK_RETRY_S = 10.0
+
+
 def _callback_base() -> type:
     from ray.tune import Callback
 
@@ -437,19 +442,12 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
         self.completed.add(trial.trial_id)
         run_id = result.get("mlflow_run_id")
         if status == "stopped_early" and run_id:
-            # The trial was killed after its last report: its run is closed here.
+            # The trial was killed after its last report: its run is closed here (and again,
+            # if this fails, when the sweep ends: _close_orphans).
             try:
-                from mlflow.entities import RunTag
-
-                self.client.log_batch(
-                    run_id,
-                    tags=[
-                        RunTag(TAG_STATUS, "stopped_early"),
-                        RunTag("segsweep.stopped_at_step", str(result.get("step", ""))),
-                    ],
-                )
-                self.client.set_terminated(run_id, "FINISHED")
-            except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not stop the sweep
+                step = {"segsweep.stopped_at_step": str(result.get("step", ""))}
+                _end_run(self.client, run_id, "FINISHED", "stopped_early", CALLBACK_RETRY_S, tags=step)
+            except UserError as exc:  # a tracking hiccup must not stop the sweep
                 self.echo(f"  warning: could not close run {run_id}: {exc}")
         self._record(trial, status, result)
         self._line(trial, status, result)
@@ -461,12 +459,11 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
         run_id = (trial.last_result or {}).get("mlflow_run_id")
         if run_id:  # normally closed FAILED by the trial; a killed worker could not
             try:
-                run = self.client.get_run(run_id)
+                run = with_retries(lambda: self.client.get_run(run_id), "read run", CALLBACK_RETRY_S)
                 if run.info.status == "RUNNING":
-                    self.client.set_tag(run_id, TAG_STATUS, "failed")
-                    self.client.set_terminated(run_id, "FAILED")
-            except Exception:  # noqa: BLE001
-                pass
+                    _end_run(self.client, run_id, "FAILED", "failed", CALLBACK_RETRY_S)
+            except UserError as exc:  # _close_orphans closes it when the sweep ends
+                self.echo(f"  warning: could not close run {run_id}: {exc}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cfg = self._config(trial)
@@ -992,7 +989,7 @@ def _fit(
                 runs = runs_tagged(parent.client, parent.experiment_id, TAG_KEY, key, parent.retry_budget_s)
             for run in runs:
                 if run.info.status != "FINISHED" or run.data.tags.get(TAG_STATUS) != "finished":
-                    _end_run(parent, run.info.run_id, "KILLED", "interrupted")
+                    _end_run(parent.client, run.info.run_id, "KILLED", "interrupted", parent.retry_budget_s)
         except UserError as exc:  # the interrupt still ends the sweep; --resume runs the trial again
             print(f"warning: could not mark the run of {key} interrupted: {exc}", file=sys.stderr)
     return {}, False
@@ -1016,27 +1013,37 @@ def _close_orphans(
     with ``segsweep.status=stopped_early`` whatever their worker managed to write.
     """
     by_key = {o.key: o for o in outcomes.values()}
-    for run in runs_tagged(
-        parent.client, parent.experiment_id, TAG_PARENT, parent.run_id, parent.retry_budget_s
-    ):
+    budget = parent.retry_budget_s
+    for run in runs_tagged(parent.client, parent.experiment_id, TAG_PARENT, parent.run_id, budget):
         rid, key = run.info.run_id, run.data.tags.get(TAG_KEY, "")
         outcome = by_key.get(key)
         if outcome is None:
-            _end_run(parent, rid, "KILLED", "orphaned", end=run.info.status == "RUNNING")
-            with_retries(lambda rid=rid: parent.client.delete_run(rid), "delete run", parent.retry_budget_s)
+            _end_run(parent.client, rid, "KILLED", "orphaned", budget, end=run.info.status == "RUNNING")
+            with_retries(lambda rid=rid: parent.client.delete_run(rid), "delete run", budget)
             echo(f"  removed orphaned run {rid} ({key})")
         elif outcome.status == "stopped_early" and run.data.tags.get(TAG_STATUS) != "stopped_early":
-            _end_run(parent, rid, "FINISHED", "stopped_early")
+            _end_run(parent.client, rid, "FINISHED", "stopped_early", budget)
         elif run.info.status == "RUNNING":  # its worker died with no chance to close it
-            _end_run(parent, rid, "FAILED", "failed")
+            _end_run(parent.client, rid, "FAILED", "failed", budget)
 
 
-def _end_run(parent: RunTracker, run_id: str, status: str, segsweep_status: str, end: bool = True) -> None:
-    """Tag a trial's run with how it ended and (``end``) end it, from the driver, with retries."""
-    budget = parent.retry_budget_s
-    with_retries(lambda: parent.client.set_tag(run_id, TAG_STATUS, segsweep_status), "tag run", budget)
+def _end_run(
+    client: Any,
+    run_id: str,
+    status: str,
+    segsweep_status: str,
+    budget: float,
+    end: bool = True,
+    tags: dict[str, str] | None = None,
+) -> None:
+    """Tag a trial's run with how it ended (and ``tags``) and (``end``) end it, from the
+    driver, with retries."""
+    from mlflow.entities import RunTag
+
+    batch = [RunTag(k, v) for k, v in {TAG_STATUS: segsweep_status, **(tags or {})}.items()]
+    with_retries(lambda: client.log_batch(run_id, tags=batch), "tag run", budget)
     if end:
-        with_retries(lambda: parent.client.set_terminated(run_id, status), "end run", budget)
+        with_retries(lambda: client.set_terminated(run_id, status), "end run", budget)
 
 
 def _summarise(

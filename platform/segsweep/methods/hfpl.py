@@ -22,6 +22,11 @@ building on its predecessor arvijj/icam. A pipeline of three stages:
      (ours, 0 by default) blurs the image first, so that colour edges inside a textured object
      (its stripes) do not count as contours.
 
+   ``addon_start`` (ours; 0, the paper's schedule, by default) trains the first share of the CAM
+   steps with the baseline loss alone. The paper refines an ImageNet-pretrained network whose
+   CAMs already localise; from scratch, the feature-similarity loss from the first step can
+   pull the not-yet-localising CAMs into a degenerate shape (README, "Results").
+
 2. ``pseudo``: CAMs of every tagged training image (with a flipped copy), ReLU and min-max
    normalised per class, restricted to the image's tags; a pixel is background where no
    class reaches ``bg_threshold`` (by default tuned: the grid value scoring best on the tuning
@@ -79,6 +84,14 @@ class HFPLKnobs(Knobs):
         description="Gaussian blur (image pixels) of the colour image before colour distances; "
         "0: raw colour, as in the paper. Objects made of a texture need about its period, or "
         "every stripe counts as an object contour",
+    )
+    addon_start: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of the CAM steps trained with the baseline loss before the add-on "
+        "switches on (0: from the first step, as in the paper, whose network starts from "
+        "ImageNet weights; a network trained from scratch has no localising CAMs to refine yet)",
     )
     work_side: int = Field(16, ge=4, le=64, description="working resolution of IS and FSL")
     bg_threshold: float | Literal["tune"] = Field(
@@ -209,6 +222,7 @@ class HFPL(Method):
         "hfpl.fs_weight": {"type": "logfloat", "low": 0.05, "high": 3.0},
         "hfpl.fs_smooth": {"type": "float", "low": 0.0, "high": 6.0},
         "hfpl.is_weight": {"type": "float", "low": 0.05, "high": 0.8},
+        "hfpl.addon_start": {"type": "float", "low": 0.0, "high": 0.8},
     }
 
     def __init__(self, model: SegModel, knobs: HFPLKnobs, num_classes: int) -> None:
@@ -258,7 +272,8 @@ class HFPL(Method):
         z_small = F.adaptive_avg_pool2d(z, (side * z.shape[-2] // z.shape[-1], side))
         loss_gap = gap_loss(z_small, tags)
         loss, logs = loss_gap, {"loss_gap": loss_gap}
-        if k.addon and k.importance_sampling:
+        addon = k.addon and step >= k.addon_start * k.cam_steps
+        if addon and k.importance_sampling:
             loss_is = importance_sampling_loss(
                 z_small,
                 tags,
@@ -268,7 +283,7 @@ class HFPL(Method):
             )
             loss = (1 - k.is_weight) * loss_gap + k.is_weight * loss_is
             logs["loss_is"] = loss_is
-        if k.addon and k.feature_similarity:
+        if addon and k.feature_similarity:
             rgb = ((x.float() * STD.to(x.device) + MEAN.to(x.device)) / 255).clamp(0, 1)
             if k.fs_smooth:
                 rgb = gaussian_blur(rgb, k.fs_smooth)
