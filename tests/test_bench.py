@@ -43,6 +43,7 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
         "overhead/tracking",
         "overhead/tracking_open_close",
         "overhead/tracking_whole_run",
+        "overhead/tracking_writer_cpu",
         "data/loader_workers0",
         "data/loader_workers2",
         "data/wait_share_workers0",
@@ -66,6 +67,7 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     track = rows["overhead/tracking"]
     assert track.ratio == pytest.approx(1 + track.value) and track.passed == (track.value <= 0.02)
     assert rows["overhead/tracking_open_close"].value > 0  # an MLflow run costs something to open
+    assert 0 < rows["overhead/tracking_writer_cpu"].value < 1  # the writer's CPU, per training second
     assert rows["flops/per_step"].value > 0 and 0 < rows["flops/mfu"].value
     assert rows["flops/achieved"].value == pytest.approx(rows["flops/per_step"].value * bare / 4, rel=1e-6)
     assert rows["gpu/bf16"].value is None and "no CUDA" in rows["gpu/bf16"].note  # never guessed

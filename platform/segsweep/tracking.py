@@ -318,6 +318,8 @@ class RunTracker:
             self.resumed = False
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._error: BaseException | None = None
+        #: CPU seconds the writer thread has used so far (what tracking costs the machine).
+        self.writer_cpu_s = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="segsweep-tracker", daemon=True)
         self._thread.start()
@@ -423,6 +425,7 @@ class RunTracker:
                 self._write(kind, metrics if metrics is not None else payload)
             except TrackingError as exc:
                 self._error = exc
+            self.writer_cpu_s = time.thread_time()  # this thread's own CPU time, since it began
 
     def _write(self, kind: str, payload: Any) -> None:
         c, rid, budget = self.client, self.run_id, self.retry_budget_s
