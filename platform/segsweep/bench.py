@@ -151,8 +151,7 @@ def timed_run(cfg: RunConfig, tracker_uri: str | None) -> RunClock:
         prepared.trainer.run(Path(tmp), tracker)
         trained = time.perf_counter()
         tracker.finish()
-    writer_cpu = getattr(tracker, "writer_cpu_s", 0.0)
-    return RunClock(opened - clock, trained - opened, time.perf_counter() - trained, writer_cpu)
+    return RunClock(opened - clock, trained - opened, time.perf_counter() - trained, tracker.writer_cpu_s)
 
 
 def median(values: list[float]) -> float:

@@ -958,7 +958,8 @@ def _interrupt(signum: int, frame: Any) -> None:
     )
 
 
-#: Seconds the driver waits, after an interrupt, for stopped workers to close their runs.
+#: Seconds the driver waits, after an interrupt, for stopped workers to close their runs (in
+#: all: the workers close theirs at the same time).
 WORKER_CLOSE_WAIT_S = 10.0
 
 
@@ -975,21 +976,24 @@ def _fit(
     grid = tuner.fit()
     if not INTERRUPT.is_set():
         return _outcomes_from(grid, ctx, metric)
+    # Stopped workers may still be closing their runs (as "stopped early"): let them finish
+    # first, so that the driver's mark is the last word. They were all stopped at once, so
+    # one deadline serves every trial.
+    deadline = time.monotonic() + WORKER_CLOSE_WAIT_S
+    budget = parent.retry_budget_s
     for trial in callback.interrupted_trials(grid._experiment_analysis.trials):
         if not trial.config:
             continue
         key = trial_key(ctx.key_prefix, trial.config.get("trial", trial.config))
         try:
-            # A stopped worker may still be closing its run (as "stopped early"): let it finish
-            # first, so that the driver's mark is the last word.
-            deadline = time.monotonic() + WORKER_CLOSE_WAIT_S
-            runs = runs_tagged(parent.client, parent.experiment_id, TAG_KEY, key, parent.retry_budget_s)
-            while any(r.info.status == "RUNNING" for r in runs) and time.monotonic() < deadline:
+            while True:
+                runs = runs_tagged(parent.client, parent.experiment_id, TAG_KEY, key, budget)
+                if not any(r.info.status == "RUNNING" for r in runs) or time.monotonic() >= deadline:
+                    break
                 time.sleep(0.5)
-                runs = runs_tagged(parent.client, parent.experiment_id, TAG_KEY, key, parent.retry_budget_s)
             for run in runs:
                 if run.info.status != "FINISHED" or run.data.tags.get(TAG_STATUS) != "finished":
-                    _end_run(parent.client, run.info.run_id, "KILLED", "interrupted", parent.retry_budget_s)
+                    _end_run(parent.client, run.info.run_id, "KILLED", "interrupted", budget)
         except UserError as exc:  # the interrupt still ends the sweep; --resume runs the trial again
             print(f"warning: could not mark the run of {key} interrupted: {exc}", file=sys.stderr)
     return {}, False

@@ -477,6 +477,7 @@ class NullTracker:
 
     run_id: str | None = None
     resumed = False
+    writer_cpu_s = 0.0
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
