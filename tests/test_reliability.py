@@ -391,3 +391,30 @@ def test_the_tracker_counts_its_writer_threads_cpu(tmp_path: Path) -> None:
         tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)
     tracker.finish()
     assert 0 < tracker.writer_cpu_s < 0.3
+
+
+def test_a_worker_closing_late_leaves_the_drivers_interrupted_mark(tmp_path: Path) -> None:
+    """After an interrupt the driver marks the runs it cut short KILLED / ``interrupted``. A
+    worker that closes its run after that ("stopped early") must leave the mark; once the run
+    is reopened by ``--resume`` the old mark no longer holds and the run closes normally."""
+    from mlflow.tracking import MlflowClient
+
+    from segsweep.tracking import STATUS_INTERRUPTED, TAG_STATUS
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    tracker = RunTracker(uri, "late", run_name="trial", run_key="sweep:late/trial")
+    tracker.log_metrics({"loss": 1.0}, 0)
+    client.set_tag(tracker.run_id, TAG_STATUS, STATUS_INTERRUPTED)  # the driver's mark
+    client.set_terminated(tracker.run_id, "KILLED")
+    tracker.finish("FINISHED", "stopped_early", unless_marked=STATUS_INTERRUPTED)
+    run = client.get_run(tracker.run_id)
+    assert (run.info.status, run.data.tags[TAG_STATUS]) == ("KILLED", STATUS_INTERRUPTED)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.0]  # flushed
+
+    again = RunTracker(uri, "late", run_name="trial", run_key="sweep:late/trial")  # --resume
+    assert again.run_id == tracker.run_id
+    assert client.get_run(again.run_id).data.tags[TAG_STATUS] == "running"
+    again.finish("FINISHED", "stopped_early", unless_marked=STATUS_INTERRUPTED)
+    run = client.get_run(again.run_id)
+    assert (run.info.status, run.data.tags[TAG_STATUS]) == ("FINISHED", "stopped_early")

@@ -46,7 +46,9 @@ class Closing(NullTracker):
     def __init__(self) -> None:
         self.ended: tuple[str, str | None] | None = None
 
-    def finish(self, status: str = "FINISHED", segsweep_status: str | None = None) -> None:
+    def finish(
+        self, status: str = "FINISHED", segsweep_status: str | None = None, unless_marked: str | None = None
+    ) -> None:
         self.ended = (status, segsweep_status)
 
 

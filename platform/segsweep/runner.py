@@ -18,7 +18,7 @@ from segsweep.data import Data, build_data
 from segsweep.data.check import require_files, require_valid
 from segsweep.engine import Reporter, RunResult, Trainer
 from segsweep.errors import Diverged, Stopped, UserError, one_line
-from segsweep.tracking import TAG_STATUS, NullTracker, RunTracker, TrackingError
+from segsweep.tracking import STATUS_INTERRUPTED, TAG_STATUS, NullTracker, RunTracker, TrackingError
 
 
 @dataclass
@@ -129,14 +129,14 @@ def execute(
             )
         return RunResult("diverged", {}, run_dir, str(exc))
     except Stopped:  # a sweep's scheduler asked this trial to stop: a normal end
-        tracker.finish("FINISHED", "stopped_early")
+        tracker.finish("FINISHED", "stopped_early", unless_marked=STATUS_INTERRUPTED)
         return RunResult("stopped", {}, run_dir, "stopped early by the scheduler")
     except SystemExit:
         # Ray ends a stopped trial's thread with SystemExit at its next report. It must
         # propagate once the run is closed: returning normally makes Ray's wrapper report once
         # more and wait for an answer that never comes, so the thread never ends and the
         # worker can serve no other trial.
-        tracker.finish("FINISHED", "stopped_early")
+        tracker.finish("FINISHED", "stopped_early", unless_marked=STATUS_INTERRUPTED)
         raise
     except KeyboardInterrupt:
         tracker.finish("KILLED", "killed")

@@ -37,6 +37,7 @@ from typing import Any
 from segsweep.errors import ConfigError, UserError
 from segsweep.sweepspec import Cell, Plan, run_config_of
 from segsweep.tracking import (
+    STATUS_INTERRUPTED,
     TAG_KEY,
     TAG_PARENT,
     TAG_STATUS,
@@ -993,7 +994,7 @@ def _fit(
                 time.sleep(0.5)
             for run in runs:
                 if run.info.status != "FINISHED" or run.data.tags.get(TAG_STATUS) != "finished":
-                    _end_run(parent.client, run.info.run_id, "KILLED", "interrupted", budget)
+                    _end_run(parent.client, run.info.run_id, "KILLED", STATUS_INTERRUPTED, budget)
         except UserError as exc:  # the interrupt still ends the sweep; --resume runs the trial again
             print(f"warning: could not mark the run of {key} interrupted: {exc}", file=sys.stderr)
     return {}, False

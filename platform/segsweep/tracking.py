@@ -39,7 +39,9 @@ CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFL
 
 # Tags segsweep sets on its runs (the MLflow UI can filter and group on them).
 TAG_KEY = "segsweep.run_key"  # a stable key: a resumed trial finds its run instead of duplicating
-TAG_STATUS = "segsweep.status"  # finished | failed | diverged | stopped_early | killed
+TAG_STATUS = "segsweep.status"  # finished | failed | diverged | stopped_early | killed | interrupted
+#: The status the sweep driver gives the runs of trials an interrupt cut short.
+STATUS_INTERRUPTED = "interrupted"
 TAG_PARENT = "mlflow.parentRunId"
 SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "credential")
 
@@ -303,6 +305,11 @@ class RunTracker:
             with_retries(
                 lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen run", retry_budget_s
             )
+            # The previous ending's status tag (e.g. "interrupted") no longer holds; left in
+            # place it would also stop this attempt's ``finish(unless_marked=...)`` from closing.
+            with_retries(
+                lambda: self.client.set_tag(self.run_id, TAG_STATUS, "running"), "reopen run", retry_budget_s
+            )
             self.resumed = True
         else:
             run = with_retries(
@@ -368,13 +375,19 @@ class RunTracker:
                 break
         self.check()
 
-    def finish(self, status: str = "FINISHED", segsweep_status: str | None = None) -> None:
-        """Flush, then end the run (FINISHED, FAILED or KILLED). Safe to call twice."""
+    def finish(
+        self, status: str = "FINISHED", segsweep_status: str | None = None, unless_marked: str | None = None
+    ) -> None:
+        """Flush, then end the run (FINISHED, FAILED or KILLED). Safe to call twice.
+
+        ``unless_marked``: leave the run as it is if its status tag already reads this value.
+        After an interrupt the sweep driver marks the runs it cut short ``interrupted`` once
+        their workers have had time to close them; a worker slower than that must not
+        overwrite the mark with its own ending.
+        """
         if self._closed:
             return
         self._closed = True
-        if segsweep_status:
-            self.set_tags({TAG_STATUS: segsweep_status})
         flush_error: BaseException | None = None
         try:
             self.flush()
@@ -383,9 +396,17 @@ class RunTracker:
             status = "FAILED"
         self._queue.put(("stop", None))
         self._thread.join(timeout=60)
-        with_retries(
-            lambda: self.client.set_terminated(self.run_id, status=status), "end run", self.retry_budget_s
-        )
+        c, rid, budget = self.client, self.run_id, self.retry_budget_s
+        if unless_marked is not None and flush_error is None:
+            run = with_retries(lambda: c.get_run(rid), "read run", budget)
+            if run.data.tags.get(TAG_STATUS) == unless_marked:
+                return
+        if segsweep_status:
+            from mlflow.entities import RunTag
+
+            tag = [RunTag(TAG_STATUS, segsweep_status)]
+            with_retries(lambda: c.log_batch(rid, tags=tag, synchronous=True), "set tags", budget)
+        with_retries(lambda: c.set_terminated(rid, status=status), "end run", budget)
         if flush_error is not None:
             raise flush_error
 
@@ -487,7 +508,9 @@ class NullTracker:
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def check(self) -> None: ...
     def flush(self) -> None: ...
-    def finish(self, status: str = "FINISHED", segsweep_status: str | None = None) -> None: ...
+    def finish(
+        self, status: str = "FINISHED", segsweep_status: str | None = None, unless_marked: str | None = None
+    ) -> None: ...
 
     def ui_hint(self) -> str:
         return "tracking disabled"
