@@ -79,7 +79,9 @@ def test_resume_continues_the_same_mlflow_run(cache_dir: Path, tmp_path: Path) -
     )
     cfg = write_config(tmp_path / "run.yaml", tree)
     first = segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
-    assert first.returncode != 0 and "injected failure" in first.stderr
+    assert first.returncode == 1 and "Traceback" not in first.stderr
+    [line] = [x for x in first.stderr.splitlines() if x.startswith("error: ")]
+    assert "injected failure at step 3" in line and "segsweep run --resume" in line
     [run] = runs_in(uri)
     assert run.info.status == "FAILED"
     [run_dir] = (tmp_path / "runs").iterdir()

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from segsweep.errors import ConfigError, UserError, one_line
+from segsweep.errors import ConfigError, InjectedFailure, UserError, one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -409,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except InjectedFailure as exc:  # asked for by the user: their crash, not our bug
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         # DataLoader workers re-raise our DataError as RuntimeError(traceback text).
         text = str(exc)

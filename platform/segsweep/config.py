@@ -102,7 +102,7 @@ class TrainConfig(Section):
     batch_size: int = Field(16, ge=1, description="labeled images per step")
     unlabeled_batch_size: int | None = Field(None, ge=1, description="None: same as batch_size")
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(0.006, gt=0, description="learning rate at lr_reference_batch_size")
+    lr: float = Field(0.006, gt=0, le=10, description="learning rate at lr_reference_batch_size")
     lr_reference_batch_size: int = Field(
         16, ge=1, description="lr scales linearly: lr * batch_size / lr_reference_batch_size"
     )

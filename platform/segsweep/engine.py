@@ -32,7 +32,7 @@ from segsweep.data import Data
 from segsweep.data.loaders import eval_loader, hash_seed, stream_loader
 from segsweep.data.sources import Sample
 from segsweep.data.transforms import pad_to_multiple
-from segsweep.errors import Diverged, Stopped
+from segsweep.errors import Diverged, InjectedFailure, Stopped
 from segsweep.methods import Method, Stage, get_method
 from segsweep.models import build_model
 from segsweep.panels import colour, compose, heat, image_tile
@@ -533,7 +533,10 @@ class Trainer:
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        raise RuntimeError(f"debug.fail_at_step: injected failure at step {step}")
+        raise InjectedFailure(
+            f"debug.fail_at_step: injected failure at step {step}; continue the run with "
+            f"segsweep run --resume {self.run_dir}"
+        )
 
     def _evaluate(self, stage: Stage, step: int) -> None:
         """Score every eval model on val (reported) and tune (held out), log, checkpoint, report."""

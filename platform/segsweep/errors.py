@@ -30,6 +30,11 @@ class Diverged(Exception):
         self.step = step
 
 
+class InjectedFailure(RuntimeError):
+    """``debug.fail_at_step``: a deliberate crash standing for a real one (tests of retries and
+    resume). A sweep retries it like any crash; ``segsweep run`` reports it in one line, exit 1."""
+
+
 class Stopped(Exception):
     """A sweep's scheduler stopped this trial early (not an error: its run ends FINISHED)."""
 
