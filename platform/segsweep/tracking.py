@@ -401,11 +401,8 @@ class RunTracker:
             run = with_retries(lambda: c.get_run(rid), "read run", budget)
             if run.data.tags.get(TAG_STATUS) == unless_marked:
                 return
-        if segsweep_status:
-            from mlflow.entities import RunTag
-
-            tag = [RunTag(TAG_STATUS, segsweep_status)]
-            with_retries(lambda: c.log_batch(rid, tags=tag, synchronous=True), "set tags", budget)
+        if segsweep_status:  # the writer thread has stopped: its own write, from here
+            self._write("tags", {TAG_STATUS: segsweep_status})
         with_retries(lambda: c.set_terminated(rid, status=status), "end run", budget)
         if flush_error is not None:
             raise flush_error
