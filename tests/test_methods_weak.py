@@ -43,6 +43,18 @@ def test_importance_sampling_matches_its_expected_value() -> None:
     assert not torch.isclose(expected, gap_loss(z, tags))
 
 
+def test_importance_sampling_takes_channels_last_cams() -> None:
+    # On a GPU the trainer runs channels_last: the CAMs arrive with (N, K) not contiguous.
+    # The same draws must come out as from a contiguous copy (this once raised on the H200).
+    z = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(1))
+    tags = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    strided = z.to(memory_format=torch.channels_last)
+    assert not strided.is_contiguous()
+    got = importance_sampling_loss(strided, tags, 50, 1.0, torch.Generator().manual_seed(2))
+    want = importance_sampling_loss(z, tags, 50, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(got, want)
+
+
 def test_sampling_temperature_flattens_the_pixel_distribution() -> None:
     z = torch.tensor([[[[8.0, -8.0]]]])
     tags = torch.ones(1, 1)
@@ -260,3 +272,30 @@ def test_the_addon_switches_on_after_its_warm_up() -> None:
     assert set(before) == {"loss", "loss_gap"} and before["loss"] == before["loss_gap"]
     assert {"loss_is", "loss_fs"} <= set(after) and after["loss"] != after["loss_gap"]
     assert torch.isfinite(loss)
+
+
+def test_multiscale_cams_sum_every_scale_and_flip_at_the_image_size() -> None:
+    """``cam_scales``: the CAM logits of each scale and its flip, resized back to the image and
+    summed (the official inference). With a per-pixel CAM network the answer is known: a
+    constant image gives the same logit at every scale, so the sum is 2 x scales x it."""
+    from segsweep.methods.hfpl import HFPL
+    from segsweep.models import build_model
+
+    from .test_contract import C
+
+    model = build_model("unet", "tu-mobilenetv3_small_050", C, decoder_channels=16)
+    scales = (0.5, 1.0, 1.5, 2.0)
+    method = HFPL(model, HFPLKnobs(cam_scales=scales), C)
+    method.cam_logits = lambda x: 3 * x[:, :2] + 1  # type: ignore[method-assign]  # per pixel
+    image = torch.rand(2, 3, 37, 50)  # sizes that no scale divides evenly
+    single = HFPL(model, HFPLKnobs(cam_scales=(1.0,)), C)
+    single.cam_logits = method.cam_logits  # type: ignore[method-assign]
+    torch.testing.assert_close(single.multiscale_cam_logits(image), 2 * (3 * image[:, :2] + 1))
+    z = method.multiscale_cam_logits(image)
+    assert z.shape == (2, 2, 37, 50)
+    flat = torch.full((1, 3, 37, 50), 0.25)
+    torch.testing.assert_close(
+        method.multiscale_cam_logits(flat), torch.full((1, 2, 37, 50), 2 * len(scales) * 1.75)
+    )
+    with pytest.raises(ValueError, match="scale"):
+        HFPLKnobs(cam_scales=(0.1,))

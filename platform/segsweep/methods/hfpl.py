@@ -27,11 +27,13 @@ building on its predecessor arvijj/icam. A pipeline of three stages:
    CAMs already localise; from scratch, the feature-similarity loss from the first step can
    pull the not-yet-localising CAMs into a degenerate shape (README, "Results").
 
-2. ``pseudo``: CAMs of every tagged training image (with a flipped copy), ReLU and min-max
-   normalised per class, restricted to the image's tags; a pixel is background where no
-   class reaches ``bg_threshold`` (by default tuned: the grid value scoring best on the tuning
-   split, as WSSS papers report each CAM at its best threshold). Their mIoU against the training ground truth (the
-   standard WSSS metric) is logged with sample panels; the masks become training masks.
+2. ``pseudo``: CAMs of every tagged training image, summed over the image scales
+   ``cam_scales`` and their flips as in the official inference (``infer_cam_voc.py``), ReLU
+   and min-max normalised per class, restricted to the image's tags; a pixel is background
+   where no class reaches ``bg_threshold`` (by default tuned: the grid value scoring best on
+   the tuning split, as WSSS papers report each CAM at its best threshold). Their mIoU against
+   the training ground truth (the standard WSSS metric) is logged with sample panels; the
+   masks become training masks.
 3. ``train``: the segmentation model is trained on the pseudo masks and evaluated on real
    masks (``val/mIoU``).
 
@@ -94,11 +96,25 @@ class HFPLKnobs(Knobs):
         "ImageNet weights; a network trained from scratch has no localising CAMs to refine yet)",
     )
     work_side: int = Field(16, ge=4, le=64, description="working resolution of IS and FSL")
+    cam_scales: tuple[float, ...] = Field(
+        (0.5, 1.0, 1.5, 2.0),
+        min_length=1,
+        max_length=8,
+        description="image scales whose CAMs (each with its flip) are summed for the pseudo "
+        "masks, as in the official inference; (1.0,): the image and its flip alone",
+    )
     bg_threshold: float | Literal["tune"] = Field(
         "tune",
         description="CAM background threshold, or 'tune': the grid value whose pseudo masks score "
         "best on the tuning split (held-out images with masks, never the reported ones)",
     )
+
+    @field_validator("cam_scales")
+    @classmethod
+    def _positive_scales(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.25 <= v <= 4 for v in value):
+            raise ValueError("each scale must be in [0.25, 4]")
+        return value
 
     @field_validator("bg_threshold")
     @classmethod
@@ -127,9 +143,9 @@ def importance_sampling_loss(
     with torch.no_grad():
         weights = torch.sigmoid(flat / temperature) + 1e-5
         index = torch.multinomial(
-            weights.view(n * k, -1).cpu(), samples, replacement=True, generator=generator
+            weights.reshape(n * k, -1).cpu(), samples, replacement=True, generator=generator
         )
-    picked = flat.view(n * k, -1).gather(1, index.to(z.device)).view(n, k, samples)
+    picked = flat.reshape(n * k, -1).gather(1, index.to(z.device)).view(n, k, samples)
     return F.binary_cross_entropy_with_logits(picked, tags.unsqueeze(-1).expand_as(picked))
 
 
@@ -296,15 +312,35 @@ class HFPL(Method):
 
     # -- stage 2: pseudo masks ------------------------------------------------------------------
     @torch.no_grad()
+    def multiscale_cam_logits(self, image: Tensor) -> Tensor:
+        """CAM logits of (N, 3, H, W) summed over ``cam_scales`` and flips, (N, C - 1, H, W):
+        the official inference (``infer_cam_voc.py``) sums them before the ReLU."""
+        h, w = image.shape[-2:]
+        total: Tensor | None = None
+        for scale in self.knobs.cam_scales:
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            if size != (h, w):
+                image_s = F.interpolate(image, size, mode="bilinear", align_corners=False)
+            else:
+                image_s = image
+            padded, _ = pad_to_multiple(image_s)
+            z = self.cam_logits(padded) + self.cam_logits(padded.flip(-1)).flip(-1)
+            z = z[..., : size[0], : size[1]].float()
+            if size != (h, w):
+                z = F.interpolate(z, (h, w), mode="bilinear", align_corners=False)
+            total = z if total is None else total + z
+        assert total is not None  # cam_scales holds at least one scale
+        return total
+
+    @torch.no_grad()
     def _cams(self, data: Any, samples: list) -> Any:
         """(index, image, ground truth, normalised CAMs of the true tags) per sample: CAMs of
-        the image and its flip, restricted to the tags its mask implies."""
+        the image and its flip at each of ``cam_scales``, restricted to the tags its mask
+        implies."""
         device = next(self.parameters()).device
         for batch in eval_loader(data.source, samples, 16, 0):
             image, mask = batch["image"].to(device), batch["mask"]
-            padded, (h, w) = pad_to_multiple(image)
-            z = self.cam_logits(padded) + self.cam_logits(padded.flip(-1)).flip(-1)
-            z = z[..., :h, :w].cpu()
+            z = self.multiscale_cam_logits(image).cpu()
             for i, index in enumerate(batch["index"].tolist()):
                 tags = torch.zeros(1, self.num_classes - 1)
                 present = mask[i].unique()
