@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from segsweep.bench import check, format_table, overhead, run_bench, speedup, steady_seconds_per_trial
+from segsweep.config import validate_run_config
+from segsweep.engine import numerics_for
 
 from .helpers import segsweep
 
@@ -88,3 +90,83 @@ def test_cli_writes_the_json_report(cache_dir: Path, tmp_path: Path) -> None:
     assert data["config"]["quick"] is True and any(r["name"] == "step/bare" for r in data["rows"])
     bad = segsweep("bench", "--methods", "mixmatch", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown method 'mixmatch'" in bad.stderr
+
+
+def test_only_runs_the_chosen_sections_and_saves_after_each(cache_dir: Path) -> None:
+    snapshots: list[tuple[bool, list[str]]] = []
+    report = run_bench(
+        quick=True,
+        methods=["supervised"],
+        echo=lambda _m: None,
+        only={"step", "flops", "gpu"},
+        on_section=lambda r: snapshots.append((r.complete, [row.name for row in r.rows])),
+    )
+    names = [r.name for r in report.rows]
+    assert {"step/bare", "step/supervised", "flops/per_step", "gpu/bf16"} <= set(names)
+    assert not any(n.startswith(("overhead/tracking", "data/loader", "sweep/", "report/")) for n in names)
+    assert "gpu/packing" not in names  # a section of its own
+    # every snapshot but the last is marked incomplete, and each holds the rows before it
+    assert [c for c, _ in snapshots][-1] is True and not any(c for c, _ in snapshots[:-1])
+    assert snapshots[-1][1] == names and len(snapshots[0][1]) < len(names)
+    with pytest.raises(ValueError, match="unknown bench section"):
+        run_bench(quick=True, methods=["supervised"], only={"gpus"}, echo=lambda _m: None)
+
+
+def test_cli_rejects_an_unknown_section(tmp_path: Path) -> None:
+    bad = segsweep("bench", "--quick", "--only", "step,gpus", "--json", "out/b.json", cwd=tmp_path)
+    assert bad.returncode == 2 and "--only: unknown section(s) gpus" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "out").exists()
+
+
+def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu() -> None:
+    import torch
+
+    def workers(**data: object) -> int:
+        device = data.pop("device", "cpu")
+        cfg = validate_run_config({"method": "supervised", "data": data, "train": {"device": device}}, "t")
+        return numerics_for(cfg).workers
+
+    assert workers() == 0  # on a CPU the workers would take the step's cores
+    assert workers(num_workers=3) == 3 and workers(num_workers=3, device="cuda") == 3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # a sweep trial with 2 CPUs
+        assert workers(device="cuda") == 2
+        torch.set_num_threads(16)
+        assert workers(device="cuda") == 8
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gpu_rows_take_the_median_of_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU rows' arithmetic, on a CPU: the trainer is replaced by a clock that says how
+    # long each setting's step took in each round (no time is measured).
+    from segsweep import bench
+
+    seconds = {("off", False, False): [0.10, 0.30, 0.20], ("bf16", True, True): [0.05, 0.04, 0.20]}
+    calls: list[tuple[str, bool, bool]] = []
+
+    def fake_run(cfg: object, measure: int) -> tuple[float, None, dict[str, float]]:
+        t = cfg.train  # type: ignore[attr-defined]
+        key = (t.amp, bool(t.channels_last), bool(t.compile))
+        calls.append(key)
+        rounds = seconds.get(key, [0.08, 0.08, 0.08])
+        return rounds[sum(1 for c in calls if c == key) - 1], None, {"val/mIoU_last": 0.5}
+
+    monkeypatch.setattr(bench, "trainer_run", fake_run)
+    monkeypatch.setattr(bench, "_packed_rate", lambda tree, measure, trials: {1: 100.0, 4: 250.0}[trials])
+    report = bench.Report(1, "now", {}, {})
+    tree = bench.base_config(True, "cpu")
+    bench.gpu_rows(report, tree, 4, lambda _m: None, rounds=3)
+    bench.packing_row(report, tree, 4, lambda _m: None)
+    rows = {r.name: r for r in report.rows}
+    images = tree["train"]["batch_size"]
+    assert rows["gpu/fp32"].value == pytest.approx(images / 0.20)  # median of 0.1, 0.3, 0.2
+    compiled = rows["gpu/compile"]
+    assert compiled.value == pytest.approx(images / 0.05) and compiled.ratio == pytest.approx(4.0)
+    assert rows["gpu/bf16"].ratio == pytest.approx(0.20 / 0.08)
+    # interleaved: every setting once per round, not one setting three times in a row
+    assert len(calls) == 15 and calls[:5] == calls[5:10] == calls[10:]
+    assert "median of 3" in compiled.note and "0.500" in compiled.note
+    packing = rows["gpu/packing"]
+    assert packing.value == pytest.approx(2.5) and packing.passed is True

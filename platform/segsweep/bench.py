@@ -47,6 +47,10 @@ from segsweep.tracking import NullTracker, RunTracker
 
 SCHEMA = 1
 
+# The report's sections, in the order they run. ``--only`` picks some: a GPU machine without
+# MLflow or Ray installed can still run the rows that need neither ("step,data,flops,gpu").
+SECTIONS = ("step", "tracking", "data", "flops", "gpu", "packing", "sweep", "curve")
+
 
 @dataclass
 class Row:
@@ -67,6 +71,7 @@ class Report:
     machine: dict[str, Any]
     config: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
+    complete: bool = False  # False while sections are still to run (or were cut short)
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -116,10 +121,15 @@ def _interval_mean(ends: list[float], count: int) -> float:
 
 def trainer_step_seconds(cfg: RunConfig, measure: int) -> tuple[float, Any]:
     """Seconds per main-stage step through the real trainer (its own clocks); the trainer."""
+    return trainer_run(cfg, measure)[:2]
+
+
+def trainer_run(cfg: RunConfig, measure: int) -> tuple[float, Any, dict[str, float]]:
+    """``trainer_step_seconds`` and the run's final metrics."""
     prepared = prepare(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        prepared.trainer.run(Path(tmp), NullTracker())
-    return _interval_mean(prepared.trainer.timing.step_end, measure), prepared.trainer
+        result = prepared.trainer.run(Path(tmp), NullTracker())
+    return _interval_mean(prepared.trainer.timing.step_end, measure), prepared.trainer, result.metrics
 
 
 @dataclass
@@ -177,7 +187,7 @@ def bare_step_seconds(cfg: RunConfig, steps: int, measure: int) -> float:
         t.batch_size,
         hash_seed(cfg.seed, 0),
         0,
-        cfg.data.num_workers,
+        numerics.workers,
         numerics.device.type == "cuda",
     )
     model.train()
@@ -256,9 +266,20 @@ def run_bench(
     peak_tflops: float | None = None,
     echo: Callable[[str], None] = print,
     overrides: dict[str, Any] | None = None,
+    only: set[str] | None = None,
+    on_section: Callable[[Report], None] = lambda _report: None,
 ) -> Report:
+    """Every section of the module docstring, or those in ``only`` (names from ``SECTIONS``;
+    the bare loop, the baseline of most rows, always runs). ``on_section`` sees the report
+    after each section, so a bench cut short still leaves what it measured."""
     from segsweep.methods import METHODS
 
+    chosen = set(SECTIONS) if only is None else set(only)
+    unknown = chosen - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown bench section(s) {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
+    if not sweep:
+        chosen.discard("sweep")
     tree = base_config(quick, device, overrides)
     cfg = validate_run_config(tree, "bench")
     steps = cfg.train.steps
@@ -274,7 +295,7 @@ def run_bench(
             "batch_size": cfg.train.batch_size,
             "steps": steps,
             "device": str(numerics_for(cfg).device),
-            "num_workers": cfg.data.num_workers,
+            "num_workers": numerics_for(cfg).workers,
             "quick": quick,
         },
     )
@@ -282,7 +303,7 @@ def run_bench(
 
     # 1. the bare loop and every method through the trainer. The bare loop and the supervised
     # step alternate (against a shared machine's drift), each counted at its median.
-    names = methods or list(METHODS)
+    names = (methods or list(METHODS)) if "step" in chosen else []
     repeats = 1 if quick or "supervised" not in names else 5
     bare_runs: list[float] = []
     supervised_runs: list[float] = []
@@ -304,7 +325,6 @@ def run_bench(
         )
     )
     echo(f"  bare loop: {images / bare:.1f} img/s")
-    peak_rss = 0.0
     for name in names:
         if name == "supervised":
             seconds, trainer = median(supervised_runs), supervised_trainer
@@ -323,7 +343,6 @@ def run_bench(
             )
         )
         echo(f"  {name}: {row.value:.1f} img/s")
-        peak_rss = max(peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if name == "supervised":
             # The median of the pairs' ratios: a spike of the machine hits one run of a pair.
             cost = median([overhead(s, b) for s, b in zip(supervised_runs, bare_runs, strict=True)])
@@ -344,7 +363,7 @@ def run_bench(
             share = sum(waits) / (seconds * len(waits))
             report.add(
                 Row(
-                    f"data/wait_share_workers{cfg.data.num_workers}",
+                    f"data/wait_share_workers{numerics_for(cfg).workers}",
                     share,
                     "fraction",
                     target="~0",
@@ -352,117 +371,151 @@ def run_bench(
                 )
             )
 
+    on_section(report)
+
     # 2. tracking overhead: metrics every step, panels at each evaluation. Untracked and
     # tracked runs alternate (pairs against drift of a shared machine); the median pair counts.
-    track_tree = {**tree, "method": "fixmatch"}
-    track_tree["train"] = {**tree["train"], "log_every": 1, "eval_every": max(1, steps // 2)}
-    track_tree["tracking"] = {"enabled": True, "experiment": "bench"}
-    track_cfg = validate_run_config(track_tree, "bench")
-    pairs: list[tuple[RunClock, RunClock]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        RunTracker(uri, "bench", run_name="warm-up").finish()  # store creation is not the runs' cost
-        for _ in range(1 if quick else 5):
-            pairs.append((timed_run(track_cfg, None), timed_run(track_cfg, uri)))
-    loop_cost = median([overhead(t.train, u.train) for u, t in pairs])
-    fixed = median([t.start + t.close - u.start - u.close for u, t in pairs])
-    whole = median([overhead(t.total, u.total) for u, t in pairs])
-    untracked_train = median([u.train for u, _ in pairs])
-    report.add(
-        Row(
-            "overhead/tracking",
-            loop_cost,
-            "fraction",
-            untracked_train,
-            1 + loop_cost,
-            "<= 0.02",
-            check(loop_cost, 0.02),
-            f"training time of a fixmatch run, metrics every step + panels per evaluation, "
-            f"SQLite store; median of {len(pairs)} alternating pairs",
-        )
-    )
-    writer_share = median([t.writer_cpu / u.train for u, t in pairs])
-    report.add(
-        Row(
-            "overhead/tracking_writer_cpu",
-            writer_share,
-            "fraction",
-            note="CPU seconds of the tracker's writer thread per second of untracked training: "
-            "what tracking costs the machine, free of the wall-clock noise of the row above "
-            "(which adds contention for the GIL and the cores)",
-        )
-    )
-    report.add(
-        Row(
-            "overhead/tracking_open_close",
-            fixed,
-            "s per run",
-            note="opening the MLflow run and writing its last records, once per run",
-        )
-    )
-    report.add(
-        Row(
-            "overhead/tracking_whole_run",
-            whole,
-            "fraction",
-            median([u.total for u, _ in pairs]),
-            1 + whole,
-            note=f"the same, opening and closing included, for this {steps}-step run; the fixed "
-            "part shrinks as runs get longer",
-        )
-    )
-    echo(
-        f"  tracking overhead: {100 * loop_cost:+.1f}% of training time (writer thread CPU: "
-        f"{100 * writer_share:.1f}%), plus {fixed:.2f} s per run "
-        f"to open and close it ({100 * whole:+.1f}% of this {steps}-step run)"
-    )
-
-    # 3. data loading against consumption
-    for workers in (0, 2):
-        rate = loader_batches_per_second(cfg, 10 if quick else 40, workers)
+    if "tracking" in chosen:
+        track_tree = {**tree, "method": "fixmatch"}
+        track_tree["train"] = {**tree["train"], "log_every": 1, "eval_every": max(1, steps // 2)}
+        track_tree["tracking"] = {"enabled": True, "experiment": "bench"}
+        track_cfg = validate_run_config(track_tree, "bench")
+        pairs: list[tuple[RunClock, RunClock]] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            uri = f"sqlite:///{tmp}/mlflow.db"
+            RunTracker(uri, "bench", run_name="warm-up").finish()  # store creation is not the runs' cost
+            for _ in range(1 if quick else 5):
+                pairs.append((timed_run(track_cfg, None), timed_run(track_cfg, uri)))
+        loop_cost = median([overhead(t.train, u.train) for u, t in pairs])
+        fixed = median([t.start + t.close - u.start - u.close for u, t in pairs])
+        whole = median([overhead(t.total, u.total) for u, t in pairs])
+        untracked_train = median([u.train for u, _ in pairs])
         report.add(
             Row(
-                f"data/loader_workers{workers}",
-                rate * images,
-                "img/s",
-                images / bare,
-                speedup(rate * images, images / bare),
-                ">= 1 (keeps up with the bare step)",
-                check(rate * images / (images / bare), 1.0, below=False),
+                "overhead/tracking",
+                loop_cost,
+                "fraction",
+                untracked_train,
+                1 + loop_cost,
+                "<= 0.02",
+                check(loop_cost, 0.02),
+                f"training time of a fixmatch run, metrics every step + panels per evaluation, "
+                f"SQLite store; median of {len(pairs)} alternating pairs",
             )
         )
-    w_tree = {**tree, "data": {**tree["data"], "num_workers": 2}}
-    seconds, trainer = trainer_step_seconds(validate_run_config(w_tree, "bench"), measure)
-    waits = list(trainer.timing.data_wait)[-measure:]
-    report.add(Row("data/wait_share_workers2", sum(waits) / (seconds * len(waits)), "fraction", target="~0"))
+        writer_share = median([t.writer_cpu / u.train for u, t in pairs])
+        report.add(
+            Row(
+                "overhead/tracking_writer_cpu",
+                writer_share,
+                "fraction",
+                note="CPU seconds of the tracker's writer thread per second of untracked training: "
+                "what tracking costs the machine, free of the wall-clock noise of the row above "
+                "(which adds contention for the GIL and the cores)",
+            )
+        )
+        report.add(
+            Row(
+                "overhead/tracking_open_close",
+                fixed,
+                "s per run",
+                note="opening the MLflow run and writing its last records, once per run",
+            )
+        )
+        report.add(
+            Row(
+                "overhead/tracking_whole_run",
+                whole,
+                "fraction",
+                median([u.total for u, _ in pairs]),
+                1 + whole,
+                note=f"the same, opening and closing included, for this {steps}-step run; the fixed "
+                "part shrinks as runs get longer",
+            )
+        )
+        echo(
+            f"  tracking overhead: {100 * loop_cost:+.1f}% of training time (writer thread CPU: "
+            f"{100 * writer_share:.1f}%), plus {fixed:.2f} s per run "
+            f"to open and close it ({100 * whole:+.1f}% of this {steps}-step run)"
+        )
+
+    on_section(report)
+
+    # 3. data loading against consumption
+    if "data" in chosen:
+        for workers in (0, 2):
+            rate = loader_batches_per_second(cfg, 10 if quick else 40, workers)
+            report.add(
+                Row(
+                    f"data/loader_workers{workers}",
+                    rate * images,
+                    "img/s",
+                    images / bare,
+                    speedup(rate * images, images / bare),
+                    ">= 1 (keeps up with the bare step)",
+                    check(rate * images / (images / bare), 1.0, below=False),
+                )
+            )
+        w_tree = {**tree, "data": {**tree["data"], "num_workers": 2}}
+        seconds, trainer = trainer_step_seconds(validate_run_config(w_tree, "bench"), measure)
+        waits = list(trainer.timing.data_wait)[-measure:]
+        report.add(
+            Row("data/wait_share_workers2", sum(waits) / (seconds * len(waits)), "fraction", target="~0")
+        )
+
+    on_section(report)
 
     # 4. FLOPs and memory
-    flops = flops_per_step(cfg)
-    achieved = flops / bare
-    util_note = ""
-    util = None
-    if peak_tflops:
-        util = achieved / (peak_tflops * 1e12)
-        util_note = f"model FLOPs utilisation vs {peak_tflops} TFLOP/s peak"
-    report.add(Row("flops/per_step", flops / 1e9, "GFLOP", note="forward + backward, supervised step"))
-    report.add(Row("flops/achieved", achieved / 1e9, "GFLOP/s", note="FLOPs per step / bare step time"))
-    if util is not None:
-        report.add(Row("flops/mfu", util, "fraction", note=util_note))
-    if torch.cuda.is_available() and numerics_for(cfg).device.type == "cuda":
-        report.add(Row("memory/peak_gpu", torch.cuda.max_memory_allocated() / 2**30, "GiB"))
-    report.add(Row("memory/peak_rss", peak_rss, "MiB", note="this process, all methods"))
+    if "flops" in chosen:
+        flops = flops_per_step(cfg)
+        achieved = flops / bare
+        util_note = ""
+        util = None
+        if peak_tflops:
+            util = achieved / (peak_tflops * 1e12)
+            util_note = f"model FLOPs utilisation vs {peak_tflops} TFLOP/s peak"
+        report.add(Row("flops/per_step", flops / 1e9, "GFLOP", note="forward + backward, supervised step"))
+        report.add(Row("flops/achieved", achieved / 1e9, "GFLOP/s", note="FLOPs per step / bare step time"))
+        if util is not None:
+            report.add(Row("flops/mfu", util, "fraction", note=util_note))
+        if numerics_for(cfg).device.type == "cuda":
+            # One supervised trial alone, at the default numerics: what a trial asks of a GPU
+            # (the peak of the whole process would include the FLOP counter's fp32 pass).
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            trainer_step_seconds(validate_run_config({**tree, "method": "supervised"}, "bench"), measure)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            report.add(
+                Row("memory/peak_gpu_trial", peak, "GiB", note="one supervised trial, default numerics")
+            )
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    report.add(Row("memory/peak_rss", peak_rss, "MiB", note="this process, every section so far"))
+
+    on_section(report)
 
     # 5. GPU switches and packing
-    if numerics_for(cfg).device.type == "cuda":
-        gpu_rows(report, tree, measure, images, echo)
-    else:
-        for name in ("gpu/bf16", "gpu/channels_last", "gpu/compile", "gpu/packing"):
+    on_gpu = numerics_for(cfg).device.type == "cuda"
+    if "gpu" in chosen and on_gpu:
+        gpu_rows(report, tree, measure, echo, 1 if quick else 3)
+    on_section(report)
+    if "packing" in chosen and on_gpu:
+        packing_row(report, tree, measure, echo)
+    if not on_gpu:
+        skipped = ["gpu/bf16", "gpu/channels_last", "gpu/compile"] if "gpu" in chosen else []
+        for name in skipped + (["gpu/packing"] if "packing" in chosen else []):
             report.add(Row(name, None, "", note="skipped: no CUDA device on this machine"))
 
+    on_section(report)
+
     # 6. the sweep layer and the report layer
-    if sweep:
+    if "sweep" in chosen:
         sweep_rows(report, quick, echo)
-    curve_row(report, 100 if quick else 1000, echo)
+        on_section(report)
+    if "curve" in chosen:
+        curve_row(report, 100 if quick else 1000, echo)
+    report.complete = True
+    on_section(report)
     return report
 
 
@@ -510,16 +563,42 @@ def curve_row(report: Report, count: int, echo: Callable[[str], None]) -> None:
 
 
 def gpu_rows(
-    report: Report, tree: dict[str, Any], measure: int, images: int, echo: Callable[[str], None]
+    report: Report, tree: dict[str, Any], measure: int, echo: Callable[[str], None], rounds: int = 3
 ) -> None:
-    """Each switch against full precision, then the fastest correct setting."""
+    """Each switch against full precision, ``rounds`` interleaved rounds, median of each (one
+    H200 run of the same setting swung by 35% at the quickstart size, more than the effects
+    measured). The same seed and data for all, so the validation mIoU after the run (in each
+    row's note) shows a switch that breaks training."""
+    images = tree["train"]["batch_size"]
+    settings = {
+        "gpu/fp32": {"amp": "off", "channels_last": False, "compile": False},
+        "gpu/bf16": {"amp": "bf16", "channels_last": False, "compile": False},
+        "gpu/channels_last": {"amp": "off", "channels_last": True, "compile": False},
+        "gpu/bf16+channels_last": {"amp": "bf16", "channels_last": True, "compile": False},
+        "gpu/compile": {"amp": "bf16", "channels_last": True, "compile": True},
+    }
+    rates: dict[str, list[float]] = {name: [] for name in settings}
+    mious: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, train in settings.items():
+            t = {**tree, "train": {**tree["train"], **train}}
+            seconds, _, metrics = trainer_run(validate_run_config(t, "bench"), measure)
+            rates[name].append(images / seconds)
+            mious[name] = metrics.get("val/mIoU_last", float("nan"))  # the last round's
+    fp32 = median(rates["gpu/fp32"])
+    for name in settings:
+        value = median(rates[name])
+        note = f"median of {rounds}; val mIoU after the run {mious[name]:.3f}"
+        if name == "gpu/fp32":
+            report.add(Row(name, value, "img/s", note=note))
+        else:
+            note += f" (fp32 {mious['gpu/fp32']:.3f})"
+            report.add(Row(name, value, "img/s", fp32, speedup(value, fp32), note=note))
+        echo(f"  {name}: {value:.1f} img/s ({speedup(value, fp32):.2f}x fp32; {note})")
 
-    def rate(**train: Any) -> float:
-        t = {**tree, "train": {**tree["train"], **train}}
-        seconds, _ = trainer_step_seconds(validate_run_config(t, "bench"), measure)
-        return images / seconds
 
-    # Packing: several quickstart-size trials on one GPU (fractional GPUs) against one alone.
+def packing_row(report: Report, tree: dict[str, Any], measure: int, echo: Callable[[str], None]) -> None:
+    """Several quickstart-size trials on one GPU (fractional GPUs) against one alone."""
     alone = _packed_rate(tree, measure, 1)
     packed = _packed_rate(tree, measure, 4)
     report.add(
@@ -534,17 +613,7 @@ def gpu_rows(
             "4 trials on one GPU vs 1, aggregate img/s",
         )
     )
-    fp32 = rate(amp="off", channels_last=False, compile=False)
-    report.add(Row("gpu/fp32", fp32, "img/s"))
-    for name, kw in (
-        ("gpu/bf16", {"amp": "bf16", "channels_last": False}),
-        ("gpu/channels_last", {"amp": "off", "channels_last": True}),
-        ("gpu/bf16+channels_last", {"amp": "bf16", "channels_last": True}),
-        ("gpu/compile", {"amp": "bf16", "channels_last": True, "compile": True}),
-    ):
-        value = rate(**kw)
-        report.add(Row(name, value, "img/s", fp32, speedup(value, fp32)))
-        echo(f"  {name}: {value:.1f} img/s ({speedup(value, fp32):.2f}x fp32)")
+    echo(f"  gpu/packing: 4 trials {packed:.0f} img/s vs 1 alone {alone:.0f} img/s ({packed / alone:.2f}x)")
 
 
 def _trial_rate(tree: dict[str, Any], measure: int, queue: Any) -> None:

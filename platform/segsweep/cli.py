@@ -230,16 +230,30 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from segsweep.bench import format_table, run_bench
+    from segsweep.bench import SECTIONS, Report, format_table, run_bench
     from segsweep.config import parse_override
 
     overrides = {".".join(k): v for k, v in (parse_override(s) for s in args.set or [])}
+    only = set(args.only.split(",")) if args.only else None
+    if only and only - set(SECTIONS):
+        raise ConfigError(
+            f"--only: unknown section(s) {', '.join(sorted(only - set(SECTIONS)))}; valid: {', '.join(SECTIONS)}"
+        )
     methods = args.methods.split(",") if args.methods else None
     if methods:
         from segsweep.methods import get_method
 
         for name in methods:
             get_method(name)
+    out = Path(args.json) if args.json else None
+
+    def save(report: Report) -> None:  # after each section: a bench cut short keeps its rows
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(report.to_json(), encoding="utf-8")
+            tmp.replace(out)
+
     print("segsweep bench: measuring (this takes a few minutes on a CPU)...", flush=True)
     report = run_bench(
         quick=args.quick,
@@ -249,12 +263,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops,
         echo=_echo(False),
         overrides=overrides,
+        only=only,
+        on_section=save,
     )
     print(format_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(report.to_json(), encoding="utf-8")
-        print(f"written: {args.json}")
+    if out is not None:
+        print(f"written: {out}")
     return 0
 
 
@@ -378,6 +392,12 @@ def build_parser() -> Parser:
     p.add_argument("--methods", help="comma-separated methods (default: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--no-sweep", action="store_true", help="skip the Ray sweep rows")
+    p.add_argument(
+        "--only",
+        metavar="SECTIONS",
+        help="comma-separated sections to run: step, tracking, data, flops, gpu, packing, sweep, curve "
+        "(default: all; the bare loop always runs)",
+    )
     p.add_argument("--peak-tflops", type=float, help="the device's peak, for model FLOPs utilisation")
     p.add_argument(
         "--set",

@@ -75,7 +75,13 @@ class DataConfig(Section):
         64, ge=0, description="training images held out (from the unlabeled pool) for tuning"
     )
     crop_size: int = Field(64, ge=32)
-    num_workers: int = Field(0, ge=0, description="DataLoader workers per loader")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader workers per loader; None: 0 on a CPU (the workers would take the "
+        "step's cores), on a GPU one per CPU thread of the run, at most 8 (measured on an H200: "
+        "0 workers left DeepLabV3+ at 512 px waiting for data, 134 img/s against 362 with 8)",
+    )
     verify: bool = Field(False, description="decode every image and mask before training starts")
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()

@@ -53,6 +53,7 @@ class Numerics:
     device: torch.device
     amp_dtype: torch.dtype | None  # None: full precision
     channels_last: bool
+    workers: int = 0  # DataLoader workers per loader
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -69,7 +70,12 @@ def numerics_for(cfg: RunConfig) -> Numerics:
     else:
         amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
     channels_last = t.channels_last if t.channels_last is not None else device.type == "cuda"
-    return Numerics(device, amp, channels_last)
+    workers = cfg.data.num_workers
+    if workers is None:
+        # A sweep trial's torch threads are its CPU share (sweep.py sets them), so packed
+        # trials split the machine's cores rather than each starting 8 workers.
+        workers = min(8, torch.get_num_threads()) if device.type == "cuda" else 0
+    return Numerics(device, amp, channels_last, workers)
 
 
 def seed_everything(seed: int) -> None:
@@ -304,7 +310,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(enabled=self.numerics.amp_dtype == torch.float16)
         e = cfg.eval
-        workers = cfg.data.num_workers
+        workers = self.numerics.workers
         self.val_loader = eval_loader(data.source, data.source.val, e.batch_size, workers)
         self.tune_loader = (
             eval_loader(data.source, data.split.tune, e.batch_size, workers) if data.split.tune else None
@@ -376,7 +382,7 @@ class Trainer:
     def _streams(self, stage: Stage, start: int) -> Callable[[], dict[str, Tensor]]:
         """A function returning the next batch of this stage (labeled and/or unlabeled)."""
         t, d = self.cfg.train, self.data
-        workers = self.cfg.data.num_workers
+        workers = self.numerics.workers
         accelerator = self.numerics.device.type == "cuda"
         ub = t.unlabeled_batch_size or t.batch_size
         seed = hash_seed(self.cfg.seed, self.progress.stage)
