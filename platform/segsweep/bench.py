@@ -15,9 +15,12 @@ Rows (each with its value, the baseline it is compared with, the ratio and the t
 * ``flops/*``, ``memory/*``: FLOPs per step, achieved FLOP/s (model FLOPs utilisation
   against ``--peak-tflops`` on a GPU), peak memory of a trial.
 * ``gpu/*`` (CUDA only): bf16 autocast, channels_last and torch.compile switched one at a
-  time, and several small trials sharing one GPU against one alone (target >= 2x).
+  time (median of 3 interleaved rounds), and, as the ``packing`` section, several small
+  trials sharing one GPU against one alone (target >= 2x).
 
-On a CPU the GPU rows are reported as skipped, never guessed.
+On a CPU the GPU rows are reported as skipped, never guessed. ``only`` (``--only``) runs some
+sections; the report is handed to ``on_section`` after each, so a bench cut short keeps what
+it measured (the CLI rewrites its JSON each time, ``"complete": false`` until the end).
 """
 
 from __future__ import annotations
@@ -373,140 +376,30 @@ def run_bench(
 
     on_section(report)
 
-    # 2. tracking overhead: metrics every step, panels at each evaluation. Untracked and
-    # tracked runs alternate (pairs against drift of a shared machine); the median pair counts.
+    # 2.-4. tracking overhead, data loading against consumption, FLOPs and memory
     if "tracking" in chosen:
-        track_tree = {**tree, "method": "fixmatch"}
-        track_tree["train"] = {**tree["train"], "log_every": 1, "eval_every": max(1, steps // 2)}
-        track_tree["tracking"] = {"enabled": True, "experiment": "bench"}
-        track_cfg = validate_run_config(track_tree, "bench")
-        pairs: list[tuple[RunClock, RunClock]] = []
-        with tempfile.TemporaryDirectory() as tmp:
-            uri = f"sqlite:///{tmp}/mlflow.db"
-            RunTracker(uri, "bench", run_name="warm-up").finish()  # store creation is not the runs' cost
-            for _ in range(1 if quick else 5):
-                pairs.append((timed_run(track_cfg, None), timed_run(track_cfg, uri)))
-        loop_cost = median([overhead(t.train, u.train) for u, t in pairs])
-        fixed = median([t.start + t.close - u.start - u.close for u, t in pairs])
-        whole = median([overhead(t.total, u.total) for u, t in pairs])
-        untracked_train = median([u.train for u, _ in pairs])
-        report.add(
-            Row(
-                "overhead/tracking",
-                loop_cost,
-                "fraction",
-                untracked_train,
-                1 + loop_cost,
-                "<= 0.02",
-                check(loop_cost, 0.02),
-                f"training time of a fixmatch run, metrics every step + panels per evaluation, "
-                f"SQLite store; median of {len(pairs)} alternating pairs",
-            )
-        )
-        writer_share = median([t.writer_cpu / u.train for u, t in pairs])
-        report.add(
-            Row(
-                "overhead/tracking_writer_cpu",
-                writer_share,
-                "fraction",
-                note="CPU seconds of the tracker's writer thread per second of untracked training: "
-                "what tracking costs the machine, free of the wall-clock noise of the row above "
-                "(which adds contention for the GIL and the cores)",
-            )
-        )
-        report.add(
-            Row(
-                "overhead/tracking_open_close",
-                fixed,
-                "s per run",
-                note="opening the MLflow run and writing its last records, once per run",
-            )
-        )
-        report.add(
-            Row(
-                "overhead/tracking_whole_run",
-                whole,
-                "fraction",
-                median([u.total for u, _ in pairs]),
-                1 + whole,
-                note=f"the same, opening and closing included, for this {steps}-step run; the fixed "
-                "part shrinks as runs get longer",
-            )
-        )
-        echo(
-            f"  tracking overhead: {100 * loop_cost:+.1f}% of training time (writer thread CPU: "
-            f"{100 * writer_share:.1f}%), plus {fixed:.2f} s per run "
-            f"to open and close it ({100 * whole:+.1f}% of this {steps}-step run)"
-        )
-
-    on_section(report)
-
-    # 3. data loading against consumption
+        tracking_rows(report, tree, steps, quick, echo)
+        on_section(report)
     if "data" in chosen:
-        for workers in (0, 2):
-            rate = loader_batches_per_second(cfg, 10 if quick else 40, workers)
-            report.add(
-                Row(
-                    f"data/loader_workers{workers}",
-                    rate * images,
-                    "img/s",
-                    images / bare,
-                    speedup(rate * images, images / bare),
-                    ">= 1 (keeps up with the bare step)",
-                    check(rate * images / (images / bare), 1.0, below=False),
-                )
-            )
-        w_tree = {**tree, "data": {**tree["data"], "num_workers": 2}}
-        seconds, trainer = trainer_step_seconds(validate_run_config(w_tree, "bench"), measure)
-        waits = list(trainer.timing.data_wait)[-measure:]
-        report.add(
-            Row("data/wait_share_workers2", sum(waits) / (seconds * len(waits)), "fraction", target="~0")
-        )
-
-    on_section(report)
-
-    # 4. FLOPs and memory
+        data_rows(report, cfg, tree, bare, measure, quick)
+        on_section(report)
     if "flops" in chosen:
-        flops = flops_per_step(cfg)
-        achieved = flops / bare
-        util_note = ""
-        util = None
-        if peak_tflops:
-            util = achieved / (peak_tflops * 1e12)
-            util_note = f"model FLOPs utilisation vs {peak_tflops} TFLOP/s peak"
-        report.add(Row("flops/per_step", flops / 1e9, "GFLOP", note="forward + backward, supervised step"))
-        report.add(Row("flops/achieved", achieved / 1e9, "GFLOP/s", note="FLOPs per step / bare step time"))
-        if util is not None:
-            report.add(Row("flops/mfu", util, "fraction", note=util_note))
-        if numerics_for(cfg).device.type == "cuda":
-            # One supervised trial alone, at the default numerics: what a trial asks of a GPU
-            # (the peak of the whole process would include the FLOP counter's fp32 pass).
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            trainer_step_seconds(validate_run_config({**tree, "method": "supervised"}, "bench"), measure)
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            report.add(
-                Row("memory/peak_gpu_trial", peak, "GiB", note="one supervised trial, default numerics")
-            )
-
+        flops_rows(report, cfg, tree, bare, measure, peak_tflops)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     report.add(Row("memory/peak_rss", peak_rss, "MiB", note="this process, every section so far"))
-
     on_section(report)
 
-    # 5. GPU switches and packing
+    # 5. GPU switches and packing (reported as skipped on a CPU, never guessed)
     on_gpu = numerics_for(cfg).device.type == "cuda"
     if "gpu" in chosen and on_gpu:
         gpu_rows(report, tree, measure, echo, 1 if quick else 3)
-    on_section(report)
+        on_section(report)
     if "packing" in chosen and on_gpu:
         packing_row(report, tree, measure, echo)
     if not on_gpu:
         skipped = ["gpu/bf16", "gpu/channels_last", "gpu/compile"] if "gpu" in chosen else []
         for name in skipped + (["gpu/packing"] if "packing" in chosen else []):
             report.add(Row(name, None, "", note="skipped: no CUDA device on this machine"))
-
-    on_section(report)
 
     # 6. the sweep layer and the report layer
     if "sweep" in chosen:
@@ -517,6 +410,130 @@ def run_bench(
     report.complete = True
     on_section(report)
     return report
+
+
+def tracking_rows(
+    report: Report, tree: dict[str, Any], steps: int, quick: bool, echo: Callable[[str], None]
+) -> None:
+    """Metrics every step, panels at each evaluation, against the same run untracked.
+    Untracked and tracked runs alternate (pairs against drift of a shared machine); the
+    median pair counts."""
+    track_tree = {**tree, "method": "fixmatch"}
+    track_tree["train"] = {**tree["train"], "log_every": 1, "eval_every": max(1, steps // 2)}
+    track_tree["tracking"] = {"enabled": True, "experiment": "bench"}
+    track_cfg = validate_run_config(track_tree, "bench")
+    pairs: list[tuple[RunClock, RunClock]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        RunTracker(uri, "bench", run_name="warm-up").finish()  # store creation is not the runs' cost
+        for _ in range(1 if quick else 5):
+            pairs.append((timed_run(track_cfg, None), timed_run(track_cfg, uri)))
+    loop_cost = median([overhead(t.train, u.train) for u, t in pairs])
+    fixed = median([t.start + t.close - u.start - u.close for u, t in pairs])
+    whole = median([overhead(t.total, u.total) for u, t in pairs])
+    untracked_train = median([u.train for u, _ in pairs])
+    report.add(
+        Row(
+            "overhead/tracking",
+            loop_cost,
+            "fraction",
+            untracked_train,
+            1 + loop_cost,
+            "<= 0.02",
+            check(loop_cost, 0.02),
+            f"training time of a fixmatch run, metrics every step + panels per evaluation, "
+            f"SQLite store; median of {len(pairs)} alternating pairs",
+        )
+    )
+    writer_share = median([t.writer_cpu / u.train for u, t in pairs])
+    report.add(
+        Row(
+            "overhead/tracking_writer_cpu",
+            writer_share,
+            "fraction",
+            note="CPU seconds of the tracker's writer thread per second of untracked training: "
+            "what tracking costs the machine, free of the wall-clock noise of the row above "
+            "(which adds contention for the GIL and the cores)",
+        )
+    )
+    report.add(
+        Row(
+            "overhead/tracking_open_close",
+            fixed,
+            "s per run",
+            note="opening the MLflow run and writing its last records, once per run",
+        )
+    )
+    report.add(
+        Row(
+            "overhead/tracking_whole_run",
+            whole,
+            "fraction",
+            median([u.total for u, _ in pairs]),
+            1 + whole,
+            note=f"the same, opening and closing included, for this {steps}-step run; the fixed "
+            "part shrinks as runs get longer",
+        )
+    )
+    echo(
+        f"  tracking overhead: {100 * loop_cost:+.1f}% of training time (writer thread CPU: "
+        f"{100 * writer_share:.1f}%), plus {fixed:.2f} s per run "
+        f"to open and close it ({100 * whole:+.1f}% of this {steps}-step run)"
+    )
+
+
+def data_rows(
+    report: Report, cfg: RunConfig, tree: dict[str, Any], bare: float, measure: int, quick: bool
+) -> None:
+    """Loader throughput alone against the bare step's consumption, and the wait at 2 workers."""
+    images = cfg.train.batch_size
+    for workers in (0, 2):
+        rate = loader_batches_per_second(cfg, 10 if quick else 40, workers)
+        report.add(
+            Row(
+                f"data/loader_workers{workers}",
+                rate * images,
+                "img/s",
+                images / bare,
+                speedup(rate * images, images / bare),
+                ">= 1 (keeps up with the bare step)",
+                check(rate * images / (images / bare), 1.0, below=False),
+            )
+        )
+    w_tree = {**tree, "data": {**tree["data"], "num_workers": 2}}
+    seconds, trainer = trainer_step_seconds(validate_run_config(w_tree, "bench"), measure)
+    waits = list(trainer.timing.data_wait)[-measure:]
+    report.add(Row("data/wait_share_workers2", sum(waits) / (seconds * len(waits)), "fraction", target="~0"))
+
+
+def flops_rows(
+    report: Report,
+    cfg: RunConfig,
+    tree: dict[str, Any],
+    bare: float,
+    measure: int,
+    peak_tflops: float | None,
+) -> None:
+    """FLOPs per step, achieved FLOP/s (utilisation against ``peak_tflops``), GPU memory."""
+    flops = flops_per_step(cfg)
+    achieved = flops / bare
+    util_note = ""
+    util = None
+    if peak_tflops:
+        util = achieved / (peak_tflops * 1e12)
+        util_note = f"model FLOPs utilisation vs {peak_tflops} TFLOP/s peak"
+    report.add(Row("flops/per_step", flops / 1e9, "GFLOP", note="forward + backward, supervised step"))
+    report.add(Row("flops/achieved", achieved / 1e9, "GFLOP/s", note="FLOPs per step / bare step time"))
+    if util is not None:
+        report.add(Row("flops/mfu", util, "fraction", note=util_note))
+    if numerics_for(cfg).device.type == "cuda":
+        # One supervised trial alone, at the default numerics: what a trial asks of a GPU
+        # (the peak of the whole process would include the FLOP counter's fp32 pass).
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        trainer_step_seconds(validate_run_config({**tree, "method": "supervised"}, "bench"), measure)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        report.add(Row("memory/peak_gpu_trial", peak, "GiB", note="one supervised trial, default numerics"))
 
 
 def curve_row(report: Report, count: int, echo: Callable[[str], None]) -> None:
