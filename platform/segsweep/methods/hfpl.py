@@ -111,7 +111,7 @@ class HFPLKnobs(Knobs):
 
     @field_validator("cam_scales")
     @classmethod
-    def _positive_scales(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+    def _scales_in_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if any(not 0.25 <= v <= 4 for v in value):
             raise ValueError("each scale must be in [0.25, 4]")
         return value
