@@ -105,3 +105,36 @@ def test_a_prefetched_stream_is_the_same_stream(tiny) -> None:
     for _ in range(4):
         a, b = next(plain), next(fetched)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prefetch_threads_are_stopped_and_joined_before_the_interpreter_exits(tmp_path) -> None:
+    # A daemon thread still freeing its queued tensors while the interpreter finalizes is
+    # killed inside torch's destructor and the process aborts (exit 134 at the end of the
+    # suite). An exit handler registered before segsweep's runs after it: by then no prefetch
+    # thread may be left, even one busy making a batch and one whose iterator was dropped.
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit, threading, time, gc\n"
+        "atexit.register(lambda: print('left:', sorted(t.name for t in threading.enumerate()"
+        " if t.name == 'segsweep-prefetch'), flush=True))\n"
+        "import torch\n"
+        "from segsweep.data.loaders import Prefetch\n"
+        "def slow():\n"
+        "    while True:\n"
+        "        time.sleep(0.3)\n"
+        "        yield {'x': torch.zeros(4, 4)}\n"
+        "def fast():\n"
+        "    while True:\n"
+        "        yield {'x': torch.zeros(4, 4)}\n"
+        "busy = Prefetch(slow())\n"
+        "dropped = Prefetch(fast(), depth=8)\n"
+        "next(dropped)\n"
+        "del dropped\n"
+        "gc.collect()\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "left: []" in proc.stdout, proc.stdout

@@ -9,8 +9,10 @@ of workers, no state to save.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -204,9 +206,12 @@ class Prefetch(Iterator[dict[str, torch.Tensor]]):
         self._stop = threading.Event()
         # The thread holds the queue and the event, never ``self``: dropping the iterator
         # stops it.
-        threading.Thread(
+        thread = threading.Thread(
             target=_fill, args=(source, self._queue, self._stop), name="segsweep-prefetch", daemon=True
-        ).start()
+        )
+        thread.start()
+        with _THREADS_LOCK:
+            _THREADS[:] = [(t, e) for t, e in _THREADS if t.is_alive()] + [(thread, self._stop)]
 
     def __next__(self) -> dict[str, torch.Tensor]:
         item = self._queue.get()
@@ -217,6 +222,25 @@ class Prefetch(Iterator[dict[str, torch.Tensor]]):
 
     def __del__(self) -> None:
         self._stop.set()
+
+
+# Every prefetch thread with its stop event. At exit they are stopped and joined before the
+# interpreter finalizes: a daemon thread still freeing its queued batches then is killed
+# inside torch's tensor destructor, and the process aborts (seen at the end of the test
+# suite, with Ray's terminate handler loaded: exit status 134 after every test passed).
+_THREADS: list[tuple[threading.Thread, threading.Event]] = []
+_THREADS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_prefetch_threads(timeout: float = 10.0) -> None:
+    with _THREADS_LOCK:
+        threads = list(_THREADS)
+    for _, stop in threads:
+        stop.set()
+    deadline = time.monotonic() + timeout
+    for thread, _ in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _fill(source: Iterator[Any], out: queue.Queue[Any], stop: threading.Event) -> None:
