@@ -285,6 +285,7 @@ def run_bench(
         chosen.discard("sweep")
     tree = base_config(quick, device, overrides)
     cfg = validate_run_config(tree, "bench")
+    numerics = numerics_for(cfg)
     steps = cfg.train.steps
     measure = max(2, steps - max(2, steps // 4))  # skip warm-up steps
     report = Report(
@@ -297,8 +298,8 @@ def run_bench(
             "crop": cfg.data.crop_size,
             "batch_size": cfg.train.batch_size,
             "steps": steps,
-            "device": str(numerics_for(cfg).device),
-            "num_workers": numerics_for(cfg).workers,
+            "device": str(numerics.device),
+            "num_workers": numerics.workers,
             "quick": quick,
         },
     )
@@ -366,7 +367,7 @@ def run_bench(
             share = sum(waits) / (seconds * len(waits))
             report.add(
                 Row(
-                    f"data/wait_share_workers{numerics_for(cfg).workers}",
+                    f"data/wait_share_workers{numerics.workers}",
                     share,
                     "fraction",
                     target="~0",
@@ -390,7 +391,7 @@ def run_bench(
     on_section(report)
 
     # 5. GPU switches and packing (reported as skipped on a CPU, never guessed)
-    on_gpu = numerics_for(cfg).device.type == "cuda"
+    on_gpu = numerics.device.type == "cuda"
     if "gpu" in chosen and on_gpu:
         gpu_rows(report, tree, measure, echo, 1 if quick else 3)
         on_section(report)
