@@ -10,6 +10,7 @@ import pytest
 from segsweep.bench import check, format_table, overhead, run_bench, speedup, steady_seconds_per_trial
 from segsweep.config import validate_run_config
 from segsweep.engine import numerics_for
+from segsweep.errors import ConfigError
 
 from .helpers import segsweep
 
@@ -108,7 +109,7 @@ def test_only_runs_the_chosen_sections_and_saves_after_each(cache_dir: Path) -> 
     # every snapshot but the last is marked incomplete, and each holds the rows before it
     assert [c for c, _ in snapshots][-1] is True and not any(c for c, _ in snapshots[:-1])
     assert snapshots[-1][1] == names and len(snapshots[0][1]) < len(names)
-    with pytest.raises(ValueError, match="unknown bench section"):
+    with pytest.raises(ConfigError, match=r"--only: unknown section\(s\) gpus"):
         run_bench(quick=True, methods=["supervised"], only={"gpus"}, echo=lambda _m: None)
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from segsweep.config import RunConfig, set_dotted, validate_run_config
 from segsweep.data.loaders import hash_seed, stream_loader
 from segsweep.engine import numerics_for, seed_everything, to_device
+from segsweep.errors import ConfigError
 from segsweep.models import build_model
 from segsweep.primitives import poly_lr
 from segsweep.runner import prepare
@@ -53,6 +54,16 @@ SCHEMA = 1
 # The report's sections, in the order they run. ``--only`` picks some: a GPU machine without
 # MLflow or Ray installed can still run the rows that need neither ("step,data,flops,gpu").
 SECTIONS = ("step", "tracking", "data", "flops", "gpu", "packing", "sweep", "curve")
+
+
+def check_sections(only: set[str] | None) -> None:
+    """``--only``'s names must be sections: one line naming the unknown ones, before anything
+    is measured."""
+    unknown = set(only or ()) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(
+            f"--only: unknown section(s) {', '.join(sorted(unknown))}; valid: {', '.join(SECTIONS)}"
+        )
 
 
 @dataclass
@@ -277,10 +288,8 @@ def run_bench(
     after each section, so a bench cut short still leaves what it measured."""
     from segsweep.methods import METHODS
 
+    check_sections(only)
     chosen = set(SECTIONS) if only is None else set(only)
-    unknown = chosen - set(SECTIONS)
-    if unknown:
-        raise ValueError(f"unknown bench section(s) {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
     if not sweep:
         chosen.discard("sweep")
     tree = base_config(quick, device, overrides)

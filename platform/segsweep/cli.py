@@ -230,15 +230,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from segsweep.bench import SECTIONS, Report, format_table, run_bench
+    from segsweep.bench import Report, check_sections, format_table, run_bench
     from segsweep.config import parse_override
 
     overrides = {".".join(k): v for k, v in (parse_override(s) for s in args.set or [])}
     only = set(args.only.split(",")) if args.only else None
-    if only and only - set(SECTIONS):
-        raise ConfigError(
-            f"--only: unknown section(s) {', '.join(sorted(only - set(SECTIONS)))}; valid: {', '.join(SECTIONS)}"
-        )
+    check_sections(only)
     methods = args.methods.split(",") if args.methods else None
     if methods:
         from segsweep.methods import get_method
