@@ -17,6 +17,7 @@ from segsweep.methods.hfpl import (
     gap_loss,
     importance_sampling_loss,
     normalised_cams,
+    sampling_mass_on_objects,
 )
 from segsweep.methods.mixandmatch import (
     box_iou,
@@ -61,6 +62,21 @@ def test_sampling_temperature_flattens_the_pixel_distribution() -> None:
     sharp, flat = expected_is_loss(z, tags, 1.0), expected_is_loss(z, tags, 100.0)
     # a hot temperature samples the low (costly, for a positive tag) pixel more often
     assert flat > sharp
+
+
+def test_sampling_mass_on_objects_known_answers() -> None:
+    objects = torch.zeros(1, 4, 4, dtype=torch.bool)
+    objects[0, :2, :2] = True  # a quarter of the image
+    flat = torch.zeros(1, 4, 4)
+    # flat logits: pixels drawn uniformly, so the object gets its share of the image
+    assert sampling_mass_on_objects(flat, objects, 1.0).item() == pytest.approx(0.25)
+    # far above zero on the object and far below elsewhere: (almost) every draw on the object
+    split = torch.where(objects, 20.0, -20.0).float()
+    assert sampling_mass_on_objects(split, objects, 1.0).item() == pytest.approx(1.0, abs=1e-4)
+    # a background just below zero still draws most pixels there; a cold temperature less so
+    mild = torch.where(objects, 4.0, -0.5).float()
+    warm, cold = (sampling_mass_on_objects(mild, objects, t).item() for t in (1.0, 0.25))
+    assert warm == pytest.approx(0.982 / (0.982 + 3 * 0.3775), abs=1e-3) and cold > warm
 
 
 def test_feature_similarity_loss_on_constant_images() -> None:
@@ -235,6 +251,7 @@ def test_multi_stage_runs_resume_from_the_last_stage_and_step(
         assert full.metrics[("pseudo/mIoU", 0)] > 0
         assert full.metrics[("pseudo/bg_threshold", 0)] in THRESHOLD_GRID  # tuned by default
         assert ("pseudo/tune_mIoU", 0) in full.metrics
+        assert 0 < full.metrics[("pseudo/is_object_mass", 0)] < 1  # the sampling diagnostic
 
 
 def test_blurring_removes_texture_edges_from_the_feature_similarity_loss() -> None:

@@ -158,6 +158,16 @@ def expected_is_loss(z: Tensor, tags: Tensor, temperature: float) -> Tensor:
     return (pi * bce).sum(-1).mean()
 
 
+def sampling_mass_on_objects(z: Tensor, objects: Tensor, temperature: float) -> Tensor:
+    """Share of importance sampling's pixel distribution pi_c(i) ∝ sigmoid(z_c(i) / T) + 1e-5
+    that lies on the class's own pixels: z (M, h, w) logits of M present (image, class) pairs,
+    objects (M, h, w) bool; (M,). The object's share of the image when z is flat; near 1 only
+    when the background logits are far below zero. A diagnostic: IS pushes every drawn pixel
+    of a present class towards "present", so a low share means it mostly raises background."""
+    weights = torch.sigmoid(z.float().flatten(1) / temperature) + 1e-5
+    return (weights * objects.flatten(1).float()).sum(1) / weights.sum(1)
+
+
 def normalised_cams(z: Tensor, tags: Tensor) -> Tensor:
     """ReLU and per-(image, class) min-max normalisation, times the tags; (N, K, h, w)."""
     pos = F.relu(z.float())
@@ -334,10 +344,11 @@ class HFPL(Method):
 
     @torch.no_grad()
     def _cams(self, data: Any, samples: list) -> Any:
-        """(index, image, ground truth, normalised CAMs of the true tags) per sample: CAMs of
-        the image and its flip at each of ``cam_scales``, restricted to the tags its mask
-        implies."""
+        """(index, image, ground truth, normalised CAMs of the true tags, CAM logits averaged
+        over the views) per sample: CAMs of the image and its flip at each of ``cam_scales``,
+        restricted to the tags its mask implies."""
         device = next(self.parameters()).device
+        views = 2 * len(self.knobs.cam_scales)
         for batch in eval_loader(data.source, samples, 16, 0):
             image, mask = batch["image"].to(device), batch["mask"]
             z = self.multiscale_cam_logits(image).cpu()
@@ -345,7 +356,22 @@ class HFPL(Method):
                 tags = torch.zeros(1, self.num_classes - 1)
                 present = mask[i].unique()
                 tags[0, present[(present > 0) & (present < self.num_classes)] - 1] = 1
-                yield index, image[i].cpu(), mask[i], normalised_cams(z[i : i + 1], tags)[0]
+                cams = normalised_cams(z[i : i + 1], tags)[0]
+                yield index, image[i].cpu(), mask[i], cams, z[i] / views
+
+    def _object_mass(self, z: Tensor, mask: Tensor) -> Tensor:
+        """``sampling_mass_on_objects`` of one image's tagged classes at the working
+        resolution of training: (logits (C - 1, H, W), mask (H, W)) -> one share per class."""
+        side = min(self.knobs.work_side, z.shape[-1])
+        size = (max(1, side * z.shape[-2] // z.shape[-1]), side)
+        classes = [int(c) for c in mask.unique() if 0 < c < self.num_classes]
+        if not classes:
+            return torch.zeros(0)
+        objects = torch.stack([(mask == c).float() for c in classes])[:, None]
+        objects = F.adaptive_avg_pool2d(objects, size)[:, 0] > 0.5
+        z_small = F.adaptive_avg_pool2d(z[[c - 1 for c in classes]][:, None], size)[:, 0]
+        keep = objects.flatten(1).any(1)  # objects too small to hold a working pixel: skipped
+        return sampling_mass_on_objects(z_small[keep], objects[keep], self.knobs.sampling_temperature)
 
     @torch.no_grad()
     def run_stage(self, stage: Stage, data: Any) -> dict[str, Any]:
@@ -357,19 +383,26 @@ class HFPL(Method):
         was = self.training
         self.eval()
         logs: dict[str, Any] = {}
-        if self.knobs.bg_threshold == "tune" and data.split.tune:
+        if data.split.tune:  # held-out images with masks: threshold and sampling diagnostics
+            tune = self.knobs.bg_threshold == "tune"
             confusions = {
                 t: torch.zeros(self.num_classes, self.num_classes, dtype=torch.long) for t in THRESHOLD_GRID
             }
-            for _, _, mask, cams in self._cams(data, data.split.tune):
-                for t in THRESHOLD_GRID:
+            masses = []
+            for _, _, mask, cams, z in self._cams(data, data.split.tune):
+                masses.append(self._object_mass(z, mask))
+                for t in THRESHOLD_GRID if tune else ():
                     confusions[t] += confusion_matrix(cam_pseudo_mask(cams, t), mask, self.num_classes)
-            self.threshold, logs["tune_mIoU"] = best_threshold(confusions)
+            if tune:
+                self.threshold, logs["tune_mIoU"] = best_threshold(confusions)
+            mass = torch.cat(masses)
+            if len(mass):
+                logs["is_object_mass"] = float(mass.mean())
         conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
         samples = data.split.labeled
         self.pseudo_masks = {}
         rows: list[list[np.ndarray]] = []
-        for index, image, mask, cams in self._cams(data, samples):
+        for index, image, mask, cams, _ in self._cams(data, samples):
             pseudo = cam_pseudo_mask(cams, self.threshold)
             self.pseudo_masks[samples[index].name] = pseudo.numpy().astype(np.uint8)
             conf += confusion_matrix(pseudo, mask, self.num_classes)
