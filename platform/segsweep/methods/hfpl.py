@@ -379,7 +379,8 @@ class HFPL(Method):
         (read for scoring only) and a panel of image | truth | pseudo mask | CAM. With
         ``bg_threshold: tune`` the threshold is first chosen on the tuning split: CAM methods
         differ in scale (the add-on's CAMs are wider), so one fixed threshold favours one of
-        them; WSSS papers report each CAM at its best threshold."""
+        them; WSSS papers report each CAM at its best threshold. On the tuning split it also
+        logs ``is_object_mass`` (``sampling_mass_on_objects`` at the knob's temperature)."""
         was = self.training
         self.eval()
         logs: dict[str, Any] = {}
