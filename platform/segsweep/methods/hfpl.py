@@ -386,13 +386,12 @@ class HFPL(Method):
         logs: dict[str, Any] = {}
         if data.split.tune:  # held-out images with masks: threshold and sampling diagnostics
             tune = self.knobs.bg_threshold == "tune"
-            confusions = {
-                t: torch.zeros(self.num_classes, self.num_classes, dtype=torch.long) for t in THRESHOLD_GRID
-            }
+            grid = THRESHOLD_GRID if tune else ()
+            confusions = {t: torch.zeros(self.num_classes, self.num_classes, dtype=torch.long) for t in grid}
             masses = []
             for _, _, mask, cams, z in self._cams(data, data.split.tune):
                 masses.append(self._object_mass(z, mask))
-                for t in THRESHOLD_GRID if tune else ():
+                for t in grid:
                     confusions[t] += confusion_matrix(cam_pseudo_mask(cams, t), mask, self.num_classes)
             if tune:
                 self.threshold, logs["tune_mIoU"] = best_threshold(confusions)
