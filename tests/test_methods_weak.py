@@ -254,6 +254,15 @@ def test_multi_stage_runs_resume_from_the_last_stage_and_step(
         assert 0 < full.metrics[("pseudo/is_object_mass", 0)] < 1  # the sampling diagnostic
 
 
+def test_a_fixed_threshold_is_kept_and_the_sampling_diagnostic_still_logged(tiny, tmp_path: Path) -> None:
+    cfg = tiny(**{"method": "hfpl", "train.steps": 2, "hfpl.cam_steps": 2, "hfpl.bg_threshold": 0.35})
+    got = Recorder()
+    prepare(cfg).trainer.run(tmp_path / "fixed", got)
+    assert got.metrics[("pseudo/bg_threshold", 0)] == 0.35  # the knob's value, not a tuned one
+    assert ("pseudo/tune_mIoU", 0) not in got.metrics
+    assert 0 < got.metrics[("pseudo/is_object_mass", 0)] < 1
+
+
 def test_blurring_removes_texture_edges_from_the_feature_similarity_loss() -> None:
     """Stripes inside an object are colour edges; blurred at their period they are not, and the
     loss stops rewarding CAM contours along them."""
