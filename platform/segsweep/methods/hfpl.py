@@ -283,6 +283,16 @@ class HFPL(Method):
         return self.pseudo_masks if self.stage == "train" else None
 
     # -- stage 1: CAMs --------------------------------------------------------------------------
+    def work_size(self, z: Tensor) -> tuple[int, int]:
+        """(h, w) at which IS and the feature-similarity loss run: at most ``work_side`` wide,
+        the aspect of the CAMs ``z`` (..., H, W) kept."""
+        side = min(self.knobs.work_side, z.shape[-1])
+        return max(1, side * z.shape[-2] // z.shape[-1]), side
+
+    def present_classes(self, mask: Tensor) -> list[int]:
+        """Foreground class ids in a ground-truth mask (H, W): its image's true tags."""
+        return [int(c) for c in mask.unique() if 0 < c < self.num_classes]
+
     def cam_logits(self, x: Tensor) -> Tensor:
         """Foreground CAM logits (N, C - 1, H, W)."""
         return self.cam_net(x)[:, 1:]
@@ -295,8 +305,7 @@ class HFPL(Method):
         k = self.knobs
         x, tags = batch["image_l"], batch["tags_l"][:, 1:]
         z = self.cam_logits(x)
-        side = min(k.work_side, z.shape[-1])
-        z_small = F.adaptive_avg_pool2d(z, (side * z.shape[-2] // z.shape[-1], side))
+        z_small = F.adaptive_avg_pool2d(z, self.work_size(z))
         loss_gap = gap_loss(z_small, tags)
         loss, logs = loss_gap, {"loss_gap": loss_gap}
         addon = k.addon and step >= k.addon_start * k.cam_steps
@@ -354,17 +363,15 @@ class HFPL(Method):
             z = self.multiscale_cam_logits(image).cpu()
             for i, index in enumerate(batch["index"].tolist()):
                 tags = torch.zeros(1, self.num_classes - 1)
-                present = mask[i].unique()
-                tags[0, present[(present > 0) & (present < self.num_classes)] - 1] = 1
+                tags[0, [c - 1 for c in self.present_classes(mask[i])]] = 1
                 cams = normalised_cams(z[i : i + 1], tags)[0]
                 yield index, image[i].cpu(), mask[i], cams, z[i] / views
 
     def _object_mass(self, z: Tensor, mask: Tensor) -> Tensor:
         """``sampling_mass_on_objects`` of one image's tagged classes at the working
         resolution of training: (logits (C - 1, H, W), mask (H, W)) -> one share per class."""
-        side = min(self.knobs.work_side, z.shape[-1])
-        size = (max(1, side * z.shape[-2] // z.shape[-1]), side)
-        classes = [int(c) for c in mask.unique() if 0 < c < self.num_classes]
+        size = self.work_size(z)
+        classes = self.present_classes(mask)
         if not classes:
             return torch.zeros(0)
         objects = torch.stack([(mask == c).float() for c in classes])[:, None]
