@@ -16,6 +16,7 @@ from segsweep.methods.hfpl import (
     feature_similarity_loss,
     gap_loss,
     importance_sampling_loss,
+    min_pool_loss,
     normalised_cams,
     sampling_mass_on_objects,
 )
@@ -77,6 +78,22 @@ def test_sampling_mass_on_objects_known_answers() -> None:
     mild = torch.where(objects, 4.0, -0.5).float()
     warm, cold = (sampling_mass_on_objects(mild, objects, t).item() for t in (1.0, 0.25))
     assert warm == pytest.approx(0.982 / (0.982 + 3 * 0.3775), abs=1e-3) and cold > warm
+
+
+def test_min_pool_loss_known_answers() -> None:
+    # one image, one tagged class on a 2 x 2 grid: the lowest quarter is the single pixel 1.0
+    z = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    tags = torch.ones(1, 1)
+    assert min_pool_loss(z, tags).item() == pytest.approx(1.0)
+    assert min_pool_loss(z, tags, share=0.5).item() == pytest.approx(1.5)
+    # a background already at or below zero costs nothing
+    assert min_pool_loss(z - 1, tags).item() == 0.0
+    # per pixel the strongest tagged class counts; an absent class never does
+    two = torch.stack([z[0, 0], torch.full((2, 2), -5.0), torch.full((2, 2), 9.0)])[None]
+    assert min_pool_loss(two, torch.tensor([[1.0, 1.0, 0.0]])).item() == pytest.approx(1.0)
+    # the mean over images: the second image has its low quarter at 0
+    batch = torch.cat([z, z - 4])
+    assert min_pool_loss(batch, torch.ones(2, 1)).item() == pytest.approx(0.5)
 
 
 def test_feature_similarity_loss_on_constant_images() -> None:
@@ -280,8 +297,9 @@ def test_blurring_removes_texture_edges_from_the_feature_similarity_loss() -> No
 
 
 def test_the_addon_switches_on_after_its_warm_up() -> None:
-    """``addon_start``: the first share of the CAM steps trains the baseline loss alone; from
-    then on importance sampling and the feature-similarity loss join it."""
+    """``addon_start``: the first share of the CAM steps trains the baseline loss (GAP and
+    min-pooling) alone; from then on importance sampling and the feature-similarity loss join
+    it."""
     from segsweep.methods.base import Stage
     from segsweep.methods.hfpl import HFPL
     from segsweep.models import build_model
@@ -295,9 +313,17 @@ def test_the_addon_switches_on_after_its_warm_up() -> None:
     batch = make_batch()
     _, before = method.training_step(batch, 4)
     loss, after = method.training_step(batch, 5)
-    assert set(before) == {"loss", "loss_gap"} and before["loss"] == before["loss_gap"]
-    assert {"loss_is", "loss_fs"} <= set(after) and after["loss"] != after["loss_gap"]
+    assert set(before) == {"loss", "loss_gap", "loss_min"}
+    assert before["loss"] == pytest.approx(before["loss_gap"] + before["loss_min"], rel=1e-5)
+    assert {"loss_is", "loss_fs", "loss_min"} <= set(after)
     assert torch.isfinite(loss)
+    # the baseline arm trains the same min-pooling term; weight 0 leaves plain GAP
+    method.knobs = HFPLKnobs(cam_steps=10, addon=False)
+    _, logs = method.training_step(batch, 9)
+    assert set(logs) == {"loss", "loss_gap", "loss_min"}
+    method.knobs = HFPLKnobs(cam_steps=10, addon=False, min_pool_weight=0)
+    _, logs = method.training_step(batch, 9)
+    assert set(logs) == {"loss", "loss_gap"} and logs["loss"] == logs["loss_gap"]
 
 
 def test_multiscale_cams_sum_every_scale_and_flip_at_the_image_size() -> None:

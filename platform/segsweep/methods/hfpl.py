@@ -6,7 +6,10 @@ building on its predecessor arvijj/icam. A pipeline of three stages:
 
 1. ``cam``: a classification network trained on image-level tags; its class activation maps
    (CAMs) localise objects. Baseline: global average pooling of the CAM logits and a
-   multi-label BCE. HFPL's add-on, under its *binomial* reading of CAMs (one sigmoid per
+   multi-label BCE, plus (``min_pool_weight``) the adaptive min-pooling loss that the official
+   training script adds in both arms (from SEAM, Wang et al. 2020): the quarter of the pixels
+   where the strongest tagged CAM is lowest is pushed to at most zero, so that no tagged class
+   spreads over the background. HFPL's add-on, under its *binomial* reading of CAMs (one sigmoid per
    class and pixel, a likelihood of location given class, rather than a softmax posterior
    over classes):
 
@@ -95,6 +98,14 @@ class HFPLKnobs(Knobs):
         "switches on (0: from the first step, as in the paper, whose network starts from "
         "ImageNet weights; a network trained from scratch has no localising CAMs to refine yet)",
     )
+    min_pool_weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the adaptive min-pooling loss of the official training script "
+        "(from SEAM, in both its arms, weight 1): the quarter of the pixels where the strongest "
+        "tagged CAM is lowest is pushed to at most zero, so that no tagged class floods the "
+        "background; 0: off (plain GAP baseline)",
+    )
     work_side: int = Field(16, ge=4, le=64, description="working resolution of IS and FSL")
     cam_scales: tuple[float, ...] = Field(
         (0.5, 1.0, 1.5, 2.0),
@@ -166,6 +177,17 @@ def sampling_mass_on_objects(z: Tensor, objects: Tensor, temperature: float) -> 
     of a present class towards "present", so a low share means it mostly raises background."""
     weights = torch.sigmoid(z.float().flatten(1) / temperature) + 1e-5
     return (weights * objects.flatten(1).float()).sum(1) / weights.sum(1)
+
+
+def min_pool_loss(z: Tensor, tags: Tensor, share: float = 0.25) -> Tensor:
+    """Adaptive min-pooling: per image, the ``share`` of pixels where max_c ReLU(z_c) * tag_c
+    is lowest, their mean (N, K, h, w), (N, K) -> scalar. Zero when those pixels are at most
+    zero; absent classes never count. The official HFPL script trains both its arms with it
+    (SEAM's term): it is what keeps a tagged class from spreading over the whole image."""
+    n = z.shape[0]
+    strongest = (F.relu(z.float()) * tags.view(*tags.shape, 1, 1)).amax(1).flatten(1)  # (N, P)
+    k = max(1, int(strongest.shape[1] * share))
+    return torch.topk(strongest, k, dim=1, largest=False).values.sum() / (k * n)
 
 
 def normalised_cams(z: Tensor, tags: Tensor) -> Tensor:
@@ -327,6 +349,10 @@ class HFPL(Method):
             loss_fs = feature_similarity_loss(rgb, normalised_cams(z_small, tags), k.fs_sigma, k.fs_mu)
             loss = loss + k.fs_weight * loss_fs
             logs["loss_fs"] = loss_fs
+        if k.min_pool_weight:  # baseline and add-on alike, as in the official script
+            loss_min = min_pool_loss(z_small, tags)
+            loss = loss + k.min_pool_weight * loss_min
+            logs["loss_min"] = loss_min
         return loss, as_floats({"loss": loss, **logs})
 
     # -- stage 2: pseudo masks ------------------------------------------------------------------
