@@ -316,6 +316,7 @@ def test_the_addon_switches_on_after_its_warm_up() -> None:
     assert set(before) == {"loss", "loss_gap", "loss_min"}
     assert before["loss"] == pytest.approx(before["loss_gap"] + before["loss_min"], rel=1e-5)
     assert {"loss_is", "loss_fs", "loss_min"} <= set(after)
+    assert after["loss"] != pytest.approx(after["loss_gap"] + after["loss_min"], rel=1e-5)
     assert torch.isfinite(loss)
     # the baseline arm trains the same min-pooling term; weight 0 leaves plain GAP
     method.knobs = HFPLKnobs(cam_steps=10, addon=False)

@@ -9,9 +9,9 @@ building on its predecessor arvijj/icam. A pipeline of three stages:
    multi-label BCE, plus (``min_pool_weight``) the adaptive min-pooling loss that the official
    training script adds in both arms (from SEAM, Wang et al. 2020): the quarter of the pixels
    where the strongest tagged CAM is lowest is pushed to at most zero, so that no tagged class
-   spreads over the background. HFPL's add-on, under its *binomial* reading of CAMs (one sigmoid per
-   class and pixel, a likelihood of location given class, rather than a softmax posterior
-   over classes):
+   spreads over the background. HFPL's add-on, under its *binomial* reading of CAMs (one
+   sigmoid per class and pixel, a likelihood of location given class, rather than a softmax
+   posterior over classes):
 
    * **importance sampling pooling** (``probutils`` of the official code): per image and
      class, ``num_samples`` pixels are drawn from pi_c(i) ∝ sigmoid(z_c(i) / T) (the
