@@ -106,7 +106,9 @@ class HFPLKnobs(Knobs):
         "tagged CAM is lowest is pushed to at most zero, so that no tagged class floods the "
         "background; 0: off (plain GAP baseline)",
     )
-    work_side: int = Field(16, ge=4, le=64, description="working resolution of IS and FSL")
+    work_side: int = Field(
+        16, ge=4, le=64, description="working resolution of the CAM losses (GAP, IS, FSL, min-pooling)"
+    )
     cam_scales: tuple[float, ...] = Field(
         (0.5, 1.0, 1.5, 2.0),
         min_length=1,
@@ -306,8 +308,8 @@ class HFPL(Method):
 
     # -- stage 1: CAMs --------------------------------------------------------------------------
     def work_size(self, z: Tensor) -> tuple[int, int]:
-        """(h, w) at which IS and the feature-similarity loss run: at most ``work_side`` wide,
-        the aspect of the CAMs ``z`` (..., H, W) kept."""
+        """(h, w) at which the CAM stage's losses (GAP, IS, feature similarity, min-pooling)
+        run: at most ``work_side`` wide, the aspect of the CAMs ``z`` (..., H, W) kept."""
         side = min(self.knobs.work_side, z.shape[-1])
         return max(1, side * z.shape[-2] // z.shape[-1]), side
 
