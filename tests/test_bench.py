@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from segsweep.bench import check, format_table, overhead, run_bench, speedup, steady_seconds_per_trial
+from segsweep.bench import (
+    base_config,
+    check,
+    format_table,
+    overhead,
+    run_bench,
+    speedup,
+    steady_seconds_per_trial,
+)
 from segsweep.config import validate_run_config
 from segsweep.engine import numerics_for
 from segsweep.errors import ConfigError
+from segsweep.runner import prepare
 
 from .helpers import segsweep
 
@@ -51,6 +60,7 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
         "data/loader_workers2",
         "data/wait_share_workers0",
         "data/wait_share_workers2",
+        "data/batch_bytes",
         "flops/per_step",
         "flops/achieved",
         "flops/mfu",
@@ -74,6 +84,12 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     assert rows["flops/per_step"].value > 0 and 0 < rows["flops/mfu"].value
     assert rows["flops/achieved"].value == pytest.approx(rows["flops/per_step"].value * bare / 4, rel=1e-6)
     assert rows["gpu/bf16"].value is None and "no CUDA" in rows["gpu/bf16"].note  # never guessed
+    # the loader hands over uint8 images and masks and float32 tags: per image, 3 + 1 bytes a
+    # pixel and 4 a class (float32 images and int64 masks would be 20 bytes a pixel)
+    cfg = validate_run_config(base_config(True, "cpu"), "bench")
+    crop, classes = cfg.data.crop_size, prepare(cfg).data.source.num_classes
+    expected = cfg.train.batch_size * (4 * crop * crop + 4 * classes)
+    assert rows["data/batch_bytes"].value * 2**20 == pytest.approx(expected)
     payload = json.loads(report.to_json())
     assert payload["schema"] == 1 and payload["machine"]["cpu_count"] >= 1
     assert {"name", "value", "unit", "baseline", "ratio", "target", "passed", "note"} == set(

@@ -34,6 +34,15 @@ def test_miou_matches_a_hand_computed_confusion_matrix() -> None:
     assert s["pixel_acc"] == pytest.approx(5 / 7)
 
 
+def test_confusion_matrix_counts_uint8_masks_without_overflow() -> None:
+    # 21 classes (VOC): class 20's cell is 20 * 21 + 20 = 440, past uint8's 255
+    target = torch.tensor([20, 20, 3, IGNORE], dtype=torch.uint8)
+    pred = torch.tensor([20, 3, 3, 0], dtype=torch.uint8)
+    conf = confusion_matrix(pred, target, 21)
+    assert conf.sum() == 3
+    assert conf[20, 20] == 1 and conf[20, 3] == 1 and conf[3, 3] == 1
+
+
 def test_classes_absent_everywhere_are_left_out_of_the_mean() -> None:
     conf = confusion_matrix(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1]), 4)
     s = scores_from_confusion(conf)

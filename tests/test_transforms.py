@@ -107,6 +107,41 @@ def test_a_prefetched_stream_is_the_same_stream(tiny) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_loaders_hand_over_uint8_and_to_model_normalises_on_the_device(tiny) -> None:
+    # The wire format: uint8 images and masks (a quarter and an eighth of the bytes of float32
+    # and int64), normalised and widened only by ``to_model``, to the values the model took
+    # before (ImageNet mean/std of the same pixels; the same class ids).
+    from segsweep.data.loaders import IMAGE_KEYS, MASK_KEYS, eval_loader, stream_loader, to_model
+    from segsweep.runner import prepare
+
+    data = prepare(tiny()).data
+    batches = [
+        next(stream_loader(data.labeled(), 4, 7, 0, 0, False)),
+        next(stream_loader(data.unlabeled(), 4, 7, 0, 0, False)),
+        next(iter(eval_loader(data.source, data.source.val, 4, 0))),
+    ]
+    seen = set()
+    for batch in batches:
+        model_batch = to_model(batch, torch.device("cpu"), channels_last=True)
+        for key, value in batch.items():
+            out = model_batch[key]
+            if key in IMAGE_KEYS:
+                assert value.dtype == torch.uint8 and value.shape[1] == 3
+                assert out.dtype == torch.float32
+                assert out.is_contiguous(memory_format=torch.channels_last)
+                mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+                std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+                assert torch.allclose(out, (value.float() - mean) / std)
+                assert torch.equal(T.denormalize(out), value)
+            elif key in MASK_KEYS:
+                assert value.dtype == torch.uint8
+                assert out.dtype == torch.int64 and torch.equal(out, value.long())
+            else:
+                assert torch.equal(out, value)
+            seen.add(key)
+    assert {"image", "image_l", "image_u_w", "image_u_s", "mask", "mask_l"} <= seen
+
+
 def test_prefetch_threads_are_stopped_and_joined_before_the_interpreter_exits(tmp_path) -> None:
     # A daemon thread still freeing its queued tensors while the interpreter finalizes is
     # killed inside torch's destructor and the process aborts (exit 134 at the end of the

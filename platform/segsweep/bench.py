@@ -8,8 +8,10 @@ Rows (each with its value, the baseline it is compared with, the ratio and the t
 * ``overhead/tracking``: a run with MLflow logging (metrics every step, sample panels at each
   evaluation) against the same run untracked: the training time (target <= 2%), and apart
   from it the seconds per run to open and close the MLflow run, and the whole-run share.
-* ``data/*``: loader throughput alone, and the share of step time spent waiting for a batch
-  at 0 and 2 workers (target: no waiting at the default worker count).
+* ``data/*``: loader throughput alone, the share of step time spent waiting for a batch at 0
+  and 2 workers (target: no waiting at the default worker count), and the bytes of one
+  labeled batch as the loader hands it over (what worker processes, pinning and the copy to
+  the GPU move per step).
 * ``sweep/*``: Ray Tune start, and seconds of scheduling + tracking per trivial trial at
   steady state (target < 1 s).
 * ``flops/*``, ``memory/*``: FLOPs per step, achieved FLOP/s (model FLOPs utilisation
@@ -495,8 +497,12 @@ def tracking_rows(
 def data_rows(
     report: Report, cfg: RunConfig, tree: dict[str, Any], bare: float, measure: int, quick: bool
 ) -> None:
-    """Loader throughput alone against the bare step's consumption, and the wait at 2 workers."""
+    """Loader throughput alone against the bare step's consumption, the wait at 2 workers,
+    and the bytes of a labeled batch."""
     images = cfg.train.batch_size
+    batch = next(stream_loader(prepare(cfg).data.labeled(), images, 1, 0, 0, False))
+    size = sum(v.element_size() * v.nelement() for v in batch.values())
+    report.add(Row("data/batch_bytes", size / 2**20, "MiB", note="one labeled batch from the loader"))
     for workers in (0, 2):
         rate = loader_batches_per_second(cfg, 10 if quick else 40, workers)
         report.add(

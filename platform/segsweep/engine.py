@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from segsweep.config import RunConfig
 from segsweep.data import Data
-from segsweep.data.loaders import eval_loader, hash_seed, stream_loader
+from segsweep.data.loaders import eval_loader, hash_seed, stream_loader, to_model
 from segsweep.data.sources import Sample
 from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import Diverged, InjectedFailure, Stopped
@@ -100,13 +100,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def to_device(batch: dict[str, Tensor], numerics: Numerics) -> dict[str, Tensor]:
-    out = {}
-    for key, value in batch.items():
-        value = value.to(numerics.device, non_blocking=True)
-        if numerics.channels_last and value.dim() == 4:
-            value = value.contiguous(memory_format=torch.channels_last)
-        out[key] = value
-    return out
+    """A loader's batch on the run's device, normalised (``loaders.to_model``)."""
+    return to_model(batch, numerics.device, numerics.channels_last)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,11 +157,9 @@ def evaluate(
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=numerics.device)
     for batch in loader:
-        image = batch["image"].to(numerics.device)
-        if numerics.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        pred = predict_logits(model, image, mode, window, stride, numerics).argmax(1)
-        conf += confusion_matrix(pred, batch["mask"].to(numerics.device), num_classes)
+        batch = to_device(batch, numerics)
+        pred = predict_logits(model, batch["image"], mode, window, stride, numerics).argmax(1)
+        conf += confusion_matrix(pred, batch["mask"], num_classes)
     model.train(was_training)
     return scores_from_confusion(conf.cpu())
 
@@ -185,7 +178,8 @@ def pseudo_mask_quality(method: Method, loader: Any, numerics: Numerics) -> dict
     conf = torch.zeros(n, n, dtype=torch.long, device=numerics.device)
     kept = correct = total = 0
     for batch in loader:
-        image, mask = batch["image"].to(numerics.device), batch["mask"].to(numerics.device)
+        batch = to_model(batch, numerics.device, channels_last=False)
+        image, mask = batch["image"], batch["mask"]
         padded, (h, w) = pad_to_multiple(image)
         with numerics.autocast():
             pseudo, _, keep = method.pseudo_label(padded)
@@ -213,7 +207,7 @@ def sample_panel(method: Method, batch: dict[str, Tensor], numerics: Numerics) -
     confidence, one row per held unlabeled image: the MLflow image slider shows it per step."""
     was_training = method.training
     method.eval()
-    image, mask = batch["image"].to(numerics.device), batch["mask"]
+    image, mask = to_model(batch, numerics.device, channels_last=False)["image"], batch["mask"]
     padded, (h, w) = pad_to_multiple(image)
     with numerics.autocast():
         pred = method.model(padded).argmax(1)[..., :h, :w].cpu()

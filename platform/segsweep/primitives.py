@@ -93,10 +93,11 @@ def ema_decay_at(step: int, decay: float) -> float:
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     """(num_classes, num_classes) counts, rows = ground truth, cols = prediction.
 
-    Pixels whose target is ``IGNORE`` (or any id >= num_classes) are skipped.
+    Pixels whose target is ``IGNORE`` (or any id >= num_classes) are skipped. Any integer
+    dtype: ids are widened first (uint8 masks would overflow ``target * num_classes``).
     """
-    pred = pred.reshape(-1)
-    target = target.reshape(-1)
+    pred = pred.reshape(-1).long()
+    target = target.reshape(-1).long()
     keep = target < num_classes
     index = target[keep] * num_classes + pred[keep]
     counts = torch.bincount(index, minlength=num_classes * num_classes)

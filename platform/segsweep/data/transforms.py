@@ -11,6 +11,7 @@ UniMatch; its CutMix box is drawn here too (``primitives.cutmix_box``).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -30,13 +31,21 @@ def to_tensor(image: np.ndarray) -> Tensor:
 
 
 def normalize(image: Tensor) -> Tensor:
-    """(3, H, W) uint8 -> float, ImageNet mean/std (what smp encoders expect)."""
-    return (image.float() - MEAN) / STD
+    """(..., 3, H, W) uint8 -> float, ImageNet mean/std (what smp encoders expect), on the
+    image's device."""
+    mean, std = _stats_on(image.device)
+    return (image.float() - mean) / std
+
+
+@functools.cache
+def _stats_on(device: torch.device) -> tuple[Tensor, Tensor]:
+    # One copy per device, made once: not a host-to-device copy (and sync) per batch.
+    return MEAN.to(device), STD.to(device)
 
 
 def denormalize(image: Tensor) -> Tensor:
     """Inverse of ``normalize`` for (..., 3, H, W); returns uint8."""
-    return (image.float().cpu() * STD + MEAN).clamp(0, 255).to(torch.uint8)
+    return (image.float().cpu() * STD + MEAN).round().clamp(0, 255).to(torch.uint8)  # round: x.999 is x+1
 
 
 def weak(

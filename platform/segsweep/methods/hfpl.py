@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from segsweep.data.loaders import eval_loader
+from segsweep.data.loaders import eval_loader, to_model
 from segsweep.data.transforms import MEAN, STD, pad_to_multiple
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
 from segsweep.models import SegModel
@@ -387,7 +387,8 @@ class HFPL(Method):
         device = next(self.parameters()).device
         views = 2 * len(self.knobs.cam_scales)
         for batch in eval_loader(data.source, samples, 16, 0):
-            image, mask = batch["image"].to(device), batch["mask"]
+            batch = to_model(batch, device, channels_last=False)
+            image, mask = batch["image"], batch["mask"].cpu()
             z = self.multiscale_cam_logits(image).cpu()
             for i, index in enumerate(batch["index"].tolist()):
                 tags = torch.zeros(1, self.num_classes - 1)
