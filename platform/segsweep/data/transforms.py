@@ -34,7 +34,9 @@ def normalize(image: Tensor) -> Tensor:
     """(..., 3, H, W) uint8 -> float, ImageNet mean/std (what smp encoders expect), on the
     image's device."""
     mean, std = _stats_on(image.device)
-    return (image.float() - mean) / std
+    # In place on the one new float tensor: a batch at 512 px is 48 MiB, and each temporary
+    # of that size is a fresh allocation (and page faults) on a CPU.
+    return image.to(torch.float32, copy=True).sub_(mean).div_(std)
 
 
 @functools.cache
