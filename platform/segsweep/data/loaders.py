@@ -29,8 +29,8 @@ from segsweep.primitives import IGNORE, cutmix_box
 Draw = tuple[int, int, int]  # (index into the sample list, stream seed, stream position)
 
 # What the datasets hand over: images (3, H, W) and masks (H, W) as uint8, a quarter of the
-# bytes of float32 images and an eighth of int64 masks (17 MB a batch of 16 at 512 px, not
-# 84 MB): worker processes, pinning and the copy to the GPU move that much less.
+# bytes of float32 images and an eighth of int64 masks (16 MiB a batch of 16 at 512 px, not
+# 80 MiB): worker processes, pinning and the copy to the GPU move that much less.
 # ``to_model`` normalises the images and widens the masks where the model runs.
 IMAGE_KEYS = frozenset({"image", "image_l", "image_u_w", "image_u_s"})
 MASK_KEYS = frozenset({"mask", "mask_l"})
