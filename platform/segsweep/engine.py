@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from segsweep.config import RunConfig
 from segsweep.data import Data
-from segsweep.data.loaders import eval_loader, hash_seed, stream_loader, to_model
+from segsweep.data.loaders import eval_loader, hash_seed, model_image, stream_loader, to_model
 from segsweep.data.sources import Sample
 from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import Diverged, InjectedFailure, Stopped
@@ -207,7 +207,7 @@ def sample_panel(method: Method, batch: dict[str, Tensor], numerics: Numerics) -
     confidence, one row per held unlabeled image: the MLflow image slider shows it per step."""
     was_training = method.training
     method.eval()
-    image, mask = to_model(batch, numerics.device, channels_last=False)["image"], batch["mask"]
+    image, mask = model_image(batch["image"], numerics.device, channels_last=False), batch["mask"]
     padded, (h, w) = pad_to_multiple(image)
     with numerics.autocast():
         pred = method.model(padded).argmax(1)[..., :h, :w].cpu()

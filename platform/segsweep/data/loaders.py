@@ -273,15 +273,18 @@ def to_model(
     (B, 3, H, W), in channels_last if asked; masks int64 (B, H, W); the rest as it was."""
     out = {}
     for key, value in batch.items():
-        value = value.to(device, non_blocking=True)
         if key in IMAGE_KEYS:
-            value = T.normalize(value)
-            if channels_last:
-                value = value.contiguous(memory_format=torch.channels_last)
-        elif key in MASK_KEYS:
-            value = value.long()
-        out[key] = value
+            out[key] = model_image(value, device, channels_last)
+        else:
+            value = value.to(device, non_blocking=True)
+            out[key] = value.long() if key in MASK_KEYS else value
     return out
+
+
+def model_image(image: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Loader images (B, 3, H, W) uint8 -> normalised float on ``device``."""
+    image = T.normalize(image.to(device, non_blocking=True))
+    return image.contiguous(memory_format=torch.channels_last) if channels_last else image
 
 
 def eval_loader(source: Source, samples: list[Sample], batch_size: int, workers: int) -> DataLoader:

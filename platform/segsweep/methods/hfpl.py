@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from segsweep.data.loaders import eval_loader, to_model
+from segsweep.data.loaders import eval_loader, model_image
 from segsweep.data.transforms import MEAN, STD, pad_to_multiple
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
 from segsweep.models import SegModel
@@ -387,8 +387,8 @@ class HFPL(Method):
         device = next(self.parameters()).device
         views = 2 * len(self.knobs.cam_scales)
         for batch in eval_loader(data.source, samples, 16, 0):
-            batch = to_model(batch, device, channels_last=False)
-            image, mask = batch["image"], batch["mask"].cpu()
+            # only the image goes to the device: the masks and indices are read on the CPU
+            image, mask = model_image(batch["image"], device, channels_last=False), batch["mask"].long()
             z = self.multiscale_cam_logits(image).cpu()
             for i, index in enumerate(batch["index"].tolist()):
                 tags = torch.zeros(1, self.num_classes - 1)
