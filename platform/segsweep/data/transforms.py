@@ -33,16 +33,23 @@ def to_tensor(image: np.ndarray) -> Tensor:
 def normalize(image: Tensor) -> Tensor:
     """(..., 3, H, W) uint8 -> float, ImageNet mean/std (what smp encoders expect), on the
     image's device."""
-    mean, std = _stats_on(image.device)
+    mean, std = stats_on(image.device)
     # In place on the one new float tensor: a batch at 512 px is 48 MiB, and each temporary
     # of that size is a fresh allocation (and page faults) on a CPU.
     return image.to(torch.float32, copy=True).sub_(mean).div_(std)
 
 
 @functools.cache
-def _stats_on(device: torch.device) -> tuple[Tensor, Tensor]:
+def stats_on(device: torch.device) -> tuple[Tensor, Tensor]:
     # One copy per device, made once: not a host-to-device copy (and sync) per batch.
     return MEAN.to(device), STD.to(device)
+
+
+def unit_rgb(image: Tensor) -> Tensor:
+    """Inverse of ``normalize`` as float RGB in [0, 1], on the image's device (for losses
+    that read colour: HFPL's feature similarity, Mix-and-Match's colourisation targets)."""
+    mean, std = stats_on(image.device)
+    return ((image.float() * std + mean) / 255).clamp(0, 1)
 
 
 def denormalize(image: Tensor) -> Tensor:

@@ -64,7 +64,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from segsweep.data.loaders import eval_loader, model_image
-from segsweep.data.transforms import MEAN, STD, pad_to_multiple
+from segsweep.data.transforms import pad_to_multiple, unit_rgb
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
 from segsweep.models import SegModel
 from segsweep.panels import colour, compose, heat, image_tile
@@ -344,7 +344,7 @@ class HFPL(Method):
             loss = (1 - k.is_weight) * loss_gap + k.is_weight * loss_is
             logs["loss_is"] = loss_is
         if addon and k.feature_similarity:
-            rgb = ((x.float() * STD.to(x.device) + MEAN.to(x.device)) / 255).clamp(0, 1)
+            rgb = unit_rgb(x)
             if k.fs_smooth:
                 rgb = gaussian_blur(rgb, k.fs_smooth)
             rgb = F.adaptive_avg_pool2d(rgb, z_small.shape[-2:])

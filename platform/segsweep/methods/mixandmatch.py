@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from segsweep.data.transforms import MEAN, STD
+from segsweep.data.transforms import STD, stats_on, unit_rgb
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
 from segsweep.models import SegModel
 from segsweep.primitives import IGNORE, masked_cross_entropy
@@ -88,9 +88,10 @@ def hue_chroma_bins(rgb01: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def to_gray_input(x: Tensor) -> Tensor:
     """A normalised RGB batch -> its grayscale version, normalised again per channel."""
-    rgb = x.float() * STD.to(x.device) + MEAN.to(x.device)
+    mean, std = stats_on(x.device)
+    rgb = x.float() * std + mean
     gray = rgb.mean(1, keepdim=True).expand_as(rgb)
-    return ((gray - MEAN.to(x.device)) / STD.to(x.device)).to(x.dtype)
+    return ((gray - mean) / std).to(x.dtype)
 
 
 @torch.no_grad()
@@ -270,7 +271,7 @@ class MixAndMatch(Method):
     def _proxy_step(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Colourisation: grayscale in, hue and chroma bins out, per pixel."""
         bins = self.knobs.color_bins
-        rgb = ((x.float() * STD.to(x.device) + MEAN.to(x.device)) / 255).clamp(0, 1)
+        rgb = unit_rgb(x)
         hue_bin, chroma_bin, chroma = hue_chroma_bins(rgb, bins)
         dec = self.model.forward_features(to_gray_input(x)).decoder
         out = self.color_head(dec)
