@@ -2,12 +2,12 @@
 
 Scenes hold several objects on a textured, cluttered background. A class is a pair
 (shape, texture): disk, box or triangle, filled with stripes or dots. Neither cue alone names
-the class, colours are random per object (colour says nothing), and every object varies in
-size, aspect ratio, rotation, texture period and orientation. Distractors (the same shapes
-with a third texture, and other shapes with the class textures) are background, objects
-occlude each other, and a one-pixel band on every object border is ignored (255), as in VOC.
-A model must learn shape and texture jointly, which takes many labeled images: the label
-ratio matters.
+the class; each class has a typical hue, spread so wide (std 35 degrees, classes 60 apart) that
+colour only hints at it; and every object varies in size, aspect ratio, rotation, texture
+period and orientation. Distractors (the same shapes with a third texture, and other shapes
+with the class textures, in any hue) are background, objects occlude each other, and a
+one-pixel band on every object border is ignored (255), as in VOC. A model must learn shape
+and texture jointly, which takes many labeled images: the label ratio matters.
 
 Everything is a pure function of (seed, index, image_size), so the same config gives the
 same bytes on any machine; arrays are cached as ``.npy`` files and memory-mapped.
