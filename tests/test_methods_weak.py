@@ -264,6 +264,14 @@ def test_multi_stage_runs_resume_from_the_last_stage_and_step(
     first_stage = {"hfpl": "cam", "mixandmatch": "proxy"}[method]
     assert not any(k.startswith(first_stage) for k, _ in resumed.metrics)  # finished stages are not redone
     assert resumed.metrics[("val/mIoU", 4)] == full.metrics[("val/mIoU", 4)]
+    # Each finished stage's weights are kept apart; the last stage's are last.pt / best.pt.
+    names = [s.name for s in a.trainer.stages]
+    kept = {p.stem for p in (tmp_path / "a" / "checkpoints").glob("*.pt")} - {"last", "best"}
+    assert kept == set(names[:-1])
+    assert (
+        torch.load(tmp_path / "a" / "checkpoints" / f"{first_stage}.pt", weights_only=True)["stage"]
+        == first_stage
+    )
     if method == "hfpl":
         assert full.metrics[("pseudo/mIoU", 0)] > 0
         assert full.metrics[("pseudo/bg_threshold", 0)] in THRESHOLD_GRID  # tuned by default
@@ -352,3 +360,45 @@ def test_multiscale_cams_sum_every_scale_and_flip_at_the_image_size() -> None:
     )
     with pytest.raises(ValueError, match="scale"):
         HFPLKnobs(cam_scales=(0.1,))
+
+
+def test_a_proxy_trained_once_starts_later_runs(tiny, tmp_path: Path) -> None:
+    from segsweep.errors import ConfigError
+    from segsweep.methods import Stage
+    from segsweep.methods.mixandmatch import colour_first_layer
+
+    base = {"method": "mixandmatch", "data.label_ratio": 0.5, "train.steps": 2}
+    prepare(tiny(**base, **{"mixandmatch.proxy_steps": 3, "mixandmatch.mm": False})).trainer.run(
+        tmp_path / "proxy", NullTracker()
+    )
+    stage_file = tmp_path / "proxy" / "checkpoints" / "proxy.pt"
+    saved = torch.load(stage_file, weights_only=True)["method"]
+    later = prepare(tiny(**base, **{"mixandmatch.proxy_from": str(stage_file), "mixandmatch.mm_steps": 2}))
+    method = later.trainer.method
+    assert [s.name for s in later.trainer.stages] == ["match", "train"]  # no proxy stage of its own
+    encoder = method.model.encoder.state_dict()
+    assert all(torch.equal(v, saved[f"model.net.encoder.{k}"]) for k, v in encoder.items())
+    fresh = prepare(tiny(**base, **{"mixandmatch.proxy_steps": 0})).trainer.method.model.encoder.state_dict()
+    assert any(not torch.equal(v, fresh[k]) for k, v in encoder.items())  # trained, not an init
+    # The proxy saw gray input: its first layer is handed over to colour before tuning.
+    first = next(k for k, v in encoder.items() if v.ndim == 4 and v.shape[1] == 3)
+    method.begin_stage(Stage("match", 2, batch="labeled", evaluate=False))
+    handed = method.model.encoder.state_dict()[first]
+    gray = torch.nn.Conv2d(3, handed.shape[0], handed.shape[-1], bias=False)
+    gray.weight.data.copy_(saved[f"model.net.encoder.{first}"])
+    colour_first_layer(gray)
+    assert torch.equal(handed, gray.weight) and not torch.equal(handed, saved[f"model.net.encoder.{first}"])
+    assert method.colour_input
+
+    wrong = {
+        "missing.pt": "file not found",
+        "last.pt": "not the weights of a finished proxy stage",
+    }
+    for name, message in wrong.items():
+        path = tmp_path / "proxy" / "checkpoints" / name if name == "last.pt" else tmp_path / name
+        with pytest.raises(ConfigError, match=message):
+            prepare(tiny(**base, **{"mixandmatch.proxy_from": str(path)}))
+    with pytest.raises(ConfigError, match="does not fit this run's model"):
+        prepare(tiny(**base, **{"mixandmatch.proxy_from": str(stage_file), "model.encoder": "resnet18"}))
+    with pytest.raises(ConfigError, match="proxy_from replaces the proxy stage"):
+        tiny(**base, **{"mixandmatch.proxy_from": str(stage_file), "mixandmatch.proxy_steps": 5})

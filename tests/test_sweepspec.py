@@ -63,6 +63,21 @@ def test_grid_times_search_expansion(tmp_path: Path, cache_dir: Path) -> None:
     assert cell.tree["tracking"]["experiment"] == "t"
 
 
+def test_relative_weight_paths_are_made_absolute_for_trials(tmp_path: Path, cache_dir: Path) -> None:
+    # Trials run in their own folders (maybe on other machines): a path given relative to
+    # where the sweep was launched must still name the same file there.
+    base = {**BASE, "model": {"encoder_weights": "enc.pt"}, "mixandmatch": {"proxy_from": "p/proxy.pt"}}
+    plan = plan_of(
+        tmp_path,
+        spec(
+            base=base, grid={"method": ["mixandmatch"], "data.label_ratio": [0.5], "seed": [0]}, search=None
+        ),
+    )
+    tree = plan.cells[0].tree
+    assert tree["model"]["encoder_weights"] == str(tmp_path / "enc.pt")
+    assert tree["mixandmatch"]["proxy_from"] == str(tmp_path / "p" / "proxy.pt")
+
+
 def test_base_may_be_a_path_and_set_overrides_reach_every_cell(tmp_path: Path, cache_dir: Path) -> None:
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
     plan = plan_of(tmp_path, spec(base="base.yaml"))

@@ -4,7 +4,8 @@ branches on a method's name.
 
 A run is a list of stages (``Method.stages``; one for single-loop methods). Each stage
 builds its own optimizer, streams its batches, evaluates every ``train.eval_every`` steps
-and at its end, and checkpoints at each evaluation. A checkpoint holds the method (student,
+and at its end, and checkpoints at each evaluation (a finished stage's weights are also
+kept as ``checkpoints/<stage>.pt``). A checkpoint holds the method (student,
 teacher, heads), optimizer, AMP scaler, stage and step, best-so-far bookkeeping and every
 RNG state; the data streams are pure functions of (seed, position), so resuming continues
 the exact same run.
@@ -350,6 +351,23 @@ class Trainer:
         )
         return path
 
+    def save_stage_weights(self, stage: Stage) -> Path:
+        """The method's weights at the end of a stage that is not the last, kept apart as
+        ``checkpoints/<stage>.pt``: ``last.pt`` moves on with the next stage, and a later run
+        may start from a finished stage (e.g. ``mixandmatch.proxy_from``: a proxy trained once,
+        shared by every fine-tuning run, as the paper does). Weights and config only, no
+        optimizer: it is a starting point, not a resume point."""
+        path = self.checkpoint_dir / f"{stage.name}.pt"
+        atomic_save(
+            {
+                "method": self.method.state_dict(),
+                "stage": stage.name,
+                "config": self.cfg.model_dump(mode="json"),
+            },
+            path,
+        )
+        return path
+
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location=self.numerics.device, weights_only=False)
         self.method.load_state_dict(state["method"])
@@ -429,6 +447,8 @@ class Trainer:
             if index != self.progress.stage:  # entering a new stage from the previous one
                 self.progress.stage, self.progress.step = index, 0
             self._run_stage(self.stages[index], last=index == len(self.stages) - 1)
+            if index < len(self.stages) - 1:
+                self.save_stage_weights(self.stages[index])
         # Built from the checkpointed progress, so a run resumed at its very end reports too.
         self.final_report = {
             **{k: v for k, v in self.progress.last.items() if "/iou/" not in k},

@@ -115,10 +115,8 @@ def execute(
         result = trainer.run(run_dir, tracker, reporter, resume_from, should_stop)
         tracker.log_metrics({**result.metrics, "time/run_seconds": time.time() - started}, cfg.train.steps)
         if cfg.tracking.log_checkpoints:
-            for name in ("best.pt", "last.pt"):
-                path = trainer.checkpoint_dir / name
-                if path.exists():
-                    tracker.log_artifact(path, "checkpoints")
+            for path in sorted(trainer.checkpoint_dir.glob("*.pt")):  # best, last, finished stages
+                tracker.log_artifact(path, "checkpoints")
         tracker.finish("FINISHED", "finished")
     except Diverged as exc:
         tracker.set_tags({"segsweep.error": str(exc)})

@@ -125,9 +125,8 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
     if checkpoint is not None:  # a retry: continue from the last reported checkpoint
         with checkpoint.as_directory() as folder:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            for name in ("last.pt", "best.pt"):
-                if (Path(folder) / name).exists():
-                    shutil.copy2(Path(folder) / name, run_dir / "checkpoints" / name)
+            for src in Path(folder).glob("*.pt"):  # last, best and finished stages' weights
+                shutil.copy2(src, run_dir / "checkpoints" / src.name)
         resume_from = run_dir / "checkpoints" / "last.pt"
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:

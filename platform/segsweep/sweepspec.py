@@ -279,6 +279,7 @@ def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         ("data", "root"),
         ("data", "split"),
         ("model", "encoder_weights"),
+        ("mixandmatch", "proxy_from"),
         ("", "output_dir"),
     ):
         node = tree.get(section, {}) if section else tree

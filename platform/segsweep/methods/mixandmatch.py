@@ -24,6 +24,8 @@ Segmentation", AAAI 2018 (arXiv 1712.00661); official code XiaohangZhan/mix-and-
 
 Knobs switch the proxy off (``proxy_steps: 0``: M&M from scratch) and the M&M stage off
 (``mm: false``), so "proxy + fine-tune" against "proxy + M&M + fine-tune" is one ablation.
+``proxy_from`` starts from a proxy trained once by another run (its ``checkpoints/proxy.pt``,
+encoder only), as the paper starts every tuning run from one colourisation network.
 
 Shapes: images (N, 3, H, W), masks (N, H, W); patches (P, 3, s, s) with classes (P,);
 features (P, D) unit vectors.
@@ -39,14 +41,16 @@ drawn class-balanced where the official code draws 90% on foreground; the margin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from segsweep.data.transforms import STD, stats_on, unit_rgb
+from segsweep.errors import ConfigError
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
 from segsweep.models import SegModel
 from segsweep.primitives import IGNORE, masked_cross_entropy
@@ -55,6 +59,11 @@ from segsweep.primitives import IGNORE, masked_cross_entropy
 class MixAndMatchKnobs(Knobs):
     proxy: Literal["colorization"] = Field("colorization", description="self-supervised proxy task")
     proxy_steps: int = Field(300, ge=0, description="budget of the proxy stage (0: no proxy)")
+    proxy_from: Path | None = Field(
+        None,
+        description="a proxy trained once: an earlier run's checkpoints/proxy.pt; its encoder "
+        "replaces this run's proxy stage",
+    )
     color_bins: int = Field(32, ge=4, le=64, description="hue and chroma bins of the proxy")
     mm: bool = Field(True, description="the mix-and-match stage (off: proxy + fine-tune)")
     mm_steps: int = Field(200, ge=1, description="budget of the mix-and-match stage")
@@ -65,6 +74,12 @@ class MixAndMatchKnobs(Knobs):
     overlap_threshold: float = Field(0.3, ge=0, le=1, description="max IoU with a kept patch")
     dominant_ratio: float = Field(0.6, gt=0, le=1, description="share the patch's class must cover")
     margin: float = Field(0.5, ge=0, description="triplet margin (squared distances)")
+
+    @model_validator(mode="after")
+    def _one_proxy(self) -> MixAndMatchKnobs:
+        if self.proxy_from is not None and "proxy_steps" in self.model_fields_set and self.proxy_steps:
+            raise ValueError("proxy_from replaces the proxy stage: drop proxy_steps or set it to 0")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +124,38 @@ def colour_first_layer(encoder: nn.Module) -> None:
     scale = (STD / 255).to(first.weight).view(1, 3, 1, 1)  # x_c = (rgb_c - mean_c) / std_c
     per_unit = (first.weight / scale).sum(1, keepdim=True) / 3  # response to a unit of brightness
     first.weight.copy_(per_unit * scale)
+
+
+def load_proxy_encoder(encoder: nn.Module, path: Path) -> None:
+    """Load the encoder of a proxy stage another run finished (its ``checkpoints/proxy.pt``).
+
+    The paper trains its proxy once and starts every tuning run from that network; only the
+    encoder carries over (the proxy's decoder and colour head serve colourisation). Strict: an
+    encoder of another architecture is an error, not a silent partial load.
+    """
+    where = f"mixandmatch.proxy_from: {path}"
+    if not path.is_file():
+        raise ConfigError(f"{where}: file not found")
+    not_proxy = f"{where}: not the weights of a finished proxy stage (a run's checkpoints/proxy.pt)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise ConfigError(f"{not_proxy}: unreadable as plain weights") from None
+    if not isinstance(state, dict) or state.get("stage") != "proxy" or "method" not in state:
+        raise ConfigError(not_proxy)
+    prefix = "model.net.encoder."
+    weights = {k.removeprefix(prefix): v for k, v in state["method"].items() if k.startswith(prefix)}
+    own = encoder.state_dict()
+    missing, unexpected = own.keys() - weights.keys(), weights.keys() - own.keys()
+    reshaped = [k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape]
+    if missing or unexpected or reshaped:
+        trained = state.get("config", {}).get("model", {}).get("encoder", "another encoder")
+        raise ConfigError(
+            f"{where}: its encoder ({trained}) does not fit this run's model.encoder "
+            f"({len(missing)} weights missing, {len(unexpected)} unexpected, {len(reshaped)} of "
+            "another shape)"
+        )
+    encoder.load_state_dict(weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,11 +281,18 @@ class MixAndMatch(Method):
         self.color_head = nn.Conv2d(model.decoder_channels, 2 * knobs.color_bins, 1)
         self.stage = "train"
         self.colour_input = False  # the first layer was handed over from gray to colour input
+        if knobs.proxy_from is not None:
+            load_proxy_encoder(model.encoder, knobs.proxy_from)
+
+    @property
+    def trains_proxy(self) -> bool:
+        """This run trains its own proxy stage (not given one by ``proxy_from``)."""
+        return bool(self.knobs.proxy_steps) and self.knobs.proxy_from is None
 
     def stages(self, train_steps: int) -> list[Stage]:
         k = self.knobs
         out = []
-        if k.proxy_steps:
+        if self.trains_proxy:
             out.append(Stage("proxy", k.proxy_steps, batch="all", evaluate=False))
         if k.mm:
             out.append(Stage("match", k.mm_steps, batch="labeled", evaluate=False))
@@ -247,7 +301,8 @@ class MixAndMatch(Method):
     def begin_stage(self, stage: Stage) -> None:
         self.stage = stage.name
         self.color_head.requires_grad_(stage.name == "proxy")
-        if stage.name != "proxy" and self.knobs.proxy_steps and not self.colour_input:
+        from_proxy = self.trains_proxy or self.knobs.proxy_from is not None
+        if stage.name != "proxy" and from_proxy and not self.colour_input:
             colour_first_layer(self.model.encoder)
             self.colour_input = True
 
