@@ -269,6 +269,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from segsweep.probe import ProbeSettings, probe_checkpoints
+
+    if args.pixels_per_image < 1 or args.iters < 1:
+        raise ConfigError("segsweep probe: --pixels-per-image and --iters must be at least 1")
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    settings = ProbeSettings(pixels_per_image=args.pixels_per_image, iters=args.iters)
+    print("segsweep probe: fitting a linear probe per network...", flush=True)
+    report = probe_checkpoints([Path(c) for c in args.checkpoint], list(args.set or []), settings, device)
+    print(
+        f"linear probe on frozen features, fit on {report['labeled_images']} labeled images "
+        f"({report['dataset']}, seed {report['seed']}, label_ratio {report['label_ratio']}), "
+        f"val mIoU on {report['val_images']} images:"
+    )
+    width = max(len(r["name"]) for r in report["rows"])
+    for r in report["rows"]:
+        print(f"  {r['name']:<{width}}  {r['method']:<12} {r['at']:<18} {100 * r['val_mIoU']:6.1f}")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        tmp.replace(out)
+        print(f"written: {out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # listings
 
@@ -403,6 +440,23 @@ def build_parser() -> Parser:
         help="override the benchmark's run config, e.g. --set model.encoder=resnet50",
     )
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "probe",
+        help="linear probe of checkpoints' frozen features (what a pre-training stage taught)",
+        description="Freeze each CHECKPOINT's network (a run's last.pt / best.pt, or a finished stage's "
+        "weights such as proxy.pt) and fit a per-pixel logistic regression on its encoder and decoder "
+        "features over the run's labeled images; print its val mIoU, beside the run's initialisation.",
+    )
+    p.add_argument("checkpoint", nargs="+", help="checkpoint files (the first one's config gives the data)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override the data config, e.g. --set seed=1"
+    )
+    p.add_argument("--pixels-per-image", type=int, default=4096, help="labelled pixels drawn per image")
+    p.add_argument("--iters", type=int, default=400, help="full-batch optimizer iterations (default 400)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser(
         "methods", help="list the methods and their knobs", description="List the methods and their knobs."
