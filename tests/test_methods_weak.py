@@ -392,7 +392,7 @@ def test_a_proxy_trained_once_starts_later_runs(tiny, tmp_path: Path) -> None:
 
     wrong = {
         "missing.pt": "file not found",
-        "last.pt": "not the weights of a finished proxy stage",
+        "last.pt": "give the weights of a finished proxy stage",
     }
     for name, message in wrong.items():
         path = tmp_path / "proxy" / "checkpoints" / name if name == "last.pt" else tmp_path / name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
@@ -30,6 +31,19 @@ class Features:
     encoder: list[Tensor]
     decoder: Tensor
     logits: Tensor
+
+
+def read_torch_file(path: Path, what: str, weights_only: bool = True, hint: str = "") -> Any:
+    """``torch.load`` of a file a user named (on the CPU); a missing or unreadable one is a
+    one-line ConfigError starting with ``what`` (the field or argument that named it), ending
+    with ``hint`` (what file was expected)."""
+    if not path.is_file():
+        raise ConfigError(f"{what}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        how = " as plain weights" if weights_only else ""
+        raise ConfigError(f"{what}: cannot read{how} ({type(exc).__name__}){hint}") from None
 
 
 class SegModel(nn.Module):
@@ -69,12 +83,7 @@ class SegModel(nn.Module):
         return int(self.net.segmentation_head[0].in_channels)
 
     def load_encoder_weights(self, path: Path) -> None:
-        if not path.is_file():
-            raise ConfigError(f"model.encoder_weights: {path}: file not found")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise ConfigError(f"model.encoder_weights: {path}: cannot read ({exc})") from None
+        state = read_torch_file(path, f"model.encoder_weights: {path}")
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         missing, unexpected = self.net.encoder.load_state_dict(state, strict=False)
         if len(missing) == len(list(self.net.encoder.state_dict())):

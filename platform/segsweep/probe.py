@@ -34,7 +34,7 @@ from segsweep.data.loaders import eval_loader, to_model
 from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import ConfigError
 from segsweep.methods import Method, get_method
-from segsweep.models import SegModel, build_model
+from segsweep.models import SegModel, build_model, read_torch_file
 from segsweep.primitives import IGNORE, confusion_matrix, scores_from_confusion
 
 
@@ -138,12 +138,8 @@ def score(
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A run's checkpoint (last.pt, best.pt) or a finished stage's weights (e.g. proxy.pt)."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise ConfigError(f"{path}: not a segsweep checkpoint ({type(exc).__name__})") from None
+    # A run checkpoint holds RNG states (numpy arrays): not loadable as plain weights.
+    state = read_torch_file(path, str(path), weights_only=False, hint="; give a run's checkpoints/*.pt")
     if not isinstance(state, dict) or not {"method", "config"} <= state.keys():
         raise ConfigError(f"{path}: not a segsweep checkpoint (a run's checkpoints/*.pt)")
     return state

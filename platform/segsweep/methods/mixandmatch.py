@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from segsweep.data.transforms import STD, stats_on, unit_rgb
 from segsweep.errors import ConfigError
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
-from segsweep.models import SegModel
+from segsweep.models import SegModel, read_torch_file
 from segsweep.primitives import IGNORE, masked_cross_entropy
 
 
@@ -134,15 +134,10 @@ def load_proxy_encoder(encoder: nn.Module, path: Path) -> None:
     encoder of another architecture is an error, not a silent partial load.
     """
     where = f"mixandmatch.proxy_from: {path}"
-    if not path.is_file():
-        raise ConfigError(f"{where}: file not found")
-    not_proxy = f"{where}: not the weights of a finished proxy stage (a run's checkpoints/proxy.pt)"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise ConfigError(f"{not_proxy}: unreadable as plain weights") from None
+    expected = "the weights of a finished proxy stage (a run's checkpoints/proxy.pt)"
+    state = read_torch_file(path, where, hint=f"; give {expected}")
     if not isinstance(state, dict) or state.get("stage") != "proxy" or "method" not in state:
-        raise ConfigError(not_proxy)
+        raise ConfigError(f"{where}: not {expected}")
     prefix = "model.net.encoder."
     weights = {k.removeprefix(prefix): v for k, v in state["method"].items() if k.startswith(prefix)}
     own = encoder.state_dict()
