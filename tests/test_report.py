@@ -12,6 +12,7 @@ from scipy import stats
 from segsweep.report import (
     build_curve,
     compare,
+    format_table,
     paired_differences,
     published_table,
     select_rows,
@@ -119,6 +120,39 @@ def test_runs_are_paired_by_seed_when_both_methods_have_them() -> None:
     unpaired += [run("fixmatch", 0.1, 7, 0.5, phase="final"), run("fixmatch", 0.1, 8, 0.52, phase="final")]
     [d] = paired_differences(select_rows(unpaired))
     assert not d.paired and d.n == 3
+
+
+def test_variants_of_one_method_are_separate_curves_each_paired_with_the_baseline() -> None:
+    # An ablation spec's variants (mixandmatch with and without its M&M stage) share a method
+    # name: pooled, they would blur the very comparison the ablation exists for.
+    gains = {"False": 0.01, "True": 0.04}
+    runs = [
+        run("supervised", 0.1, s, 0.40 + 0.01 * s, cell=f"method=supervised,ratio=0.1,seed={s}")
+        for s in range(3)
+    ]
+    for mm, gain in gains.items():
+        runs += [
+            run(
+                "mixandmatch",
+                0.1,
+                s,
+                0.40 + 0.01 * s + gain,
+                cell=f"method=mixandmatch,ratio=0.1,mixandmatch.mm={mm},seed={s}",
+            )
+            for s in range(3)
+        ]
+    curve = build_curve(runs)
+    assert {(s.method, s.n) for s in curve.summary} == {
+        ("supervised", 3),
+        ("mixandmatch (mm=False)", 3),
+        ("mixandmatch (mm=True)", 3),
+    }
+    got = {d.method: (d.n, d.paired, d.mean_diff) for d in curve.differences}
+    assert got == {
+        "mixandmatch (mm=False)": (3, True, pytest.approx(0.01)),
+        "mixandmatch (mm=True)": (3, True, pytest.approx(0.04)),
+    }
+    assert "mixandmatch (mm=True)" in format_table(curve)
 
 
 def test_published_points_overlay_runs_on_the_published_voc_splits(tmp_path: Path) -> None:

@@ -38,6 +38,9 @@ PUBLISHED = Path(__file__).resolve().parent / "reference" / "published.csv"
 
 @dataclass
 class Row:
+    #: The method, with the values its sweep cell fixes besides ratio and seed when a spec's
+    #: variants vary more than the method (``sweepspec.arm_of_cell``): two variants of one
+    #: method are two curves, never pooled.
     method: str
     dataset: str
     label_ratio: float
@@ -98,6 +101,22 @@ def _finished(run: RunRecord, key: str) -> bool:
     )
 
 
+def arm_of_cell(cell: str) -> str | None:
+    """What a cell compares, from its id (``sweepspec.cell_id``; parsed here so that reports
+    need neither torch nor the methods): its method and any other value it fixes but the
+    label ratio and seed, e.g. 'mixandmatch (mm=False)' for
+    'method=mixandmatch,ratio=0.03125,mixandmatch.mm=False,seed=0'. Cells of one arm at one
+    ratio are the seeds of one point of a curve; None for an id without a method."""
+    parts = [part.partition("=") for part in cell.split(",")]
+    method = next((v for k, _, v in parts if k == "method"), None)
+    if method is None:
+        return None
+    rest = [
+        f"{k.removeprefix(method + '.')}={v}" for k, _, v in parts if k not in ("method", "ratio", "seed")
+    ]
+    return f"{method} ({', '.join(rest)})" if rest else method
+
+
 def select_rows(runs: list[RunRecord], rule: str = "last") -> list[Row]:
     if rule not in RULES:
         raise ConfigError(f"--value: unknown rule '{rule}'; valid: {', '.join(RULES)}")
@@ -119,7 +138,7 @@ def select_rows(runs: list[RunRecord], rule: str = "last") -> list[Row]:
         p = r.params
         rows.append(
             Row(
-                method=p["method"],
+                method=arm_of_cell(r.tags.get("segsweep.cell", "")) or p["method"],
                 dataset=p.get("dataset", p.get("data.name", "")),
                 label_ratio=float(p.get("label_ratio", p.get("data.label_ratio", "nan"))),
                 n_labeled=int(p.get("n_labeled", 0)),
@@ -373,10 +392,11 @@ def format_table(curve: Curve) -> str:
     ratios = sorted({s.label_ratio for s in curve.summary})
     methods = sorted({s.method for s in curve.summary}, key=lambda m: (m != "supervised", m))
     cells = {(s.method, s.label_ratio): s for s in curve.summary}
-    head = f"{'method':<12}" + "".join(f"{f'ratio {r:g}':>22}" for r in ratios)
+    width = max(12, *(len(m) + 2 for m in methods))
+    head = f"{'method':<{width}}" + "".join(f"{f'ratio {r:g}':>22}" for r in ratios)
     lines = [head]
     for m in methods:
-        line = f"{m:<12}"
+        line = f"{m:<{width}}"
         for r in ratios:
             s = cells.get((m, r))
             if s is None:
