@@ -108,6 +108,14 @@ BAD_CASES = {
     "missing root": ({"data.name": "voc", "data.root": "/nonexistent/voc"}, ["/nonexistent/voc"]),
     "root required": ({"data.name": "cityscapes", "data.root": None}, ["data.root", "required"]),
     "missing split": ({"data.split": "/nonexistent/split"}, ["data.split", "synthetic"]),
+    "missing weights": (
+        {"model.encoder_weights": "/nonexistent/enc.pt"},
+        ["model.encoder_weights", "not found"],
+    ),
+    "missing proxy": (
+        {"method": "mixandmatch", "mixandmatch.proxy_from": "/nonexistent/proxy.pt"},
+        ["mixandmatch.proxy_from", "not found"],
+    ),
 }
 
 
