@@ -272,22 +272,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from segsweep.probe import ProbeSettings, probe_checkpoints
 
     if args.pixels_per_image < 1 or args.iters < 1:
         raise ConfigError("segsweep probe: --pixels-per-image and --iters must be at least 1")
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
     settings = ProbeSettings(pixels_per_image=args.pixels_per_image, iters=args.iters)
     print("segsweep probe: fitting a linear probe per network...", flush=True)
-    report = probe_checkpoints([Path(c) for c in args.checkpoint], list(args.set or []), settings, device)
+    report = probe_checkpoints([Path(c) for c in args.checkpoint], list(args.set or []), settings)
     print(
         f"linear probe on frozen features, fit on {report['labeled_images']} labeled images "
         f"({report['dataset']}, seed {report['seed']}, label_ratio {report['label_ratio']}), "
@@ -450,11 +441,14 @@ def build_parser() -> Parser:
     )
     p.add_argument("checkpoint", nargs="+", help="checkpoint files (the first one's config gives the data)")
     p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override the data config, e.g. --set seed=1"
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override the first checkpoint's config for the data and device, e.g. --set seed=1, "
+        "--set train.device=cpu",
     )
     p.add_argument("--pixels-per-image", type=int, default=4096, help="labelled pixels drawn per image")
     p.add_argument("--iters", type=int, default=400, help="full-batch optimizer iterations (default 400)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.set_defaults(func=cmd_probe)
 

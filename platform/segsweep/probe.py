@@ -185,19 +185,19 @@ def network(
     return method.model.eval().requires_grad_(False), where
 
 
-def probe_checkpoints(
-    paths: list[Path], overrides: list[str], settings: ProbeSettings, device: torch.device
-) -> dict[str, Any]:
+def probe_checkpoints(paths: list[Path], overrides: list[str], settings: ProbeSettings) -> dict[str, Any]:
     """Probe the initialisation of the first checkpoint's run, then each checkpoint.
 
-    Every row uses the data of the first checkpoint's config (with ``overrides``): its
-    labeled split fits the probe, its validation images score it.
+    Every row uses the data and device of the first checkpoint's config (with ``overrides``):
+    its labeled split fits the probe, its validation images score it.
     """
     from segsweep.config import apply_overrides
+    from segsweep.engine import numerics_for
 
     states = [read_checkpoint(p) for p in paths]
     cfg = validate_run_config(apply_overrides(states[0]["config"], overrides), str(paths[0]))
     data: Data = build_data(cfg.data)
+    device = numerics_for(cfg).device
     k = data.source.num_classes
     fit_loader = eval_loader(data.source, data.split.labeled, cfg.eval.batch_size, 0)
     val_loader = eval_loader(data.source, data.source.val, cfg.eval.batch_size, 0)
