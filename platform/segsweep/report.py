@@ -39,7 +39,7 @@ PUBLISHED = Path(__file__).resolve().parent / "reference" / "published.csv"
 @dataclass
 class Row:
     #: The method, with the values its sweep cell fixes besides ratio and seed when a spec's
-    #: variants vary more than the method (``sweepspec.arm_of_cell``): two variants of one
+    #: variants vary more than the method (``arm_of_cell``): two variants of one
     #: method are two curves, never pooled.
     method: str
     dataset: str
