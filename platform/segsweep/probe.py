@@ -44,7 +44,7 @@ class ProbeSettings:
     iters: int = 400  # full-batch Adam iterations
     lr: float = 0.01
     weight_decay: float = 1e-4
-    seed: int = 0
+    seed: int = 0  # which pixels are drawn
 
 
 def features(model: SegModel, image: Tensor) -> list[Tensor]:
@@ -92,7 +92,6 @@ def fit(x: Tensor, y: Tensor, num_classes: int, s: ProbeSettings) -> tuple[Tenso
     """Multinomial logistic regression on standardised features: (mean, std, weight (K, D), bias (K,))."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
-    torch.manual_seed(s.seed)
     weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
     bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
     opt = torch.optim.Adam([weight, bias], lr=s.lr, weight_decay=s.weight_decay)
