@@ -33,6 +33,14 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a report through a temporary and rename: an interrupted write leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def _echo(quiet: bool) -> Callable[[str], None]:
     return (lambda _m: None) if quiet else (lambda m: print(m, flush=True))
 
@@ -246,10 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     def save(report: Report) -> None:  # after each section: a bench cut short keeps its rows
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(report.to_json(), encoding="utf-8")
-            tmp.replace(out)
+            write_atomic(out, report.to_json())
 
     print("segsweep bench: measuring (this takes a few minutes on a CPU)...", flush=True)
     report = run_bench(
@@ -288,12 +293,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for r in report["rows"]:
         print(f"  {r['name']:<{width}}  {r['method']:<12} {r['at']:<18} {100 * r['val_mIoU']:6.1f}")
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-        tmp.replace(out)
-        print(f"written: {out}")
+        write_atomic(Path(args.json), json.dumps(report, indent=2))
+        print(f"written: {args.json}")
     return 0
 
 

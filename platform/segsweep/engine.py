@@ -79,6 +79,15 @@ def numerics_for(cfg: RunConfig) -> Numerics:
     return Numerics(device, amp, channels_last, workers)
 
 
+def build_method(cfg: RunConfig, num_classes: int) -> Method:
+    """The run's model and method, initialised under its seed (every RNG seeded first), on
+    the CPU: the trainer trains it, ``segsweep probe`` rebuilds a run's start with it."""
+    seed_everything(cfg.seed)
+    m = cfg.model
+    model = build_model(m.arch, m.encoder, num_classes, m.encoder_weights, m.decoder_channels)
+    return get_method(cfg.method)(model, cfg.knobs(), num_classes)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -280,16 +289,9 @@ class Trainer:
         self.should_stop: Callable[[], bool] | None = None
         self.echo = echo or (lambda _msg: None)
         self.numerics = numerics_for(cfg)
-        seed_everything(cfg.seed)
         num_classes = data.source.num_classes
-        model = build_model(
-            cfg.model.arch,
-            cfg.model.encoder,
-            num_classes,
-            cfg.model.encoder_weights,
-            cfg.model.decoder_channels,
-        )
-        self.method: Method = get_method(cfg.method)(model, cfg.knobs(), num_classes)
+        self.method: Method = build_method(cfg, num_classes)
+        model = self.method.model
         self.method.to(self.numerics.device)
         if self.numerics.channels_last:
             self.method.to(memory_format=torch.channels_last)

@@ -32,9 +32,9 @@ from segsweep.config import RunConfig, validate_run_config
 from segsweep.data import Data, build_data
 from segsweep.data.loaders import eval_loader, to_model
 from segsweep.data.transforms import pad_to_multiple
+from segsweep.engine import build_method, numerics_for
 from segsweep.errors import ConfigError
-from segsweep.methods import Method, get_method
-from segsweep.models import SegModel, build_model, read_torch_file
+from segsweep.models import SegModel, read_torch_file
 from segsweep.primitives import IGNORE, confusion_matrix, scores_from_confusion
 
 
@@ -144,14 +144,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def method_of(cfg: RunConfig, num_classes: int) -> Method:
-    """The run's method as its trainer builds it (the same initialisation under its seed)."""
-    torch.manual_seed(cfg.seed)
-    m = cfg.model
-    model = build_model(m.arch, m.encoder, num_classes, m.encoder_weights, m.decoder_channels)
-    return get_method(cfg.method)(model, cfg.knobs(), num_classes)
-
-
 def network(
     state: dict[str, Any] | None, cfg: RunConfig, num_classes: int, path: str
 ) -> tuple[SegModel, str]:
@@ -162,7 +154,7 @@ def network(
     the next stage sees it: the first stage for the initialisation (``state`` None), the
     stage after a finished stage's weights, the stage a run checkpoint was written in.
     """
-    method = method_of(cfg, num_classes)
+    method = build_method(cfg, num_classes)
     stages = method.stages(cfg.train.steps)
     names = [s.name for s in stages]
     if state is None:
@@ -191,7 +183,6 @@ def probe_checkpoints(paths: list[Path], overrides: list[str], settings: ProbeSe
     its labeled split fits the probe, its validation images score it.
     """
     from segsweep.config import apply_overrides
-    from segsweep.engine import numerics_for
 
     states = [read_checkpoint(p) for p in paths]
     cfg = validate_run_config(apply_overrides(states[0]["config"], overrides), str(paths[0]))
