@@ -17,6 +17,7 @@ from segsweep.bench import (
     steady_seconds_per_trial,
 )
 from segsweep.config import validate_run_config
+from segsweep.data import transforms as T
 from segsweep.engine import numerics_for
 from segsweep.errors import ConfigError
 from segsweep.runner import prepare
@@ -61,6 +62,9 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
         "data/wait_share_workers0",
         "data/wait_share_workers2",
         "data/batch_bytes",
+        "data/batch_bytes_unlabeled",
+        "data/loader_unlabeled_workers0",
+        "data/strong_views",
         "flops/per_step",
         "flops/achieved",
         "flops/mfu",
@@ -90,6 +94,15 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     crop, classes = cfg.data.crop_size, prepare(cfg).data.source.num_classes
     expected = cfg.train.batch_size * (4 * crop * crop + 4 * classes)
     assert rows["data/batch_bytes"].value * 2**20 == pytest.approx(expected)
+    # an unlabeled image: its weak view (3 bytes a pixel), CutMix box and valid area (bools),
+    # and the strong view's 11 float32 parameters, not a second image
+    per_image = 5 * crop * crop + 4 * T.STRONG_PARAMS
+    assert rows["data/batch_bytes_unlabeled"].value * 2**20 == pytest.approx(cfg.train.batch_size * per_image)
+    # the unlabeled loader is held against the semi-supervised step's need (fixmatch's here)
+    unlabeled = rows["data/loader_unlabeled_workers0"]
+    assert unlabeled.baseline == pytest.approx(rows["step/fixmatch"].value)
+    assert unlabeled.ratio == pytest.approx(unlabeled.value / unlabeled.baseline)
+    assert unlabeled.passed == (unlabeled.ratio >= 1) and rows["data/strong_views"].value > 0
     payload = json.loads(report.to_json())
     assert payload["schema"] == 1 and payload["machine"]["cpu_count"] >= 1
     assert {"name", "value", "unit", "baseline", "ratio", "target", "passed", "note"} == set(

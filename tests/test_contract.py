@@ -59,6 +59,8 @@ def step_once(method: Method, stage: Stage, batch: dict[str, torch.Tensor], step
     method.train()
     for p in method.parameters():
         p.grad = None
+    if not method.uses_strong_view:  # as the trainer hands it: no strong view unless declared
+        batch = {k: v for k, v in batch.items() if k != "image_u_s"}
     loss, logs = method.training_step(batch, step)
     loss.backward()
     return loss, logs

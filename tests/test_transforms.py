@@ -40,16 +40,80 @@ def test_weak_scaling_keeps_alignment_inside_regions(seed: int) -> None:
     assert agree > 0.95  # only pixels on resampled block edges may differ
 
 
+def textured(count: int, size: int = 48) -> torch.Tensor:
+    """(N, 3, size, size) uint8 images: smooth colour fields plus noise (every hue and
+    saturation, flat and busy regions), deterministic."""
+    g = torch.Generator().manual_seed(0)
+    fields = torch.rand(count, 3, 6, 6, generator=g) * 255
+    x = torch.nn.functional.interpolate(fields, size=(size, size), mode="bilinear", align_corners=False)
+    return (x + torch.randn(x.shape, generator=g) * 20).clamp(0, 255).to(torch.uint8)
+
+
+def torchvision_strong(image: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The specification of one strong view: torchvision's per-image uint8 ops, in the
+    order and with the factors the parameters name."""
+    import math
+
+    import torchvision.transforms.v2.functional as TF
+
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    if p[0] > 0:
+        for op in p[1:5].long().tolist():
+            if op < 4:  # an index past the four ops: nothing (isolates one op below)
+                image = ops[op](image, float(p[5 + op]))
+    if p[9] > 0:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    if p[10] > 0:
+        sigma = float(p[10])
+        size = 2 * math.ceil(3 * sigma) + 1
+        image = TF.gaussian_blur(image, [size, size], [sigma, sigma])
+    return image
+
+
+def test_strong_views_are_torchvisions_ops_made_per_batch() -> None:
+    # 200 views drawn as the loader draws them (UniMatch's settings), made in one batch,
+    # against torchvision's ops image by image: float rounding may move a pixel by a grey
+    # level (about 1 in 10,000 per op here), nothing more.
+    images = textured(200)
+    params = torch.stack([T.draw_strong(np.random.default_rng(i), 0.5, 0.2, 0.5) for i in range(200)])
+    assert 0.7 < params[:, 0].mean() < 0.9 and 0.35 < (params[:, 10] > 0).float().mean() < 0.65
+    out = T.strong_views(images, params)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    ref = torch.stack([torchvision_strong(images[i], params[i]) for i in range(200)])
+    diff = (out.int() - ref.int()).abs()
+    assert (diff > 0).float().mean() < 1e-3 and (diff > 1).float().mean() < 1e-4 and diff.max() <= 4
+    # each op alone, with factors over its whole range
+    g = torch.Generator().manual_seed(1)
+    for op, (low, high) in enumerate(((0.5, 1.5), (0.5, 1.5), (0.5, 1.5), (-0.25, 0.25))):
+        single = torch.zeros(200, T.STRONG_PARAMS)
+        single[:, 0], single[:, 1], single[:, 2:5] = 1, op, 9  # the op first, then none
+        single[:, 5 + op] = torch.empty(200).uniform_(low, high, generator=g)
+        out = T.strong_views(images, single)
+        ref = torch.stack([torchvision_strong(images[i], single[i]) for i in range(200)])
+        diff = (out.int() - ref.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, op
+
+
 def test_strong_view_changes_colour_not_geometry() -> None:
     image, _ = coded_pair(64, 64)
-    rng = np.random.default_rng(0)
-    out = T.strong(image, rng, jitter=0.5, grayscale_prob=0.0, blur_prob=0.0)
-    assert out.shape == image.shape and out.dtype == torch.uint8
-    # a photometric map is monotone per channel: equal input pixels stay equal
+    params = T.draw_strong(np.random.default_rng(0), jitter=0.5, grayscale_prob=0.0, blur_prob=0.0)
+    assert params[0] == 1  # jitter drawn
+    out = T.strong_views(image[None], params[None])[0]
+    assert out.shape == image.shape and out.dtype == torch.uint8 and not torch.equal(out, image)
+    # a photometric map is the same function at every pixel: equal input pixels stay equal
     flat_in, flat_out = image.reshape(3, -1).T, out.reshape(3, -1).T
     for colour in torch.unique(flat_in, dim=0):
         same = (flat_in == colour).all(1)
         assert len(torch.unique(flat_out[same], dim=0)) == 1
+
+
+def test_a_strong_view_without_ops_is_the_weak_view_and_draws_nothing() -> None:
+    images = textured(4)
+    rng = np.random.default_rng(3)
+    params = torch.stack([T.draw_strong(rng, 0.0, 0.0, 0.0) for _ in range(4)])
+    assert torch.equal(T.strong_views(images, params), images)
+    # jitter 0 draws nothing; each probability still takes one draw (the stream stays aligned)
+    assert rng.random() == pytest.approx(np.random.default_rng(3).random(9)[-1])
 
 
 def test_stream_sampler_restarts_at_any_position() -> None:
@@ -123,6 +187,11 @@ def test_loaders_hand_over_uint8_and_to_model_normalises_on_the_device(tiny) -> 
     seen = set()
     for batch in batches:
         model_batch = to_model(batch, torch.device("cpu"), channels_last=True)
+        if "strong_u" in batch:  # the strong view is made here, from the weak one
+            assert "image_u_s" not in batch
+            params = batch.pop("strong_u")
+            batch = {**batch, "image_u_s": T.strong_views(batch["image_u_w"], params)}
+            seen.add("strong_u")
         for key, value in batch.items():
             out = model_batch[key]
             if key in IMAGE_KEYS:
@@ -139,7 +208,7 @@ def test_loaders_hand_over_uint8_and_to_model_normalises_on_the_device(tiny) -> 
             else:
                 assert torch.equal(out, value)
             seen.add(key)
-    assert {"image", "image_l", "image_u_w", "image_u_s", "mask", "mask_l"} <= seen
+    assert {"image", "image_l", "image_u_w", "image_u_s", "strong_u", "mask", "mask_l"} <= seen
 
 
 def test_prefetch_threads_are_stopped_and_joined_before_the_interpreter_exits(tmp_path) -> None:
@@ -173,3 +242,21 @@ def test_prefetch_threads_are_stopped_and_joined_before_the_interpreter_exits(tm
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "left: []" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "guidedmix"])
+def test_the_trainer_makes_a_strong_view_only_for_methods_that_read_it(tiny, method: str) -> None:
+    # FixMatch reads image_u_s; GuidedMix-Net does not, and its batches skip the view's cost.
+    # Either way the rest of the stream is the same: the parameters are always drawn.
+    from segsweep.engine import Trainer
+    from segsweep.runner import prepare
+
+    cfg = tiny(method=method)
+    trainer = Trainer(cfg, prepare(cfg).data)
+    stage = trainer.stages[-1]
+    batch = trainer._streams(stage, 0)()
+    assert "strong_u" not in batch
+    assert ("image_u_s" in batch) == trainer.method.uses_strong_view == (method == "fixmatch")
+    if "image_u_s" in batch:  # normalised like the weak view, same geometry, other colours
+        weak, strong = T.denormalize(batch["image_u_w"]), T.denormalize(batch["image_u_s"])
+        assert strong.shape == weak.shape and not torch.equal(strong, weak)

@@ -8,10 +8,12 @@ Rows (each with its value, the baseline it is compared with, the ratio and the t
 * ``overhead/tracking``: a run with MLflow logging (metrics every step, sample panels at each
   evaluation) against the same run untracked: the training time (target <= 2%), and apart
   from it the seconds per run to open and close the MLflow run, and the whole-run share.
-* ``data/*``: loader throughput alone, the share of step time spent waiting for a batch at 0
-  and 2 workers (target: no waiting at the default worker count), and the bytes of one
-  labeled batch as the loader hands it over (what worker processes, pinning and the copy to
-  the GPU move per step).
+* ``data/*``: loader throughput alone (labeled images against the bare step's need,
+  unlabeled ones against the fastest semi-supervised step's), the share of step time spent
+  waiting for a batch at 0 and 2 workers (target: no waiting at the default worker count),
+  the bytes of one labeled and one unlabeled batch as the loader hands them over (what worker
+  processes, pinning and the copy to the GPU move per step), and the strong views per second
+  made on the run's device.
 * ``sweep/*``: Ray Tune start, and seconds of scheduling + tracking per trivial trial at
   steady state (target < 1 s).
 * ``flops/*``, ``memory/*``: FLOPs per step, achieved FLOP/s (model FLOPs utilisation
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 
 from segsweep.config import RunConfig, set_dotted, validate_run_config
 from segsweep.data.loaders import hash_seed, stream_loader
+from segsweep.data.transforms import strong_views
 from segsweep.engine import numerics_for, seed_everything, to_device
 from segsweep.errors import ConfigError
 from segsweep.models import build_model
@@ -222,9 +225,8 @@ def bare_step_seconds(cfg: RunConfig, steps: int, measure: int) -> float:
     return _interval_mean(ends, measure)
 
 
-def loader_batches_per_second(cfg: RunConfig, batches: int, workers: int) -> float:
-    data = prepare(cfg).data
-    loader = stream_loader(data.labeled(), cfg.train.batch_size, 1, 0, workers, False)
+def loader_batches_per_second(dataset: Any, batch_size: int, batches: int, workers: int) -> float:
+    loader = stream_loader(dataset, batch_size, 1, 0, workers, False)
     next(loader)
     start = time.perf_counter()
     for _ in range(batches):
@@ -340,6 +342,7 @@ def run_bench(
         )
     )
     echo(f"  bare loop: {images / bare:.1f} img/s")
+    semi_rate: float | None = None  # the fastest semi-supervised step: the unlabeled loader's consumer
     for name in names:
         if name == "supervised":
             seconds, trainer = median(supervised_runs), supervised_trainer
@@ -347,6 +350,8 @@ def run_bench(
             seconds, trainer = trainer_step_seconds(
                 validate_run_config({**tree, "method": name}, "bench"), measure
             )
+        if trainer.method.uses_unlabeled:
+            semi_rate = max(semi_rate or 0.0, images / seconds)
         row = report.add(
             Row(
                 f"step/{name}",
@@ -393,7 +398,7 @@ def run_bench(
         tracking_rows(report, tree, steps, quick, echo)
         on_section(report)
     if "data" in chosen:
-        data_rows(report, cfg, tree, bare, measure, quick)
+        data_rows(report, cfg, tree, bare, measure, quick, semi_rate)
         on_section(report)
     if "flops" in chosen:
         flops_rows(report, cfg, tree, bare, measure, peak_tflops)
@@ -495,31 +500,74 @@ def tracking_rows(
 
 
 def data_rows(
-    report: Report, cfg: RunConfig, tree: dict[str, Any], bare: float, measure: int, quick: bool
+    report: Report,
+    cfg: RunConfig,
+    tree: dict[str, Any],
+    bare: float,
+    measure: int,
+    quick: bool,
+    semi_rate: float | None,
 ) -> None:
-    """Loader throughput alone against the bare step's consumption, the wait at 2 workers,
-    and the bytes of a labeled batch."""
+    """Loader throughput alone against the step's consumption (labeled images: the bare step;
+    unlabeled images: the fastest semi-supervised step measured, ``semi_rate`` labeled img/s),
+    the wait at 2 workers, the bytes of a batch, and the strong views made on the device."""
     images = cfg.train.batch_size
-    batch = next(stream_loader(prepare(cfg).data.labeled(), images, 1, 0, 0, False))
-    size = sum(v.element_size() * v.nelement() for v in batch.values())
-    report.add(Row("data/batch_bytes", size / 2**20, "MiB", note="one labeled batch from the loader"))
-    for workers in (0, 2):
-        rate = loader_batches_per_second(cfg, 10 if quick else 40, workers)
+    unlabeled = cfg.train.unlabeled_batch_size or images
+    data = prepare(cfg).data
+    batches = 10 if quick else 40
+    for name, dataset, size in (("", data.labeled(), images), ("_unlabeled", data.unlabeled(), unlabeled)):
+        batch = next(stream_loader(dataset, size, 1, 0, 0, False))
+        nbytes = sum(v.element_size() * v.nelement() for v in batch.values())
+        kind = "unlabeled" if name else "labeled"
         report.add(
-            Row(
-                f"data/loader_workers{workers}",
-                rate * images,
-                "img/s",
-                images / bare,
-                speedup(rate * images, images / bare),
-                ">= 1 (keeps up with the bare step)",
-                check(rate * images / (images / bare), 1.0, below=False),
-            )
+            Row(f"data/batch_bytes{name}", nbytes / 2**20, "MiB", note=f"one {kind} batch from the loader")
         )
+    consumers = (
+        ("", data.labeled(), images, images / bare, "the bare step"),
+        (
+            "_unlabeled",
+            data.unlabeled(),
+            unlabeled,
+            (semi_rate or images / bare) * unlabeled / images,
+            "the fastest semi-supervised step" if semi_rate else "the bare step",
+        ),
+    )
+    for name, dataset, size, need, consumer in consumers:
+        for workers in (0, 2) if not name else (0,):
+            rate = loader_batches_per_second(dataset, size, batches, workers) * size
+            report.add(
+                Row(
+                    f"data/loader{name}_workers{workers}",
+                    rate,
+                    "img/s",
+                    need,
+                    speedup(rate, need),
+                    f">= 1 (keeps up with {consumer})",
+                    check(rate / need, 1.0, below=False),
+                )
+            )
+    report.add(strong_view_row(data, unlabeled, batches, numerics_for(cfg).device))
     w_tree = {**tree, "data": {**tree["data"], "num_workers": 2}}
     seconds, trainer = trainer_step_seconds(validate_run_config(w_tree, "bench"), measure)
     waits = list(trainer.timing.data_wait)[-measure:]
     report.add(Row("data/wait_share_workers2", sum(waits) / (seconds * len(waits)), "fraction", target="~0"))
+
+
+def strong_view_row(data: Any, size: int, batches: int, device: torch.device) -> Row:
+    """Strong views per second made from loader batches on the run's device, as ``to_model``
+    makes them (the loader hands over their parameters only)."""
+    loader = stream_loader(data.unlabeled(), size, 1, 0, 0, False)
+    ready = [next(loader) for _ in range(min(batches, 8))]
+    weak = [b["image_u_w"].to(device) for b in ready]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    strong_views(weak[0], ready[0]["strong_u"])  # warm-up
+    sync()
+    start = time.perf_counter()
+    for image, batch in zip(weak, ready, strict=True):
+        strong_views(image, batch["strong_u"])
+    sync()
+    rate = len(weak) * size / (time.perf_counter() - start)
+    return Row("data/strong_views", rate, "img/s", note=f"made per batch on {device.type}, not in the loader")
 
 
 def flops_rows(

@@ -417,6 +417,8 @@ class Trainer:
                 batch.update(next(it))
             if stage.batch == "tags":  # weak supervision: image-level tags only, never masks
                 del batch["mask_l"]
+            if not self.method.uses_strong_view:  # its parameters only; the view is never made
+                batch.pop("strong_u", None)
             return to_device(batch, self.numerics)
 
         return next_batch

@@ -115,7 +115,10 @@ class LabeledSet(Dataset):
 
 
 class UnlabeledSet(Dataset):
-    """Weak and strong views of unlabeled images, a CutMix box, the valid (unpadded) area.
+    """Weak view of unlabeled images, its strong view's parameters, a CutMix box, the valid
+    (unpadded) area. The strong view itself is made from the weak one per batch, on the run's
+    device (``to_model``), where it costs little: in a loader process it was most of the
+    work of a sample.
 
     Masks are never read here, even where the dataset has them: unlabeled ground truth is
     scored only by the evaluation's pseudo-mask diagnostics, never trained on.
@@ -135,14 +138,14 @@ class UnlabeledSet(Dataset):
         img, _, valid = T.weak(
             T.to_tensor(image), no_mask, self.aug.crop, rng, self.aug.scale, self.aug.hflip
         )
-        img_s = T.strong(
-            img, rng, self.aug.jitter, self.aug.grayscale_prob, self.aug.blur_prob, self.aug.blur_sigma_max
+        strong = T.draw_strong(
+            rng, self.aug.jitter, self.aug.grayscale_prob, self.aug.blur_prob, self.aug.blur_sigma_max
         )
         g = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         box = cutmix_box(self.aug.crop, self.aug.crop, g, prob=self.aug.cutmix_prob)
         return {
             "image_u_w": img,
-            "image_u_s": img_s,
+            "strong_u": strong,  # the strong view's parameters; ``to_model`` makes image_u_s
             "box_u": box,
             "valid_u": valid,
         }
@@ -270,8 +273,16 @@ def to_model(
     batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool
 ) -> dict[str, torch.Tensor]:
     """A loader's batch as the model takes it, on ``device``: images normalised to float
-    (B, 3, H, W), in channels_last if asked; masks int64 (B, H, W); the rest as it was."""
+    (B, 3, H, W), in channels_last if asked; masks int64 (B, H, W); the rest as it was.
+    A batch with strong-view parameters (``strong_u``) gets its strong view, ``image_u_s``,
+    made here from the weak view (``transforms.strong_views``)."""
     out = {}
+    batch = dict(batch)
+    params = batch.pop("strong_u", None)
+    if params is not None:
+        weak = batch["image_u_w"].to(device, non_blocking=True)
+        batch["image_u_w"] = weak
+        batch["image_u_s"] = T.strong_views(weak, params)  # params stay on the host
     for key, value in batch.items():
         if key in IMAGE_KEYS:
             out[key] = model_image(value, device, channels_last)

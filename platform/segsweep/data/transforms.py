@@ -6,7 +6,7 @@ the data stream is identical with any number of workers and after a resume.
 
 Weak view: random scale, pad (image 0, mask 255), random crop, horizontal flip.
 Strong view (of the weak view's crop): colour jitter, grayscale, Gaussian blur, as in
-UniMatch; its CutMix box is drawn here too (``primitives.cutmix_box``).
+UniMatch; drawn here per image, applied per batch on the run's device (``strong_views``).
 """
 
 from __future__ import annotations
@@ -92,34 +92,136 @@ def weak(
     return image.contiguous(), mask.contiguous(), valid.contiguous()
 
 
-def strong(
-    image: Tensor,
+# A strong view's parameters, drawn per image by the loader and applied per batch on the
+# run's device by ``strong_views``: the photometric work (the costliest part of a sample, about
+# 30 ms of one core at 512 px) runs where the model runs, not in loader processes, and
+# batches of methods that never read the strong view skip it. Layout of the (11,) vector:
+# [jitter on, op order (4), brightness, contrast, saturation, hue, grayscale on, blur sigma].
+STRONG_PARAMS = 11
+_ON, _ORDER, _FACTOR, _GRAY, _SIGMA = 0, slice(1, 5), 5, 9, 10
+
+
+def draw_strong(
     rng: np.random.Generator,
     jitter: float,
     grayscale_prob: float,
     blur_prob: float,
     blur_sigma_max: float = 2.0,
 ) -> Tensor:
-    """Photometric strong view of a (3, H, W) uint8 crop; geometry is unchanged."""
+    """Parameters of one photometric strong view (UniMatch's): colour jitter with p=0.8
+    (ColorJitter(0.5, 0.5, 0.5, 0.25) at jitter=0.5, its four ops in a random order),
+    grayscale, Gaussian blur with sigma in [0.05, 1] x ``blur_sigma_max``. A sigma of 0 means
+    no blur. The draws' order is part of the data stream (the CutMix box is drawn next)."""
+    params = torch.zeros(STRONG_PARAMS)
     if jitter > 0 and rng.random() < 0.8:
-        # ColorJitter(0.5, 0.5, 0.5, 0.25) at jitter=0.5*2, in a random order like torchvision.
         ops = rng.permutation(4)
+        params[_ON] = 1.0
+        params[_ORDER] = torch.from_numpy(ops.astype(np.float32))
         for op in ops:
-            if op == 0:
-                image = TF.adjust_brightness(image, rng.uniform(1 - jitter, 1 + jitter))
-            elif op == 1:
-                image = TF.adjust_contrast(image, rng.uniform(1 - jitter, 1 + jitter))
-            elif op == 2:
-                image = TF.adjust_saturation(image, rng.uniform(1 - jitter, 1 + jitter))
-            else:
-                image = TF.adjust_hue(image, rng.uniform(-jitter / 2, jitter / 2))
+            if op < 3:  # brightness, contrast, saturation: a factor around 1
+                params[_FACTOR + op] = rng.uniform(1 - jitter, 1 + jitter)
+            else:  # hue: a shift, in turns of the colour wheel
+                params[_FACTOR + op] = rng.uniform(-jitter / 2, jitter / 2)
     if rng.random() < grayscale_prob:
-        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+        params[_GRAY] = 1.0
     if rng.random() < blur_prob:
-        sigma = float(rng.uniform(0.05 * blur_sigma_max, blur_sigma_max))
-        size = 2 * math.ceil(3 * sigma) + 1
-        image = TF.gaussian_blur(image, [size, size], [sigma, sigma])
-    return image
+        params[_SIGMA] = float(rng.uniform(0.05 * blur_sigma_max, blur_sigma_max))
+    return params
+
+
+def strong_views(images: Tensor, params: Tensor) -> Tensor:
+    """Photometric strong views of a batch: (B, 3, H, W) uint8 and (B, 11) parameters from
+    ``draw_strong`` -> (B, 3, H, W) uint8, on the images' device; geometry unchanged.
+
+    Each op has torchvision's uint8 semantics (``adjust_*``, ``rgb_to_grayscale``,
+    ``gaussian_blur``: the same blends, truncation to uint8 after each op, the same kernel),
+    computed for the whole batch at once; pixels may differ from those per-image calls by one
+    grey level where float rounding differs.
+    """
+    x = images.float()
+    # Which op each image takes, and its blur kernel's size, are read on the host: on a GPU,
+    # reading them from device memory would wait for every queued kernel (the previous
+    # training step) before the next step could be queued.
+    host = params.cpu()
+    values = params.to(x.device, non_blocking=True)
+    on, order = host[:, _ON] > 0, host[:, _ORDER].long()
+    for position in range(4):  # each image applies its own op at each position
+        for op, apply in enumerate((_brightness, _contrast, _saturation, _hue)):
+            rows = _rows(on & (order[:, position] == op), x.device)
+            if rows is not None:
+                x[rows] = apply(x[rows], values[rows, _FACTOR + op].view(-1, 1, 1, 1))
+    rows = _rows(host[:, _GRAY] > 0, x.device)
+    if rows is not None:
+        x[rows] = _gray(x[rows]).floor_().expand(-1, 3, -1, -1)
+    rows = _rows(host[:, _SIGMA] > 0, x.device)
+    if rows is not None:
+        sizes = [2 * math.ceil(3 * float(s)) + 1 for s in host[host[:, _SIGMA] > 0, _SIGMA]]
+        x[rows] = _blur(x[rows], values[rows, _SIGMA], sizes).round_()
+    return x.to(torch.uint8)
+
+
+def _rows(selected: Tensor, device: torch.device) -> Tensor | None:
+    """Indices of the True entries of a host bool vector, on ``device``; None if none."""
+    rows = selected.nonzero().flatten()
+    return rows.to(device, non_blocking=True) if len(rows) else None
+
+
+def _gray(x: Tensor) -> Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W) luma, ITU-R 601-2 weights as torchvision and PIL."""
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _blend(x: Tensor, other: Tensor, ratio: Tensor) -> Tensor:
+    return (x * ratio + other * (1 - ratio)).clamp_(0, 255).floor_()
+
+
+def _brightness(x: Tensor, factor: Tensor) -> Tensor:
+    return (x * factor).clamp_(0, 255).floor_()
+
+
+def _contrast(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, _gray(x).floor_().mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def _saturation(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, _gray(x).floor_(), factor)
+
+
+def _hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the hue by ``shift`` turns, keeping HSV's value and saturation (as torchvision's
+    RGB -> HSV -> RGB round trip, in one pass: each channel is max - chroma * a tent of the
+    shifted hue)."""
+    rgb = x * (1.0 / 255)  # torchvision's uint8 -> float conversion
+    bottom, top = rgb.aminmax(dim=1, keepdim=True)
+    chroma = top - bottom
+    r, g, b = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
+    red = top == r
+    green = (top == g) & ~red
+    # hue in sixths of the wheel: (g - b) / chroma where red is the largest, 2 + (b - r) /
+    # chroma where green is, 4 + (r - g) / chroma where blue is; 0 for greys
+    sixths = torch.where(red, g - b, torch.where(green, b - r, r - g))
+    sixths.div_(torch.where(chroma > 0, chroma, 1.0)).add_(green * 2.0 + (~red & ~green) * 4.0)
+    sixths.add_(shift * 6)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + sixths).remainder_(6)
+    tent = torch.minimum(k, 4 - k).clamp_(0, 1)
+    return tent.mul_(chroma).neg_().add_(top).mul_(255 + 1 - 1e-3).floor_()  # torchvision's float -> uint8
+
+
+def _blur(x: Tensor, sigma: Tensor, sizes: list[int]) -> Tensor:
+    """Gaussian blur, each image with its own sigma and torchvision's kernel (``sizes``:
+    2 * ceil(3 sigma) + 1 taps, reflect padding), as two 1-D passes instead of one 2-D pass:
+    the same separable kernel, a fraction of the work."""
+    n, c, h, w = x.shape
+    radius = max(sizes) // 2
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    reach = torch.tensor([size // 2 for size in sizes], dtype=x.dtype).to(x.device, non_blocking=True)
+    weights = torch.exp(-(taps**2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
+    weights = weights * (taps.abs() <= reach.view(-1, 1))  # each image's own kernel size
+    weights = (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+    out = torch.nn.functional.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="reflect")
+    out = torch.nn.functional.conv2d(out, weights.view(n * c, 1, 1, -1), groups=n * c)
+    out = torch.nn.functional.conv2d(out, weights.view(n * c, 1, -1, 1), groups=n * c)
+    return out.view(n, c, h, w)
 
 
 def pad_to_multiple(image: Tensor, multiple: int = 32) -> tuple[Tensor, tuple[int, int]]:

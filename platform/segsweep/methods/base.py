@@ -16,7 +16,8 @@ Batch keys (``B`` labeled, ``U`` unlabeled images per step; masks use 255 = igno
     mask_l  (B, H, W)    long    their masks
     tags_l  (B, C)       float   multi-hot image-level tags (background excluded)
     image_u_w (U, 3, H, W) float weak view of unlabeled images
-    image_u_s (U, 3, H, W) float strong view: same crop, photometric augmentation
+    image_u_s (U, 3, H, W) float strong view: same crop, photometric augmentation (only for
+                                 methods with ``uses_strong_view``)
     box_u   (U, H, W)    bool    a CutMix box per strong view (may be empty)
     valid_u (U, H, W)    bool    False on padding added by the crop
 
@@ -80,6 +81,9 @@ class Method(nn.Module):
     Knobs: ClassVar[type[Knobs]] = Knobs
     #: The loader must supply unlabeled views (``image_u_*``) in the main stage.
     uses_unlabeled: ClassVar[bool] = False
+    #: The method reads ``image_u_s``. A batch is given its strong view only then: it is the
+    #: costliest augmentation, and a method that never reads it should not pay for it.
+    uses_strong_view: ClassVar[bool] = False
     #: One line for ``segsweep methods``.
     summary: ClassVar[str] = ""
     #: The Optuna search space a sweep uses with ``search: {<method>: default}``: mixing and

@@ -45,6 +45,7 @@ def mix_in_boxes(box: Tensor, inside: Tensor, outside: Tensor) -> Tensor:
 class FixMatch(Method):
     Knobs = FixMatchKnobs
     uses_unlabeled = True
+    uses_strong_view = True
     summary = "weak-to-strong consistency, confidence threshold, CutMix; EMA teacher optional"
     search_space: ClassVar[dict[str, dict[str, Any]]] = {
         "fixmatch.conf_threshold": {"type": "float", "low": 0.6, "high": 0.98},
