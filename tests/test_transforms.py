@@ -40,6 +40,22 @@ def test_weak_scaling_keeps_alignment_inside_regions(seed: int) -> None:
     assert agree > 0.95  # only pixels on resampled block edges may differ
 
 
+def test_resize_is_torchvisions_on_any_layout(monkeypatch) -> None:
+    import torchvision.transforms.v2.functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    for h, w, nh, nw in ((64, 64, 80, 80), (64, 48, 40, 97), (375, 500, 188, 250), (7, 9, 64, 64)):
+        hwc = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g)
+        expected = TF.resize(hwc.permute(2, 0, 1).contiguous(), [nh, nw], antialias=True)
+        for image in (hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()):  # as loaded, or copied
+            out = T.resize_image(image, nh, nw)
+            assert out.dtype == torch.uint8 and torch.equal(out, expected)
+        # a CPU without a native uint8 kernel resizes through float32: the same to a grey level
+        monkeypatch.setattr(T, "_native_uint8_resize", lambda: False)
+        assert (T.resize_image(hwc.permute(2, 0, 1), nh, nw).int() - expected.int()).abs().max() <= 1
+        monkeypatch.undo()
+
+
 def textured(count: int, size: int = 48) -> torch.Tensor:
     """(N, 3, size, size) uint8 images: smooth colour fields plus noise (every hue and
     saturation, flat and busy regions), deterministic."""
@@ -260,3 +276,11 @@ def test_the_trainer_makes_a_strong_view_only_for_methods_that_read_it(tiny, met
     if "image_u_s" in batch:  # normalised like the weak view, same geometry, other colours
         weak, strong = T.denormalize(batch["image_u_w"]), T.denormalize(batch["image_u_s"])
         assert strong.shape == weak.shape and not torch.equal(strong, weak)
+
+
+def test_tags_are_the_classes_present_in_the_ground_truth() -> None:
+    from segsweep.data.loaders import tags_of
+
+    mask = np.array([[0, 0, 3], [255, 3, 5], [7, 255, 0]], dtype=np.uint8)  # 7: not a class of 6
+    assert tags_of(mask, 6).tolist() == [1, 0, 0, 1, 0, 1]
+    assert tags_of(np.full((4, 4), 255, dtype=np.uint8), 3).tolist() == [0, 0, 0]

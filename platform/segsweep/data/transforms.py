@@ -1,4 +1,4 @@
-"""Joint image/mask augmentation on tensors (torchvision.transforms.v2 functional ops).
+"""Joint image/mask augmentation on uint8 tensors, with torchvision's semantics.
 
 Every random choice comes from a ``numpy.random.Generator`` passed in, seeded per draw by
 the sampler, so a sample's augmentation depends only on (run seed, position in the stream):
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import functools
 import math
+import platform
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 from torch import Tensor
 
 from segsweep.primitives import IGNORE
@@ -26,8 +27,10 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
 
 
 def to_tensor(image: np.ndarray) -> Tensor:
-    """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+    """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor, a view of the array (channels-last
+    strides, no copy): uint8 resizing runs natively on that layout, and ``weak`` copies once,
+    after the crop."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
 def normalize(image: Tensor) -> Tensor:
@@ -57,6 +60,23 @@ def denormalize(image: Tensor) -> Tensor:
     return (image.float().cpu() * STD + MEAN).round().clamp(0, 255).to(torch.uint8)  # round: x.999 is x+1
 
 
+def resize_image(image: Tensor, height: int, width: int) -> Tensor:
+    """(3, H, W) uint8 -> (3, height, width) uint8, antialiased bilinear: torchvision's
+    ``resize``, with torch's kernel called directly (the wrapper cost as much as the resize
+    itself at 64 px). torch resizes uint8 natively with AVX2, AVX-512 or ARM; elsewhere, as
+    torchvision does, through float32, rounded."""
+    native = image.dtype == torch.uint8 and _native_uint8_resize()
+    x = image[None] if native else image[None].float()
+    out = F.interpolate(x, size=[height, width], mode="bilinear", align_corners=False, antialias=True)[0]
+    return out if native else out.round_().to(image.dtype)
+
+
+@functools.cache
+def _native_uint8_resize() -> bool:
+    arm = platform.machine() in ("aarch64", "arm64")
+    return arm or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def weak(
     image: Tensor,
     mask: Tensor,
@@ -74,14 +94,14 @@ def weak(
     factor = rng.uniform(*scale)
     nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
     if (nh, nw) != (h, w):
-        image = TF.resize(image, [nh, nw], antialias=True)
-        mask = TF.resize(mask[None], [nh, nw], interpolation=TF.InterpolationMode.NEAREST)[0]
+        image = resize_image(image, nh, nw)
+        mask = F.interpolate(mask[None, None], size=[nh, nw], mode="nearest")[0, 0]
     valid = torch.ones(nh, nw, dtype=torch.bool)
     pad_h, pad_w = max(crop - nh, 0), max(crop - nw, 0)
     if pad_h or pad_w:
-        image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=0)
-        mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE)
-        valid = torch.nn.functional.pad(valid, (0, pad_w, 0, pad_h), value=False)
+        image = F.pad(image, (0, pad_w, 0, pad_h), value=0)
+        mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE)
+        valid = F.pad(valid, (0, pad_w, 0, pad_h), value=False)
     top = int(rng.integers(0, mask.shape[0] - crop + 1))
     left = int(rng.integers(0, mask.shape[1] - crop + 1))
     image = image[:, top : top + crop, left : left + crop]
@@ -218,9 +238,9 @@ def _blur(x: Tensor, sigma: Tensor, sizes: list[int]) -> Tensor:
     weights = torch.exp(-(taps**2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
     weights = weights * (taps.abs() <= reach.view(-1, 1))  # each image's own kernel size
     weights = (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
-    out = torch.nn.functional.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="reflect")
-    out = torch.nn.functional.conv2d(out, weights.view(n * c, 1, 1, -1), groups=n * c)
-    out = torch.nn.functional.conv2d(out, weights.view(n * c, 1, -1, 1), groups=n * c)
+    out = F.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="reflect")
+    out = F.conv2d(out, weights.view(n * c, 1, 1, -1), groups=n * c)
+    out = F.conv2d(out, weights.view(n * c, 1, -1, 1), groups=n * c)
     return out.view(n, c, h, w)
 
 
@@ -229,5 +249,5 @@ def pad_to_multiple(image: Tensor, multiple: int = 32) -> tuple[Tensor, tuple[in
     h, w = image.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph or pw:
-        image = torch.nn.functional.pad(image, (0, pw, 0, ph))
+        image = F.pad(image, (0, pw, 0, ph))
     return image, (h, w)
