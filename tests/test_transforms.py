@@ -110,6 +110,25 @@ def test_strong_views_are_torchvisions_ops_made_per_batch() -> None:
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, op
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_strong_views_on_a_gpu_match_the_cpu_and_never_wait_for_it() -> None:
+    # Made in to_model while the previous step may still run on the GPU: any device-to-host
+    # read (or a blocking host-to-device copy) would stall the step queue. Sync debug mode
+    # turns such a wait into an error.
+    images = textured(32)
+    params = torch.stack([T.draw_strong(np.random.default_rng(i), 0.5, 0.2, 0.5) for i in range(32)])
+    on_cpu = T.strong_views(images, params)
+    device_images = images.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = T.strong_views(device_images, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    diff = (on_gpu.cpu().int() - on_cpu.int()).abs()
+    assert diff.max() <= 4 and (diff > 1).float().mean() < 1e-3
+
+
 def test_strong_view_changes_colour_not_geometry() -> None:
     image, _ = coded_pair(64, 64)
     params = T.draw_strong(np.random.default_rng(0), jitter=0.5, grayscale_prob=0.0, blur_prob=0.0)

@@ -222,7 +222,10 @@ def _hue(x: Tensor, shift: Tensor) -> Tensor:
     sixths = torch.where(red, g - b, torch.where(green, b - r, r - g))
     sixths.div_(torch.where(chroma > 0, chroma, 1.0)).add_(green * 2.0 + (~red & ~green) * 4.0)
     sixths.add_(shift * 6)
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + sixths).remainder_(6)
+    # per channel (R, G, B): 5, 3, 1 sixths ahead; made on the device (a tensor copied from the
+    # host would make a GPU wait for its queue)
+    offsets = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)
+    k = (offsets + sixths).remainder_(6)
     tent = torch.minimum(k, 4 - k).clamp_(0, 1)
     return tent.mul_(chroma).neg_().add_(top).mul_(255 + 1 - 1e-3).floor_()  # torchvision's float -> uint8
 
