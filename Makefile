@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export RAY_DEDUP_LOGS ?= 0
 export PYTHONWARNINGS ?= ignore
 
-.PHONY: install demo test test-fast test-cluster lint dashboard clean browser postgres lock
+.PHONY: install demo test test-fast test-cluster lint dashboard clean browser postgres lock bench-gpu
 
 install: $(STAMP)
 
@@ -48,6 +48,19 @@ test-cluster: install postgres
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not cluster and not browser"
+
+# The GPU figures of docs/performance.md, on a machine with an NVIDIA GPU: the GPU-only tests,
+# then the quickstart-size rows and the main config (DeepLabV3+ ResNet-50, 512 px).
+# PEAK_TFLOPS: the GPU's dense bf16 peak (989 for an H100/H200 SXM), for model FLOPs utilisation.
+PEAK_TFLOPS ?= 989
+DLV3 := --set model.arch=deeplabv3plus --set model.encoder=resnet50 --set data.synthetic.image_size=512 \
+	--set data.crop_size=512 --set data.synthetic.num_train=64 --set data.synthetic.num_val=8
+bench-gpu: install
+	$(PY) -m pytest tests/test_transforms.py -k "gpu" -p no:cacheprovider
+	$(VENV)/bin/segsweep bench --only step,data,flops,gpu,packing --peak-tflops $(PEAK_TFLOPS) \
+	  --set train.steps=100 --json docs/bench-gpu.json
+	$(VENV)/bin/segsweep bench --only step,data,flops,gpu --methods supervised,fixmatch \
+	  --peak-tflops $(PEAK_TFLOPS) $(DLV3) --json docs/bench-gpu-dlv3.json
 
 lint: install
 	$(VENV)/bin/ruff check platform tests
