@@ -11,6 +11,7 @@ from segsweep.bench import (
     base_config,
     check,
     format_table,
+    gpu_idle_share,
     overhead,
     run_bench,
     speedup,
@@ -31,6 +32,16 @@ def test_ratio_arithmetic() -> None:
     assert speedup(30.0, 10.0) == 3.0
     assert check(0.02, 0.03) and not check(0.04, 0.03)
     assert check(2.5, 2.0, below=False) and not check(1.5, 2.0, below=False)
+
+
+def test_gpu_idle_share_is_the_gap_before_each_batch_over_the_step() -> None:
+    # steps end at 10, 20, 30, 40 ms; each next batch reached the GPU 1, 3 and 2 ms after
+    # the previous step's work ended (the first step, warm-up, is not measured)
+    done = [10.0, 20.0, 30.0, 40.0]
+    ready = [0.0, 11.0, 23.0, 32.0]
+    assert gpu_idle_share(ready, done, 3) == pytest.approx(6 / 30)
+    assert gpu_idle_share(ready, done, 1) == pytest.approx(2 / 10)
+    assert gpu_idle_share(ready, done, 9) == pytest.approx(6 / 30)  # never before the first step
 
 
 def test_steady_state_ignores_the_start_up_before_the_first_trial_ends() -> None:

@@ -12,8 +12,9 @@ Rows (each with its value, the baseline it is compared with, the ratio and the t
   unlabeled ones against the fastest semi-supervised step's), the share of step time spent
   waiting for a batch at 0 and 2 workers (target: no waiting at the default worker count),
   the bytes of one labeled and one unlabeled batch as the loader hands them over (what worker
-  processes, pinning and the copy to the GPU move per step), and the strong views per second
-  made on the run's device.
+  processes, pinning and the copy to the GPU move per step), the strong views per second
+  made on the run's device, and on a GPU the share of the bare loop's GPU time with no work
+  queued while the next batch comes (CUDA events: what the host's wait cannot tell).
 * ``sweep/*``: Ray Tune start, and seconds of scheduling + tracking per trivial trial at
   steady state (target < 1 s).
 * ``flops/*``, ``memory/*``: FLOPs per step, achieved FLOP/s (model FLOPs utilisation
@@ -189,8 +190,21 @@ def median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def bare_step_seconds(cfg: RunConfig, steps: int, measure: int) -> float:
-    """The same model, data, optimizer and schedule in a plain loop: the floor to compare with."""
+def gpu_idle_share(ready: list[float], done: list[float], measure: int) -> float:
+    """Share of the GPU's time over the last ``measure`` steps in which no training work was
+    queued: from the end of a step's work (``done``) to its next batch on the device
+    (``ready``: copied and normalised), over the time from one step's end to the next.
+    Timestamps in ms on the GPU's clock (CUDA events), one of each per step."""
+    steps = range(max(1, len(done) - measure), len(done))
+    gaps = [ready[i] - done[i - 1] for i in steps]
+    spans = [done[i] - done[i - 1] for i in steps]
+    return sum(gaps) / sum(spans)
+
+
+def bare_run(cfg: RunConfig, steps: int, measure: int) -> tuple[float, float | None]:
+    """The same model, data, optimizer and schedule in a plain loop: the floor to compare with.
+    Seconds per step and, on a GPU, the share of its time spent waiting for the next batch
+    (``gpu_idle_share``; the host's wait overstates it when the GPU still has work queued)."""
     data = prepare(cfg).data
     numerics = numerics_for(cfg)
     seed_everything(cfg.seed)
@@ -210,19 +224,34 @@ def bare_step_seconds(cfg: RunConfig, steps: int, measure: int) -> float:
         numerics.device.type == "cuda",
     )
     model.train()
+    cuda = numerics.device.type == "cuda"
+    ready: list[Any] = []  # CUDA events: the batch on the device, the step's work queued
+    done: list[Any] = []
     ends = []
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = poly_lr(t.scaled_lr(), step, steps, t.poly_power)
         batch = to_device(next(loader), numerics)
+        if cuda:
+            ready.append(torch.cuda.Event(enable_timing=True))
+            ready[-1].record()
         with numerics.autocast():
             loss = F.cross_entropy(model(batch["image_l"]).float(), batch["mask_l"], ignore_index=255)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if cuda:
+            done.append(torch.cuda.Event(enable_timing=True))
+            done[-1].record()
         loss.item()  # the trainer also reads its losses back once per step
         ends.append(time.perf_counter())
-    return _interval_mean(ends, measure)
+    idle = None
+    if cuda:
+        torch.cuda.synchronize()
+        idle = gpu_idle_share(
+            [ready[0].elapsed_time(e) for e in ready], [ready[0].elapsed_time(e) for e in done], measure
+        )
+    return _interval_mean(ends, measure), idle
 
 
 def loader_batches_per_second(dataset: Any, batch_size: int, batches: int, workers: int) -> float:
@@ -323,10 +352,14 @@ def run_bench(
     names = (methods or list(METHODS)) if "step" in chosen else []
     repeats = 1 if quick or "supervised" not in names else 5
     bare_runs: list[float] = []
+    gpu_idle: list[float] = []
     supervised_runs: list[float] = []
     supervised_trainer: Any = None  # the last one: its data-wait clock
     for _ in range(repeats):
-        bare_runs.append(bare_step_seconds(cfg, steps, measure))
+        seconds, idle = bare_run(cfg, steps, measure)
+        bare_runs.append(seconds)
+        if idle is not None:
+            gpu_idle.append(idle)
         if "supervised" in names:
             seconds, supervised_trainer = trainer_step_seconds(
                 validate_run_config({**tree, "method": "supervised"}, "bench"), measure
@@ -342,6 +375,16 @@ def run_bench(
         )
     )
     echo(f"  bare loop: {images / bare:.1f} img/s")
+    if gpu_idle:
+        report.add(
+            Row(
+                f"data/gpu_idle_share_workers{numerics.workers}",
+                median(gpu_idle),
+                "fraction",
+                target="~0",
+                note=f"bare loop: share of GPU time waiting for the next batch (CUDA events); median of {repeats}",
+            )
+        )
     semi_rate: float | None = None  # the fastest semi-supervised step: the unlabeled loader's consumer
     for name in names:
         if name == "supervised":

@@ -114,7 +114,7 @@ def weak(
 
 # A strong view's parameters, drawn per image by the loader and applied per batch on the
 # run's device by ``strong_views``: the photometric work (the costliest part of a sample, about
-# 30 ms of one core at 512 px) runs where the model runs, not in loader processes, and
+# 40 ms of one core at 512 px) runs where the model runs, not in loader processes, and
 # batches of methods that never read the strong view skip it. Layout of the (11,) vector:
 # [jitter on, op order (4), brightness, contrast, saturation, hue, grayscale on, blur sigma].
 STRONG_PARAMS = 11
