@@ -282,7 +282,6 @@ def test_prefetch_threads_are_stopped_and_joined_before_the_interpreter_exits(tm
 @pytest.mark.parametrize("method", ["fixmatch", "guidedmix"])
 def test_the_trainer_makes_a_strong_view_only_for_methods_that_read_it(tiny, method: str) -> None:
     # FixMatch reads image_u_s; GuidedMix-Net does not, and its batches skip the view's cost.
-    # Either way the rest of the stream is the same: the parameters are always drawn.
     from segsweep.engine import Trainer
     from segsweep.runner import prepare
 
