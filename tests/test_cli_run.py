@@ -112,6 +112,10 @@ BAD_CASES = {
         {"model.encoder_weights": "/nonexistent/enc.pt"},
         ["model.encoder_weights", "not found"],
     ),
+    "blur wider than the crop": (
+        {"data.augment.blur_sigma_max": 22},
+        ["data", "augment.blur_sigma_max", "crop_size 64", "at most 21.0"],
+    ),
     "missing proxy": (
         {"method": "mixandmatch", "mixandmatch.proxy_from": "/nonexistent/proxy.pt"},
         ["mixandmatch.proxy_from", "not found"],

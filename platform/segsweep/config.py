@@ -7,6 +7,7 @@ the method (``fixmatch: {conf_threshold: 0.9}``); only the active method's secti
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,6 +93,18 @@ class DataConfig(Section):
         if v % 32:
             raise ValueError("must be a multiple of 32 (encoders downsample 32x)")
         return v
+
+    @model_validator(mode="after")
+    def _blur_fits_the_crop(self) -> DataConfig:
+        # The blur reaches ceil(3 sigma) pixels and pads by reflection, which needs fewer
+        # pixels than the crop: checked here, not when the first wide blur is drawn mid-run.
+        sigma = self.augment.blur_sigma_max
+        if sigma is not None and math.ceil(3 * sigma) >= self.crop_size:
+            raise ValueError(
+                f"augment.blur_sigma_max {sigma} reaches {math.ceil(3 * sigma)} px, not less than "
+                f"crop_size {self.crop_size}; at most {(self.crop_size - 1) / 3:.1f}"
+            )
+        return self
 
 
 class ModelConfig(Section):
