@@ -558,14 +558,7 @@ def data_rows(
     unlabeled = cfg.train.unlabeled_batch_size or images
     data = prepare(cfg).data
     batches = 10 if quick else 40
-    for name, dataset, size in (("", data.labeled(), images), ("_unlabeled", data.unlabeled(), unlabeled)):
-        batch = next(stream_loader(dataset, size, 1, 0, 0, False))
-        nbytes = sum(v.element_size() * v.nelement() for v in batch.values())
-        kind = "unlabeled" if name else "labeled"
-        report.add(
-            Row(f"data/batch_bytes{name}", nbytes / 2**20, "MiB", note=f"one {kind} batch from the loader")
-        )
-    consumers = (
+    streams = (  # (row suffix, dataset, batch size, images/s its consumer takes, the consumer)
         ("", data.labeled(), images, images / bare, "the bare step"),
         (
             "_unlabeled",
@@ -575,7 +568,13 @@ def data_rows(
             "the fastest semi-supervised step" if semi_rate else "the bare step",
         ),
     )
-    for name, dataset, size, need, consumer in consumers:
+    for name, dataset, size, need, consumer in streams:
+        batch = next(stream_loader(dataset, size, 1, 0, 0, False))
+        nbytes = sum(v.element_size() * v.nelement() for v in batch.values())
+        kind = "unlabeled" if name else "labeled"
+        report.add(
+            Row(f"data/batch_bytes{name}", nbytes / 2**20, "MiB", note=f"one {kind} batch from the loader")
+        )
         for workers in (0, 2) if not name else (0,):
             rate = loader_batches_per_second(dataset, size, batches, workers) * size
             report.add(

@@ -47,11 +47,13 @@ class ProbeSettings:
     seed: int = 0  # which pixels are drawn
 
 
-def features(model: SegModel, image: Tensor) -> list[Tensor]:
-    """The probed feature maps of a batch: encoder levels 1.. and the decoder map."""
+def features(model: SegModel, image: Tensor) -> tuple[list[Tensor], tuple[int, int]]:
+    """The probed feature maps of a batch (encoder levels 1.. and the decoder map) and the
+    (H, W) of the padded input they were computed on."""
     padded, _ = pad_to_multiple(image)
     out = model.forward_features(padded)
-    return [f.float() for f in out.encoder[1:]] + [out.decoder.float()]
+    size = (padded.shape[-2], padded.shape[-1])
+    return [f.float() for f in out.encoder[1:]] + [out.decoder.float()], size
 
 
 def read_at(level: Tensor, ys: Tensor, xs: Tensor, size: tuple[int, int]) -> Tensor:
@@ -74,8 +76,7 @@ def training_pixels(
     rows, labels = [], []
     for batch in loader:
         batch = to_model(batch, device, channels_last=False)
-        levels = features(model, batch["image"])
-        size = tuple(pad_to_multiple(batch["image"])[0].shape[-2:])
+        levels, size = features(model, batch["image"])
         for i, mask in enumerate(batch["mask"]):
             ys, xs = (mask != IGNORE).nonzero(as_tuple=True)
             if len(ys) > s.pixels_per_image:
@@ -125,8 +126,8 @@ def score(
     for batch in loader:
         batch = to_model(batch, device, channels_last=False)
         h, w = batch["image"].shape[-2:]
-        size = tuple(pad_to_multiple(batch["image"])[0].shape[-2:])
-        logits = probe_logits(features(model, batch["image"]), probe, size)
+        levels, size = features(model, batch["image"])
+        logits = probe_logits(levels, probe, size)
         conf += confusion_matrix(logits[..., :h, :w].argmax(1), batch["mask"], num_classes)
     return float(scores_from_confusion(conf.cpu())["mIoU"])
 

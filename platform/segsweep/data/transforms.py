@@ -173,9 +173,10 @@ def strong_views(images: Tensor, params: Tensor) -> Tensor:
     rows = _rows(host[:, _GRAY] > 0, x.device)
     if rows is not None:
         x[rows] = _gray(x[rows]).floor_().expand(-1, 3, -1, -1)
-    rows = _rows(host[:, _SIGMA] > 0, x.device)
+    blurred = host[:, _SIGMA] > 0
+    rows = _rows(blurred, x.device)
     if rows is not None:
-        sizes = [2 * math.ceil(3 * float(s)) + 1 for s in host[host[:, _SIGMA] > 0, _SIGMA]]
+        sizes = [2 * math.ceil(3 * float(s)) + 1 for s in host[blurred, _SIGMA]]
         x[rows] = _blur(x[rows], values[rows, _SIGMA], sizes).round_()
     return x.to(torch.uint8)
 
