@@ -105,9 +105,9 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     crop, classes = cfg.data.crop_size, prepare(cfg).data.source.num_classes
     expected = cfg.train.batch_size * (4 * crop * crop + 4 * classes)
     assert rows["data/batch_bytes"].value * 2**20 == pytest.approx(expected)
-    # an unlabeled image: its weak view (3 bytes a pixel), CutMix box and valid area (bools),
-    # and the strong view's 11 float32 parameters, not a second image
-    per_image = 5 * crop * crop + 4 * T.STRONG_PARAMS
+    # an unlabeled image: its weak view (3 bytes a pixel), CutMix box and valid area (4 int32
+    # each, not masks) and the strong view's 11 float32 parameters, not a second image
+    per_image = 3 * crop * crop + 4 * (4 + 4) + 4 * T.STRONG_PARAMS
     assert rows["data/batch_bytes_unlabeled"].value * 2**20 == pytest.approx(cfg.train.batch_size * per_image)
     # the unlabeled loader is held against the semi-supervised step's need (fixmatch's here)
     unlabeled = rows["data/loader_unlabeled_workers0"]

@@ -17,6 +17,7 @@ from segsweep.primitives import (
     masked_cross_entropy,
     one_hot_ignore,
     poly_lr,
+    rect_masks,
     scores_from_confusion,
 )
 
@@ -74,18 +75,26 @@ def test_masked_cross_entropy_ignores_255_and_never_nans() -> None:
     assert half.item() == 0.0
 
 
-def test_cutmix_box_is_a_rectangle_of_bounded_area() -> None:
+def test_cutmix_box_is_a_rectangle_of_bounded_area_inside_the_image() -> None:
     g = torch.Generator().manual_seed(0)
     areas = []
     for _ in range(200):
-        box = cutmix_box(32, 32, g, prob=1.0)
-        rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
-        h, w = len(rows), len(cols)
-        assert box.sum() == h * w  # a filled rectangle
-        areas.append(box.float().mean().item())
+        top, left, h, w = cutmix_box(32, 24, g, prob=1.0)
+        assert h > 0 and w > 0 and 0 <= top <= 32 - h and 0 <= left <= 24 - w
+        areas.append(h * w / (32 * 24))
     assert 0.01 < min(areas) and max(areas) < 0.45
-    none = sum(cutmix_box(32, 32, g, prob=0.3).any().item() for _ in range(400))
-    assert 80 < none < 160  # ~30% of draws carry a box
+    empty = [cutmix_box(32, 32, g, prob=0.3) for _ in range(400)]
+    assert 240 < sum(box == (0, 0, 0, 0) for box in empty) < 320  # ~30% of draws carry a box
+
+
+def test_rect_masks_are_the_rectangles_pixels() -> None:
+    rects = [(0, 0, 0, 0), (0, 0, 5, 7), (2, 3, 1, 4), (4, 6, 1, 1), (0, 2, 5, 5)]
+    masks = rect_masks(torch.tensor(rects, dtype=torch.int32), 5, 7)
+    assert masks.shape == (5, 5, 7) and masks.dtype == torch.bool
+    for (top, left, h, w), mask in zip(rects, masks, strict=True):
+        expected = torch.zeros(5, 7, dtype=torch.bool)
+        expected[top : top + h, left : left + w] = True
+        assert torch.equal(mask, expected)
 
 
 def test_ema_update_moves_the_teacher_towards_the_student() -> None:

@@ -10,6 +10,7 @@ import torch
 
 from segsweep.data import transforms as T
 from segsweep.data.loaders import StreamSampler
+from segsweep.primitives import rect_masks
 
 
 def coded_pair(h: int = 48, w: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +25,9 @@ def coded_pair(h: int = 48, w: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
 def test_weak_crop_and_flip_keep_alignment_exactly(seed: int) -> None:
     image, mask = coded_pair()
     rng = np.random.default_rng(seed)
-    img, msk, valid = T.weak(image, mask, 64, rng, scale=(1.0, 1.0), hflip=True)
+    img, msk, rect = T.weak(image, mask, 64, rng, scale=(1.0, 1.0), hflip=True)
+    valid = rect_masks(torch.tensor([rect]), 64, 64)[0]
+    assert valid.sum() == 48 * 40  # the whole image, once
     assert img.shape == (3, 64, 64) and msk.shape == (64, 64)
     assert (img[0][valid] == msk[valid] * 40).all()
     assert (msk[~valid] == 255).all() and (img[:, ~valid] == 0).all()
@@ -33,7 +36,10 @@ def test_weak_crop_and_flip_keep_alignment_exactly(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(20))
 def test_weak_scaling_keeps_alignment_inside_regions(seed: int) -> None:
     image, mask = coded_pair(96, 96)
-    img, msk, valid = T.weak(image, mask, 64, np.random.default_rng(seed), scale=(0.5, 2.0), hflip=True)
+    img, msk, rect = T.weak(image, mask, 64, np.random.default_rng(seed), scale=(0.5, 2.0), hflip=True)
+    valid = rect_masks(torch.tensor([rect]), 64, 64)[0]
+    assert (msk[~valid] == 255).all() and (img[:, ~valid] == 0).all()  # padding: outside
+    assert (msk[valid] != 255).all()  # the image: inside
     decoded = (img[0].float() / 40).round()
     inside = valid & (msk != 255)
     agree = (decoded[inside] == msk[inside].float()).float().mean()
@@ -111,22 +117,25 @@ def test_strong_views_are_torchvisions_ops_made_per_batch() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_strong_views_on_a_gpu_match_the_cpu_and_never_wait_for_it() -> None:
+def test_strong_views_and_rect_masks_on_a_gpu_match_the_cpu_and_never_wait_for_it() -> None:
     # Made in to_model while the previous step may still run on the GPU: any device-to-host
     # read (or a blocking host-to-device copy) would stall the step queue. Sync debug mode
     # turns such a wait into an error.
     images = textured(32)
     params = torch.stack([T.draw_strong(np.random.default_rng(i), 0.5, 0.2, 0.5) for i in range(32)])
     on_cpu = T.strong_views(images, params)
-    device_images = images.cuda()
+    rects = torch.tensor([[i % 5, i % 7, 9 + i % 4, 3 + i % 20] for i in range(32)], dtype=torch.int32)
+    device_images, pinned_rects = images.cuda(), rects.pin_memory()  # the loader pins its batches
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         on_gpu = T.strong_views(device_images, params)
+        masks = rect_masks(pinned_rects.to("cuda", non_blocking=True), 32, 32)  # as to_model does
     finally:
         torch.cuda.set_sync_debug_mode("default")
     diff = (on_gpu.cpu().int() - on_cpu.int()).abs()
     assert diff.max() <= 4 and (diff > 1).float().mean() < 1e-3
+    assert torch.equal(masks.cpu(), rect_masks(rects, 32, 32))
 
 
 def test_strong_view_changes_colour_not_geometry() -> None:
@@ -210,7 +219,7 @@ def test_loaders_hand_over_uint8_and_to_model_normalises_on_the_device(tiny) -> 
     # The wire format: uint8 images and masks (a quarter and an eighth of the bytes of float32
     # and int64), normalised and widened only by ``to_model``, to the values the model took
     # before (ImageNet mean/std of the same pixels; the same class ids).
-    from segsweep.data.loaders import IMAGE_KEYS, MASK_KEYS, eval_loader, stream_loader, to_model
+    from segsweep.data.loaders import IMAGE_KEYS, MASK_KEYS, RECT_KEYS, eval_loader, stream_loader, to_model
     from segsweep.runner import prepare
 
     data = prepare(tiny()).data
@@ -240,10 +249,23 @@ def test_loaders_hand_over_uint8_and_to_model_normalises_on_the_device(tiny) -> 
             elif key in MASK_KEYS:
                 assert value.dtype == torch.uint8
                 assert out.dtype == torch.int64 and torch.equal(out, value.long())
+            elif key in RECT_KEYS:  # 4 numbers per image on the wire, a mask for the model
+                assert value.shape == (4, 4)
+                assert out.shape == (4, 64, 64) and torch.equal(out, rect_masks(value, 64, 64))
             else:
                 assert torch.equal(out, value)
             seen.add(key)
-    assert {"image", "image_l", "image_u_w", "image_u_s", "strong_u", "mask", "mask_l"} <= seen
+    assert {
+        "image",
+        "image_l",
+        "image_u_w",
+        "image_u_s",
+        "strong_u",
+        "mask",
+        "mask_l",
+        "box_u",
+        "valid_u",
+    } <= seen
 
 
 def test_prefetch_threads_are_stopped_and_joined_before_the_interpreter_exits(tmp_path) -> None:

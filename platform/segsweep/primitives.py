@@ -40,6 +40,9 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None =
     return loss.sum() / valid.sum().clamp_min(1.0)
 
 
+Rect = tuple[int, int, int, int]  # (top, left, height, width) in pixels; height 0: empty
+
+
 def cutmix_box(
     height: int,
     width: int,
@@ -48,15 +51,15 @@ def cutmix_box(
     area_min: float = 0.02,
     area_max: float = 0.4,
     ratio_min: float = 0.3,
-) -> Tensor:
-    """A random CutMix rectangle (Yun et al. 2019) as a (H, W) bool mask; empty with 1 - prob.
+) -> Rect:
+    """A random CutMix rectangle (Yun et al. 2019) in a ``height`` x ``width`` image, as
+    (top, left, height, width); empty, (0, 0, 0, 0), with probability 1 - prob.
 
     Area is uniform in [area_min, area_max] of the image and aspect ratio log-uniform in
     [ratio_min, 1 / ratio_min], as in UniMatch's strong view.
     """
-    mask = torch.zeros(height, width, dtype=torch.bool)
     if torch.rand((), generator=generator).item() >= prob:
-        return mask
+        return (0, 0, 0, 0)
     for _ in range(20):  # a box that fits; the rejection loop almost always ends at once
         area = (area_min + (area_max - area_min) * torch.rand((), generator=generator).item()) * (
             height * width
@@ -68,9 +71,22 @@ def cutmix_box(
         if 0 < box_h <= height and 0 < box_w <= width:
             top = int(torch.randint(0, height - box_h + 1, (), generator=generator))
             left = int(torch.randint(0, width - box_w + 1, (), generator=generator))
-            mask[top : top + box_h, left : left + box_w] = True
-            return mask
-    return mask
+            return (top, left, box_h, box_w)
+    return (0, 0, 0, 0)
+
+
+def rect_masks(rects: Tensor, height: int, width: int) -> Tensor:
+    """Rectangles (B, 4) as (top, left, height, width) -> (B, height, width) bool masks, True
+    inside each rectangle, made on ``rects``' device (loaders hand over the 4 numbers, not the
+    mask: a sixteenth of a 512 px uint8 image's bytes per mask otherwise)."""
+    top, left, h, w = rects.long().unbind(1)
+    rows = torch.arange(height, device=rects.device)
+    cols = torch.arange(width, device=rects.device)
+    in_rows = ((rows >= top[:, None]) & (rows < (top + h)[:, None])).to(torch.uint8)  # (B, height)
+    in_cols = ((cols >= left[:, None]) & (cols < (left + w)[:, None])).to(torch.uint8)  # (B, width)
+    # The outer product in uint8, read as bool (same bytes, 0 or 1): on a CPU 7x faster than
+    # a broadcast logical and (0.4 ms against 2.8 for 16 masks of 512 x 512, one thread).
+    return (in_rows[:, :, None] * in_cols[:, None, :]).view(torch.bool)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from segsweep.data import transforms as T
 from segsweep.data.sources import Sample, Source
 from segsweep.data.splits import Split
-from segsweep.primitives import IGNORE, cutmix_box
+from segsweep.primitives import IGNORE, cutmix_box, rect_masks
 
 Draw = tuple[int, int, int]  # (index into the sample list, stream seed, stream position)
 
@@ -34,6 +34,10 @@ Draw = tuple[int, int, int]  # (index into the sample list, stream seed, stream 
 # ``to_model`` normalises the images and widens the masks where the model runs.
 IMAGE_KEYS = frozenset({"image", "image_l", "image_u_w", "image_u_s"})
 MASK_KEYS = frozenset({"mask", "mask_l"})
+# Rectangles (the CutMix box, the unpadded area) travel as 4 int32 numbers, (top, left,
+# height, width); ``to_model`` makes them (H, W) bool masks. As masks they were 8 of the 20
+# MiB of an unlabeled batch of 16 at 512 px.
+RECT_KEYS = frozenset({"box_u", "valid_u"})
 
 
 class StreamSampler(Sampler[Draw]):
@@ -116,8 +120,8 @@ class LabeledSet(Dataset):
 
 
 class UnlabeledSet(Dataset):
-    """Weak view of unlabeled images, its strong view's parameters, a CutMix box, the valid
-    (unpadded) area. The strong view itself is made from the weak one per batch, on the run's
+    """Weak view of unlabeled images, its strong view's parameters, a CutMix box and the valid
+    (unpadded) area (rectangles, 4 numbers each: ``RECT_KEYS``). The strong view itself is made from the weak one per batch, on the run's
     device (``to_model``), where it costs little: in a loader process it was most of the
     work of a sample.
 
@@ -147,8 +151,8 @@ class UnlabeledSet(Dataset):
         return {
             "image_u_w": img,
             "strong_u": strong,  # the strong view's parameters; ``to_model`` makes image_u_s
-            "box_u": box,
-            "valid_u": valid,
+            "box_u": torch.tensor(box, dtype=torch.int32),
+            "valid_u": torch.tensor(valid, dtype=torch.int32),
         }
 
 
@@ -274,7 +278,8 @@ def to_model(
     batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool
 ) -> dict[str, torch.Tensor]:
     """A loader's batch as the model takes it, on ``device``: images normalised to float
-    (B, 3, H, W), in channels_last if asked; masks int64 (B, H, W); the rest as it was.
+    (B, 3, H, W), in channels_last if asked; masks int64 (B, H, W); rectangles (B, 4) as
+    bool masks (B, H, W) the size of the unlabeled images; the rest as it was.
     A batch with strong-view parameters (``strong_u``) gets its strong view, ``image_u_s``,
     made here from the weak view (``transforms.strong_views``)."""
     out = {}
@@ -287,6 +292,8 @@ def to_model(
     for key, value in batch.items():
         if key in IMAGE_KEYS:
             out[key] = model_image(value, device, channels_last)
+        elif key in RECT_KEYS:
+            out[key] = rect_masks(value.to(device, non_blocking=True), *batch["image_u_w"].shape[-2:])
         else:
             value = value.to(device, non_blocking=True)
             out[key] = value.long() if key in MASK_KEYS else value

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segsweep.primitives import IGNORE
+from segsweep.primitives import IGNORE, Rect
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
@@ -84,11 +84,12 @@ def weak(
     rng: np.random.Generator,
     scale: tuple[float, float],
     hflip: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Rect]:
     """Random scale, pad and crop to ``crop`` x ``crop``, flip.
 
     image (3, H, W) uint8, mask (H, W) uint8 -> image (3, crop, crop), mask (crop, crop) and
-    valid (crop, crop) bool (False where the crop padded past the image).
+    the valid area, the part of the crop that is image, not padding (a rectangle: (top, left,
+    height, width), ``primitives.rect_masks`` makes it a mask).
     """
     h, w = mask.shape
     factor = rng.uniform(*scale)
@@ -96,20 +97,20 @@ def weak(
     if (nh, nw) != (h, w):
         image = resize_image(image, nh, nw)
         mask = F.interpolate(mask[None, None], size=[nh, nw], mode="nearest")[0, 0]
-    valid = torch.ones(nh, nw, dtype=torch.bool)
     pad_h, pad_w = max(crop - nh, 0), max(crop - nw, 0)
     if pad_h or pad_w:
         image = F.pad(image, (0, pad_w, 0, pad_h), value=0)
         mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE)
-        valid = F.pad(valid, (0, pad_w, 0, pad_h), value=False)
     top = int(rng.integers(0, mask.shape[0] - crop + 1))
     left = int(rng.integers(0, mask.shape[1] - crop + 1))
     image = image[:, top : top + crop, left : left + crop]
     mask = mask[top : top + crop, left : left + crop]
-    valid = valid[top : top + crop, left : left + crop]
+    # Padding is added below and to the right, so the image fills the crop's top-left corner.
+    valid_h, valid_w = min(nh - top, crop), min(nw - left, crop)
+    valid_left = 0
     if hflip and rng.random() < 0.5:
-        image, mask, valid = image.flip(-1), mask.flip(-1), valid.flip(-1)
-    return image.contiguous(), mask.contiguous(), valid.contiguous()
+        image, mask, valid_left = image.flip(-1), mask.flip(-1), crop - valid_w
+    return image.contiguous(), mask.contiguous(), (0, valid_left, valid_h, valid_w)
 
 
 # A strong view's parameters, drawn per image by the loader and applied per batch on the
