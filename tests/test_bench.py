@@ -82,6 +82,7 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
         "memory/peak_rss",
         "gpu/bf16",
         "gpu/compile",
+        "gpu/readback_per_step",
         "gpu/packing",
         "report/curve_100_runs",
     ):
@@ -211,3 +212,25 @@ def test_gpu_rows_take_the_median_of_interleaved_rounds(monkeypatch: pytest.Monk
     assert "median of 3" in compiled.note and "0.500" in compiled.note
     packing = rows["gpu/packing"]
     assert packing.value == pytest.approx(2.5) and packing.passed is True
+
+
+def test_readback_row_is_the_median_overhead_of_alternating_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bare loop with and without a per-step read of the loss, replaced by a clock (no time
+    # is measured): pairs (0.11, 0.10), (0.30, 0.10), (0.12, 0.10) cost +10%, +200%, +20%.
+    from segsweep import bench
+
+    clock = iter([0.11, 0.10, 0.30, 0.10, 0.12, 0.10])
+    modes: list[bool] = []
+
+    def fake_bare(cfg: object, steps: int, measure: int, readback: bool = True) -> tuple[float, None]:
+        modes.append(readback)
+        return next(clock), None
+
+    monkeypatch.setattr(bench, "bare_run", fake_bare)
+    report = bench.Report(1, "now", {}, {})
+    cfg = bench.validate_run_config(bench.base_config(True, "cpu"), "bench")
+    bench.readback_row(report, cfg, 8, 4, lambda _m: None, rounds=3)
+    (row,) = report.rows
+    assert row.name == "gpu/readback_per_step" and modes == [True, False] * 3
+    assert row.value == pytest.approx(0.20) and row.ratio == pytest.approx(1.20)
+    assert row.baseline == pytest.approx(0.10)

@@ -20,8 +20,9 @@ Rows (each with its value, the baseline it is compared with, the ratio and the t
 * ``flops/*``, ``memory/*``: FLOPs per step, achieved FLOP/s (model FLOPs utilisation
   against ``--peak-tflops`` on a GPU), peak memory of a trial.
 * ``gpu/*`` (CUDA only): bf16 autocast, channels_last and torch.compile switched one at a
-  time (median of 3 interleaved rounds), and, as the ``packing`` section, several small
-  trials sharing one GPU against one alone (target >= 2x).
+  time (median of 3 interleaved rounds); the cost of reading the loss back every step (the
+  bare loop with and without); and, as the ``packing`` section, several small trials sharing
+  one GPU against one alone (target >= 2x).
 
 On a CPU the GPU rows are reported as skipped, never guessed. ``only`` (``--only``) runs some
 sections; the report is handed to ``on_section`` after each, so a bench cut short keeps what
@@ -201,10 +202,14 @@ def gpu_idle_share(ready: list[float], done: list[float], measure: int) -> float
     return sum(gaps) / sum(spans)
 
 
-def bare_run(cfg: RunConfig, steps: int, measure: int) -> tuple[float, float | None]:
+def bare_run(cfg: RunConfig, steps: int, measure: int, readback: bool = True) -> tuple[float, float | None]:
     """The same model, data, optimizer and schedule in a plain loop: the floor to compare with.
     Seconds per step and, on a GPU, the share of its time spent waiting for the next batch
-    (``gpu_idle_share``; the host's wait overstates it when the GPU still has work queued)."""
+    (``gpu_idle_share``; the host's wait overstates it when the GPU still has work queued).
+
+    ``readback``: read the loss back every step, as the trainer reads a method's float logs
+    (on a GPU a sync: the host cannot queue the next step before this one ends). Without it
+    the host runs ahead, so on a GPU the steps are timed on the GPU's clock."""
     data = prepare(cfg).data
     numerics = numerics_for(cfg)
     seed_everything(cfg.seed)
@@ -243,7 +248,8 @@ def bare_run(cfg: RunConfig, steps: int, measure: int) -> tuple[float, float | N
         if cuda:
             done.append(torch.cuda.Event(enable_timing=True))
             done[-1].record()
-        loss.item()  # the trainer also reads its losses back once per step
+        if readback:
+            loss.item()  # the trainer also reads its logs back once per step
         ends.append(time.perf_counter())
     idle = None
     if cuda:
@@ -251,6 +257,8 @@ def bare_run(cfg: RunConfig, steps: int, measure: int) -> tuple[float, float | N
         idle = gpu_idle_share(
             [ready[0].elapsed_time(e) for e in ready], [ready[0].elapsed_time(e) for e in done], measure
         )
+        if not readback:  # the host's clock shows how fast it queued, not how fast steps ran
+            return done[-1 - measure].elapsed_time(done[-1]) / 1000 / measure, idle
     return _interval_mean(ends, measure), idle
 
 
@@ -453,11 +461,13 @@ def run_bench(
     on_gpu = numerics.device.type == "cuda"
     if "gpu" in chosen and on_gpu:
         gpu_rows(report, tree, measure, echo, 1 if quick else 3)
+        readback_row(report, cfg, steps, measure, echo, 1 if quick else 3)
         on_section(report)
     if "packing" in chosen and on_gpu:
         packing_row(report, tree, measure, echo)
     if not on_gpu:
-        skipped = ["gpu/bf16", "gpu/channels_last", "gpu/compile"] if "gpu" in chosen else []
+        skipped = ["gpu/bf16", "gpu/channels_last", "gpu/compile", "gpu/readback_per_step"]
+        skipped = skipped if "gpu" in chosen else []
         for name in skipped + (["gpu/packing"] if "packing" in chosen else []):
             report.add(Row(name, None, "", note="skipped: no CUDA device on this machine"))
 
@@ -718,6 +728,34 @@ def gpu_rows(
             note += f" (fp32 {mious['gpu/fp32']:.3f})"
             report.add(Row(name, value, "img/s", fp32, speedup(value, fp32), note=note))
         echo(f"  {name}: {value:.1f} img/s ({speedup(value, fp32):.2f}x fp32; {note})")
+
+
+def readback_row(
+    report: Report, cfg: RunConfig, steps: int, measure: int, echo: Callable[[str], None], rounds: int = 3
+) -> None:
+    """What reading the loss back every step costs a GPU (the method contract's float logs make
+    the trainer do it): the bare loop with a per-step read against one that never waits,
+    ``rounds`` alternating pairs, the median of the pairs' overheads. Measured to decide
+    whether the contract should hand back tensors and the trainer read them once per log
+    interval (as nanoGPT does)."""
+    pairs = []
+    for _ in range(rounds):
+        synced, _ = bare_run(cfg, steps, measure, readback=True)
+        free, _ = bare_run(cfg, steps, measure, readback=False)
+        pairs.append((synced, free))
+    cost = median([overhead(a, b) for a, b in pairs])
+    free = median([b for _, b in pairs])
+    report.add(
+        Row(
+            "gpu/readback_per_step",
+            cost,
+            "fraction",
+            free,
+            1 + cost,
+            note=f"bare loop reading its loss back every step against never; median of {rounds} pairs",
+        )
+    )
+    echo(f"  reading the loss back every step: {100 * cost:+.1f}% per step")
 
 
 def packing_row(report: Report, tree: dict[str, Any], measure: int, echo: Callable[[str], None]) -> None:
