@@ -85,6 +85,48 @@ def _writer(uri: str, index: int, steps: int) -> None:
     tracker.finish("FINISHED", "finished")
 
 
+def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(tmp_path: Path) -> None:
+    from segsweep.files import write_atomic
+
+    target = tmp_path / "deep" / "sweep.json"
+    write_atomic(target, '{"old": true}')
+    assert target.read_text() == '{"old": true}'
+
+    def half_then_fail(fh) -> None:  # a writer interrupted after its first bytes
+        fh.write(b'{"new": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, half_then_fail)
+    assert target.read_text() == '{"old": true}'
+    assert [p.name for p in target.parent.iterdir()] == ["sweep.json"]  # no temporary left
+    write_atomic(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    # the same permissions as any file the user writes (a temporary file's 0600 would hide
+    # checkpoints and reports from the rest of a team)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert target.stat().st_mode == plain.stat().st_mode
+
+
+def test_racing_writers_of_one_file_leave_one_whole_file(tmp_path: Path) -> None:
+    # Two trials generating the same synthetic dataset race for the same cache files: each
+    # writes its own temporary, and the file is always one writer's whole content.
+    import threading
+
+    from segsweep.files import write_atomic
+
+    target = tmp_path / "train_images.npy"
+    contents = [bytes([i]) * 200_000 for i in range(8)]
+    threads = [threading.Thread(target=write_atomic, args=(target, c)) for c in contents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert target.read_bytes() in contents
+    assert [p.name for p in tmp_path.iterdir()] == ["train_images.npy"]
+
+
 def test_eight_concurrent_writers_lose_no_metric(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     RunTracker(uri, "concurrent", run_name="init").finish()  # the store exists before the writers

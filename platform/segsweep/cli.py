@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from segsweep.errors import ConfigError, InjectedFailure, UserError, one_line
+from segsweep.files import write_atomic
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,14 +32,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"error: {self.prog}: {message} (see --help)\n")
         raise SystemExit(2)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a report through a temporary and rename: an interrupted write leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _echo(quiet: bool) -> Callable[[str], None]:
@@ -79,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     from segsweep.config import dump_yaml
 
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     result = execute(prepared, tracker, run_dir, resume_from=resume_ckpt)
     if result.status == "diverged":
         print(

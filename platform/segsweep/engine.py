@@ -14,7 +14,6 @@ the exact same run.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections import deque
@@ -34,6 +33,7 @@ from segsweep.data.loaders import eval_loader, hash_seed, model_image, stream_lo
 from segsweep.data.sources import Sample
 from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import Diverged, InjectedFailure, Stopped
+from segsweep.files import write_atomic
 from segsweep.methods import Method, Stage, get_method
 from segsweep.models import build_model
 from segsweep.panels import colour, compose, heat, image_tile
@@ -236,11 +236,8 @@ def sample_panel(method: Method, batch: dict[str, Tensor], numerics: Numerics) -
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary and rename: a crash never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through ``write_atomic``: a crash never leaves a truncated checkpoint."""
+    write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pathlib import Path
 from statistics import mean, stdev
 
 from segsweep.errors import ConfigError
+from segsweep.files import write_atomic
 from segsweep.tracking import RunRecord
 
 RULES = {"last": "val/mIoU_last", "best_tune": "val/mIoU_at_best_tune"}
@@ -360,8 +361,7 @@ def plot(curve: Curve, path: Path, title: str, baseline: str = "supervised") -> 
         color="dimgray",
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    write_atomic(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
 
@@ -381,7 +381,7 @@ def write_outputs(curve: Curve, out: Path, title: str) -> list[Path]:
         ("differences.csv", curve.differences),
     ):
         path = out / name
-        path.write_text(to_csv(items, RULES[curve.rule]), encoding="utf-8")
+        write_atomic(path, to_csv(items, RULES[curve.rule]))
         files.append(path)
     files.append(plot(curve, out / "curve.png", title))
     return files

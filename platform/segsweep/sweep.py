@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from segsweep.errors import ConfigError, UserError
+from segsweep.files import write_atomic
 from segsweep.sweepspec import Cell, Plan, run_config_of
 from segsweep.tracking import (
     STATUS_INTERRUPTED,
@@ -793,7 +794,7 @@ def run_sweep(
     _ray_init(address, plan)
     seconds = {"ray_init": time.perf_counter() - clock}
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "spec.yaml").write_text(plan.spec_text, encoding="utf-8")
+    write_atomic(sweep_dir / "spec.yaml", plan.spec_text)
     storage_url = (
         spec.optuna_storage
         or os.environ.get("SEGSWEEP_OPTUNA_STORAGE")
@@ -823,7 +824,8 @@ def run_sweep(
             }
         )
         parent.log_text(plan.spec_text, "sweep.yaml")
-    state_file.write_text(
+    write_atomic(
+        state_file,
         json.dumps(
             {
                 "fingerprint": fingerprint,
@@ -833,7 +835,7 @@ def run_sweep(
                 "experiment": plan.experiment,
             },
             indent=2,
-        )
+        ),
     )
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume loses at most ~2 s of scheduling
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our live view instead of Ray's tables

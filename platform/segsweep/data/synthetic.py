@@ -15,14 +15,14 @@ same bytes on any machine; arrays are cached as ``.npy`` files and memory-mapped
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from segsweep.files import write_atomic
 from segsweep.primitives import IGNORE
 
 SHAPES = ("disk", "box", "triangle")
@@ -157,13 +157,6 @@ def cache_key(seed: int, size: int, num_train: int, num_val: int) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)
-
-
 def generate(seed: int, size: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     images = np.empty((count, size, size, 3), dtype=np.uint8)
     masks = np.empty((count, size, size), dtype=np.uint8)
@@ -188,7 +181,7 @@ def load_or_generate(
         img_path, mask_path = folder / f"{split}_images.npy", folder / f"{split}_masks.npy"
         if not (img_path.exists() and mask_path.exists()):
             images, masks = generate(seed, size, start, count)
-            _atomic_save(img_path, images)
-            _atomic_save(mask_path, masks)
+            write_atomic(img_path, functools.partial(np.save, arr=images))
+            write_atomic(mask_path, functools.partial(np.save, arr=masks))
         out[split] = (np.load(img_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r"))
     return out

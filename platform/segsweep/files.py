@@ -1,0 +1,40 @@
+"""Writing a file so that an interrupt, a crash or a full disk never leaves half of it.
+
+Checkpoints, the synthetic dataset's cache, sweep state, reports and bench JSON all go
+through ``write_atomic``: readers (a resume, a second trial, a dashboard) see the old file
+or the new one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write ``content`` (text as UTF-8, bytes, or a function that writes to a binary file) to
+    a temporary beside ``path``, then rename it over ``path`` (atomic on one file system).
+
+    The temporary's name is unique, so writers racing for the same file (two trials
+    generating the same dataset) never write into each other's; the last rename wins, and
+    each renamed file is whole. On any error the temporary is removed and ``path`` is left
+    as it was. Permissions follow the umask, like any other file the user writes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            if callable(content):
+                content(fh)
+            else:
+                fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
