@@ -68,6 +68,8 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
         "overhead/tracking_open_close",
         "overhead/tracking_whole_run",
         "overhead/tracking_writer_cpu",
+        "overhead/tracking_cpu",
+        "overhead/tracking_training_thread",
         "data/loader_workers0",
         "data/loader_workers2",
         "data/wait_share_workers0",
@@ -97,6 +99,13 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     assert track.ratio == pytest.approx(1 + track.value) and track.passed == (track.value <= 0.02)
     assert rows["overhead/tracking_open_close"].value > 0  # an MLflow run costs something to open
     assert 0 < rows["overhead/tracking_writer_cpu"].value < 1  # the writer's CPU, per training second
+    # one pair (quick): the noise-free row adds the training thread's share and the writer's
+    thread, writer = (
+        rows["overhead/tracking_training_thread"].value,
+        rows["overhead/tracking_writer_cpu"].value,
+    )
+    assert thread > 0  # the tracked run renders its panels; the untracked one renders none
+    assert rows["overhead/tracking_cpu"].value == pytest.approx(thread + writer)
     assert rows["flops/per_step"].value > 0 and 0 < rows["flops/mfu"].value
     assert rows["flops/achieved"].value == pytest.approx(rows["flops/per_step"].value * bare / 4, rel=1e-6)
     assert rows["gpu/bf16"].value is None and "no CUDA" in rows["gpu/bf16"].note  # never guessed
@@ -234,3 +243,37 @@ def test_readback_row_is_the_median_overhead_of_alternating_pairs(monkeypatch: p
     assert row.name == "gpu/readback_per_step" and modes == [True, False] * 3
     assert row.value == pytest.approx(0.20) and row.ratio == pytest.approx(1.20)
     assert row.baseline == pytest.approx(0.10)
+
+
+def test_an_untracked_run_renders_no_panels_and_the_bench_times_the_tracker_calls(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Panels are rendered only for a tracker that keeps them, on the training thread: the
+    # tracking overhead row then counts them, and untracked runs do not pay for them.
+    from segsweep import engine
+    from segsweep.bench import TimedCalls
+    from segsweep.tracking import NullTracker
+
+    rendered: list[int] = []
+    real = engine.sample_panel
+    monkeypatch.setattr(engine, "sample_panel", lambda *a: rendered.append(1) or real(*a))
+    cfg = tiny(method="fixmatch")  # 4 steps, an evaluation (and a panel) every 2
+    prepare(cfg).trainer.run(tmp_path / "untracked", NullTracker())
+    assert rendered == []
+
+    class Keeping(NullTracker):
+        def __init__(self) -> None:
+            self.images: list[tuple[object, str, int]] = []
+
+        def log_image(self, image, key: str, step: int) -> None:  # type: ignore[override]
+            self.images.append((image() if callable(image) else image, key, step))
+
+    keeping = Keeping()
+    calls = TimedCalls(keeping)
+    prepare(cfg).trainer.run(tmp_path / "tracked", calls)  # type: ignore[arg-type]
+    assert len(rendered) == 2 and [(k, s) for _, k, s in keeping.images] == [
+        ("panels/pseudo_masks", 2),
+        ("panels/pseudo_masks", 4),
+    ]
+    assert keeping.images[0][0].ndim == 3  # type: ignore[union-attr]  # an RGB panel
+    assert calls.seconds > 0 and calls.run_id is None  # calls timed; attributes passed through

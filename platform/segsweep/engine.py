@@ -590,8 +590,9 @@ class Trainer:
                 self.save_checkpoint("best.pt")
         self.tracker.log_metrics(metrics, step)
         if self.panel_batch is not None and self.method.uses_unlabeled and not prefix:
+            panel = self.panel_batch  # rendered only by a tracker that keeps it
             self.tracker.log_image(
-                sample_panel(self.method, self.panel_batch, self.numerics), "panels/pseudo_masks", step
+                lambda: sample_panel(self.method, panel, self.numerics), "panels/pseudo_masks", step
             )
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("mIoU"))
         self.echo(f"  eval @ {prefix}step {step}: {shown}")
