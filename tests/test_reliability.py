@@ -109,6 +109,20 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(tmp_path: Pat
     assert target.stat().st_mode == plain.stat().st_mode
 
 
+def test_a_run_removes_the_temporary_a_killed_save_left_and_keeps_its_checkpoints(
+    tiny, tmp_path: Path
+) -> None:
+    # A SIGKILL mid-save leaves `.last.pt.<pid>.<id>.tmp`; a sweep would copy it with every
+    # checkpoint. The run that owns the folder removes it when it starts (or resumes).
+    from segsweep.runner import prepare
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / ".last.pt.4242.0a1b2c3d.tmp").write_bytes(b"half a checkpoint")
+    prepare(tiny(**{"train.steps": 2})).trainer.run(tmp_path / "run")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]
+
+
 def test_racing_writers_of_one_file_leave_one_whole_file(tmp_path: Path) -> None:
     # Two trials generating the same synthetic dataset race for the same cache files: each
     # writes its own temporary, and the file is always one writer's whole content.

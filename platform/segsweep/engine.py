@@ -33,7 +33,7 @@ from segsweep.data.loaders import eval_loader, hash_seed, model_image, stream_lo
 from segsweep.data.sources import Sample
 from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import Diverged, InjectedFailure, Stopped
-from segsweep.files import write_atomic
+from segsweep.files import remove_leftovers, write_atomic
 from segsweep.methods import Method, Stage, get_method
 from segsweep.models import build_model
 from segsweep.panels import colour, compose, heat, image_tile
@@ -434,6 +434,9 @@ class Trainer:
         two reports, and the rest of the interval is then not trained for nothing.
         """
         self.run_dir = run_dir
+        # A run killed mid-save left a temporary beside its checkpoints; a sweep would copy
+        # it with every checkpoint it reports. This run is the folder's only writer.
+        remove_leftovers(self.checkpoint_dir)
         self.should_stop = should_stop
         self.tracker = tracker or NullTracker()
         self.reporter = reporter

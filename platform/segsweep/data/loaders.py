@@ -121,9 +121,9 @@ class LabeledSet(Dataset):
 
 class UnlabeledSet(Dataset):
     """Weak view of unlabeled images, its strong view's parameters, a CutMix box and the valid
-    (unpadded) area (rectangles, 4 numbers each: ``RECT_KEYS``). The strong view itself is made from the weak one per batch, on the run's
-    device (``to_model``), where it costs little: in a loader process it was most of the
-    work of a sample.
+    (unpadded) area (rectangles, 4 numbers each: ``RECT_KEYS``). The strong view itself is
+    made from the weak one per batch, on the run's device (``to_model``), where it costs
+    little: in a loader process it was most of the work of a sample.
 
     Masks are never read here, even where the dataset has them: unlabeled ground truth is
     scored only by the evaluation's pseudo-mask diagnostics, never trained on.
