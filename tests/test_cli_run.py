@@ -120,6 +120,13 @@ BAD_CASES = {
         {"method": "mixandmatch", "mixandmatch.proxy_from": "/nonexistent/proxy.pt"},
         ["mixandmatch.proxy_from", "not found"],
     ),
+    "no such device": ({"train.device": "cuda:63"}, ["train.device", "'cuda:63' asked for"]),
+    "not a device": ({"train.device": "gpu"}, ["train.device", "'gpu' is not a device"]),
+    "tuning set too big": ({"data.tune_size": 100000}, ["data.tune_size", "holds out 100000"]),
+    "too many labeled": ({"data.num_labeled": 100000}, ["data.num_labeled", "asks for 100000"]),
+    "unknown encoder": ({"model.encoder": "resnet999"}, ["model.encoder", "'resnet999'"]),
+    "root is a file": ({"data.root": __file__}, ["data.root", "is a file, not a folder"]),
+    "output_dir is a file": ({"output_dir": __file__}, ["output_dir", "is a file, not a folder"]),
 }
 
 
@@ -131,7 +138,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run(case: str, cache_dir: Pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
     assert_user_error(proc, *fragments)
+    assert len(proc.stderr) < 400  # one readable line (smp's encoder error listed 1.4 KB of names)
     assert not (tmp_path / "mlflow.db").exists() or runs_in(uri) == []
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_and_malformed_config_files(tmp_path: Path) -> None:
@@ -140,6 +149,10 @@ def test_missing_and_malformed_config_files(tmp_path: Path) -> None:
     assert_user_error(segsweep("run", "broken.yaml", cwd=tmp_path), "broken.yaml", "not valid YAML")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     assert_user_error(segsweep("run", "list.yaml", cwd=tmp_path), "list.yaml", "mapping")
+    (tmp_path / "twice.yaml").write_text("method: supervised\ntrain:\n  steps: 3\nmethod: fixmatch\n")
+    assert_user_error(
+        segsweep("run", "twice.yaml", cwd=tmp_path), "twice.yaml", "key 'method' given twice (line 4)"
+    )
     (tmp_path / "ok.yaml").write_text("method: supervised\n")
     assert_user_error(segsweep("run", "ok.yaml", "--set", "novalue", cwd=tmp_path), "--set", "key=value")
     assert_user_error(segsweep("run", "--bogus", cwd=tmp_path), "unrecognized arguments")
@@ -180,3 +193,42 @@ def test_bad_mask_met_during_training_fails_the_run_cleanly(cache_dir: Path, tmp
     assert_user_error(proc, ".png", "class id 9", "3 classes")
     statuses = [r.info.status for r in runs_in(uri)]
     assert "RUNNING" not in statuses
+
+
+def test_resuming_from_a_corrupt_checkpoint_leaves_the_finished_run_as_it_was(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = write_config(
+        tmp_path / "run.yaml", tiny_tree(cache_dir, **{"tracking.enabled": True, "train.steps": 2})
+    )
+    assert segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path).returncode == 0
+    [run_dir] = (tmp_path / "runs").iterdir()
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a copy cut short
+    proc = segsweep("run", "--resume", str(run_dir), "--tracking-uri", uri, cwd=tmp_path)
+    assert_user_error(proc, "last.pt", "not a readable checkpoint")
+    [run] = runs_in(uri)
+    assert run.info.status == "FINISHED" and run.data.tags["segsweep.status"] == "finished"
+
+
+def test_report_and_server_commands_name_their_bad_flag(tmp_path: Path) -> None:
+    # a report never creates the store it was asked to read, nor writes into a file
+    assert_user_error(
+        segsweep("curve", "--experiment", "x", cwd=tmp_path), "--tracking-uri", "no MLflow store at"
+    )
+    assert not (tmp_path / "mlflow.db").exists()
+    (tmp_path / "afile").write_text("not a store")
+    not_a_db = f"sqlite:///{tmp_path / 'afile'}"
+    assert_user_error(
+        segsweep("curve", "--experiment", "x", "--tracking-uri", not_a_db, cwd=tmp_path),
+        "not an MLflow store",
+    )
+    assert_user_error(
+        segsweep("dashboard", "--tracking-uri", not_a_db, cwd=tmp_path), "afile", "not an MLflow store"
+    )
+    assert_user_error(
+        segsweep("curve", "--experiment", "x", "--out", "afile", cwd=tmp_path), "--out", "afile"
+    )
+    assert_user_error(segsweep("dashboard", "--port", "99999", cwd=tmp_path), "--port", "from 0 to 65535")
+    assert_user_error(segsweep("check-data", "--max", "-1", cwd=tmp_path), "--max", "at least 1")

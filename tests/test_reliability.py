@@ -141,6 +141,27 @@ def test_racing_writers_of_one_file_leave_one_whole_file(tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["train_images.npy"]
 
 
+def test_a_tracking_server_that_does_not_answer_is_said_at_once_and_fails_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # MLflow's own HTTP retries would keep a run silent for minutes; segsweep says at once
+    # that it waits, and gives up at its budget with a one-line error
+    import socket
+
+    from segsweep.tracking import TrackingError, await_server
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with caplog.at_level("WARNING"), pytest.raises(TrackingError, match="did not answer within 2s"):
+        await_server(f"http://user:secret@127.0.0.1:{port}", 2.0)
+    assert time.monotonic() - start < 10
+    [said] = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+    assert f"127.0.0.1:{port}" in said and "secret" not in said
+    await_server("sqlite:///anything.db", 0.0)  # not a server: nothing to wait for
+
+
 def test_eight_concurrent_writers_lose_no_metric(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     RunTracker(uri, "concurrent", run_name="init").finish()  # the store exists before the writers

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .helpers import runs_in, segsweep
+from .helpers import assert_user_error, runs_in, segsweep
 
 pytestmark = pytest.mark.slow
 
@@ -231,6 +231,10 @@ def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path
     assert all(float(r["mIoU"]) == kid[r["run_id"]].data.metrics["val/mIoU_last"] for r in rows)
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "curve")}
     assert {"curve/curve.png", "curve/summary.csv", "curve/runs.csv", "curve/differences.csv"} <= logged
+    # a baseline the experiment never ran is named, with the methods it has
+    wrong = segsweep("curve", "--experiment", "tiny", "--baseline", "supervisd", "--out", "r2", cwd=tmp_path)
+    assert_user_error(wrong, "--baseline", "no 'supervisd' runs", "methods: fixmatch, supervised")
+    assert not (tmp_path / "r2").exists()
     # a second start refuses to overwrite the sweep
     again = segsweep("sweep", str(path), cwd=tmp_path)
     assert again.returncode == 2 and "--resume" in again.stderr

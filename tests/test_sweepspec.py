@@ -149,6 +149,39 @@ def test_values_invalid_in_the_run_config_name_the_cell_or_search_key(
         plan_of(tmp_path, spec(base="base.yaml"))
 
 
+def test_a_search_must_be_read_by_the_method_it_is_for(tmp_path: Path) -> None:
+    # a knob of another method would be searched for nothing; a search for a method that no
+    # cell runs would be dropped without a word
+    foreign = {"search/fixmatch/s4mim.conf_threshold": {"type": "float", "low": 0.5, "high": 0.9}}
+    with pytest.raises(
+        ConfigError, match=r"'s4mim.conf_threshold' is a knob of s4mim, which fixmatch never reads"
+    ):
+        plan_of(tmp_path, spec(**foreign))
+    orphan = {"search/hfpl": {"hfpl.is_weight": {"type": "float", "low": 0.1, "high": 1.0}}}
+    with pytest.raises(
+        ConfigError, match=r"search.hfpl: no cell of the grid runs hfpl \(its methods: fixmatch, supervised\)"
+    ):
+        plan_of(tmp_path, spec(**orphan))
+
+
+def test_a_sweep_that_cannot_write_or_reach_its_stores_fails_before_it_starts(tmp_path: Path) -> None:
+    # --dir a file, an Optuna storage that cannot be opened: one line, before Ray starts and
+    # before any MLflow run, sweep folder or study exists
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec()))
+    proc = segsweep("sweep", "s.yaml", "--dir", "afile", cwd=tmp_path)
+    assert_user_error(proc, "--dir", "afile is a file, not a folder")
+    (tmp_path / "o.yaml").write_text(
+        yaml.safe_dump({**spec(), "optuna_storage": "sqlite:////nonexistent/dir/optuna.db"})
+    )
+    proc = segsweep("sweep", "o.yaml", cwd=tmp_path)
+    assert_user_error(
+        proc, "optuna_storage: cannot reach sqlite:////nonexistent/dir/optuna.db", "unable to open"
+    )
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
 def test_cli_reports_spec_errors_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec(**{"early_stop": {"metric": "val/mIoU"}})))
     proc = segsweep("sweep", "s.yaml", cwd=tmp_path)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from segsweep.errors import ConfigError, InjectedFailure, UserError, one_line
-from segsweep.files import write_atomic
+from segsweep.files import require_folder, write_atomic
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,12 +70,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     echo = _echo(args.quiet)
     prepared = prepare(cfg, echo)
-    tracker = make_tracker(cfg, prepared.data, run_key=run_key)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_ckpt is not None:
+        # Read and applied before its MLflow run is touched: a corrupt or foreign checkpoint
+        # is a one-line error that leaves the run (and its status) as it was.
+        prepared.trainer.load_checkpoint(resume_ckpt)
+    created = not run_dir.exists()
+    require_folder(run_dir, "output_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"output_dir: cannot create {run_dir}: {exc.strerror}") from None
+    try:
+        tracker = make_tracker(cfg, prepared.data, run_key=run_key)
+    except BaseException:
+        if created:  # nothing of this run may stay behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     from segsweep.config import dump_yaml
 
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    result = execute(prepared, tracker, run_dir, resume_from=resume_ckpt)
+    result = execute(prepared, tracker, run_dir)  # a resumed trainer already holds its state
     if result.status == "diverged":
         print(
             f"error: {result.message}; run {tracker.run_id} marked FAILED (segsweep.status=diverged)",
@@ -149,9 +165,16 @@ def cmd_curve(args: argparse.Namespace) -> int:
     from segsweep import report
     from segsweep.tracking import fetch_runs, log_files
 
+    out = Path(args.out or Path("reports") / args.experiment)
+    require_folder(out, "--out")
     runs = fetch_runs(args.tracking_uri, args.experiment)
     curve = report.build_curve(runs, args.value, args.baseline)
-    out = Path(args.out or Path("reports") / args.experiment)
+    methods = sorted({r.method for r in curve.rows})
+    if methods and args.baseline not in methods and args.baseline_given:
+        raise ConfigError(
+            f"--baseline: no '{args.baseline}' runs in experiment '{args.experiment}'; "
+            f"methods: {', '.join(methods)}"
+        )
     files = report.write_outputs(curve, out, f"{args.experiment}: mIoU vs label ratio")
     print(report.format_table(curve))
     print(f"({report.RULE_TEXT[curve.rule]}; mIoU in %, mean ± std over seeds)")
@@ -180,7 +203,9 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from segsweep.dashboard import serve
+    from segsweep.tracking import existing_store
 
+    existing_store(args.tracking_uri, must_exist=False)  # an empty store is fine, a wrong file is not
     server = serve(args.tracking_uri, args.host, args.port, args.mlflow_url)
     host, port = server.server_address[:2]
     print(
@@ -315,6 +340,30 @@ def cmd_datasets(_args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound without ``high``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {bound}")
+        return value
+
+    return parse
+
+
+class _Given(argparse.Action):
+    """Store the value and remember that the user gave it (``<dest>_given``)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="segsweep", description="Label-efficient semantic segmentation sweeps.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -372,11 +421,16 @@ def build_parser() -> Parser:
         help="which value of a run: the last evaluation (default) or the one best on the tuning split; "
         "never the best on the reported split",
     )
-    p.add_argument("--baseline", default="supervised", help="method the others are compared with")
+    p.add_argument(
+        "--baseline",
+        action=_Given,
+        default="supervised",
+        help="method the others are compared with (default: supervised)",
+    )
     p.add_argument(
         "--no-log", action="store_true", help="do not attach the outputs to the sweep's parent run"
     )
-    p.set_defaults(func=cmd_curve)
+    p.set_defaults(func=cmd_curve, baseline_given=False)
 
     p = sub.add_parser(
         "dashboard",
@@ -385,7 +439,9 @@ def build_parser() -> Parser:
     )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 picks a free one)")
+    p.add_argument(
+        "--port", type=_int_in(0, 65535), default=8050, help="port (default: 8050; 0 picks a free one)"
+    )
     p.add_argument("--mlflow-url", default="http://127.0.0.1:5000", help="MLflow UI to link runs to")
     p.set_defaults(func=cmd_dashboard)
 
@@ -397,7 +453,7 @@ def build_parser() -> Parser:
     )
     p.add_argument("config", nargs="?", help="run config YAML (its data section is checked)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--max", type=int, default=50, help="problems to list (default 50)")
+    p.add_argument("--max", type=_int_in(1), default=50, help="problems to list (default 50)")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser(
@@ -441,8 +497,12 @@ def build_parser() -> Parser:
         help="override the first checkpoint's config for the data and device, e.g. --set seed=1, "
         "--set train.device=cpu",
     )
-    p.add_argument("--pixels-per-image", type=int, default=4096, help="labelled pixels drawn per image")
-    p.add_argument("--iters", type=int, default=400, help="full-batch optimizer iterations (default 400)")
+    p.add_argument(
+        "--pixels-per-image", type=_int_in(1), default=4096, help="labelled pixels drawn per image"
+    )
+    p.add_argument(
+        "--iters", type=_int_in(1), default=400, help="full-batch optimizer iterations (default 400)"
+    )
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.set_defaults(func=cmd_probe)
 

@@ -32,7 +32,7 @@ from segsweep.data import Data
 from segsweep.data.loaders import eval_loader, hash_seed, model_image, stream_loader, to_model
 from segsweep.data.sources import Sample
 from segsweep.data.transforms import pad_to_multiple
-from segsweep.errors import Diverged, InjectedFailure, Stopped
+from segsweep.errors import ConfigError, Diverged, InjectedFailure, Stopped, one_line
 from segsweep.files import remove_leftovers, write_atomic
 from segsweep.methods import Method, Stage, get_method
 from segsweep.models import build_model
@@ -66,6 +66,13 @@ def numerics_for(cfg: RunConfig) -> Numerics:
     t = cfg.train
     name = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
+    if device.type == "cuda":  # asked for by name: say so in one line rather than fail in torch
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise ConfigError(
+                f"train.device: '{t.device}' asked for, but this machine has {have}; use auto or cpu"
+            )
     if t.amp == "auto":
         amp = torch.bfloat16 if device.type == "cuda" else None
     else:
@@ -368,12 +375,24 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.numerics.device, weights_only=False)
-        self.method.load_state_dict(state["method"])
-        self.progress = Progress(**{**state["progress"], "resumed": True})
-        self._pending_optimizer = state["optimizer"]
-        self.scaler.load_state_dict(state["scaler"])
-        self._pending_rng = state["rng"]
+        """Continue from ``path`` (a ``last.pt``); a file that is not a whole checkpoint of
+        this run's method and model is a one-line ``ConfigError`` naming it."""
+        try:
+            state = torch.load(path, map_location=self.numerics.device, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
+            raise ConfigError(
+                f"{path}: not a readable checkpoint ({one_line(exc).split('. ')[0][:200]})"
+            ) from None
+        try:
+            self.method.load_state_dict(state["method"])
+            self.progress = Progress(**{**state["progress"], "resumed": True})
+            self._pending_optimizer = state["optimizer"]
+            self.scaler.load_state_dict(state["scaler"])
+            self._pending_rng = state["rng"]
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise ConfigError(
+                f"{path}: does not fit this run's method and model ({one_line(exc)[:200]})"
+            ) from None
 
     # -- the loop ----------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from segsweep.errors import ConfigError
+
 
 def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]) -> Path:
     """Write ``content`` (text as UTF-8, bytes, or a function that writes to a binary file) to
@@ -43,6 +45,18 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
             tmp.unlink()
         raise
     return path
+
+
+def require_folder(path: Path, what: str) -> None:
+    """Raise a one-line ``ConfigError`` naming ``what`` (a field or flag) if ``path`` cannot be
+    a folder: it, or the nearest part of it that exists, is a file. Checked before anything is
+    started or written, rather than failing half-way with ``NotADirectoryError``."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                shown = "" if part == path else f" (in {path})"
+                raise ConfigError(f"{what}: {part} is a file, not a folder{shown}")
+            return
 
 
 def remove_leftovers(folder: Path) -> list[Path]:

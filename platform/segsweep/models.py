@@ -6,6 +6,7 @@ feature pyramid and the decoder's feature map (``forward_features``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,12 @@ class SegModel(nn.Module):
             # encoder_weights=None: the platform never downloads weights.
             self.net = ARCHS[arch](encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
         except (KeyError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"model.encoder: cannot build '{encoder}' for {arch}: {exc}") from None
+            # smp's message lists every encoder it has (1.4 KB): keep the line to its reason.
+            reason = re.split(r"[,.]?\s*supported encoders", str(exc).strip("'\" "), flags=re.I)[0][:200]
+            raise ConfigError(
+                f"model.encoder: cannot build '{encoder}' for {arch}: {reason} (smp's encoder names, or "
+                "'tu-<timm model>')"
+            ) from None
         self.num_classes = num_classes
         if encoder_weights is not None:
             self.load_encoder_weights(encoder_weights)

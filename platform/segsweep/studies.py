@@ -107,6 +107,25 @@ class CellStudy:
         return trials[number] if 0 <= number < len(trials) else None
 
 
+def check_storage(storage: str) -> None:
+    """Connect to an Optuna storage database once, within seconds; raise ``ConnectionError``
+    with the driver's first line if it cannot be reached (before a sweep starts anything)."""
+    import sqlalchemy
+
+    server = storage.startswith(("postgresql", "mysql"))
+    engine = None
+    try:  # a missing driver fails already in create_engine
+        engine = sqlalchemy.create_engine(storage, connect_args={"connect_timeout": 10} if server else {})
+        with engine.connect():
+            pass
+    except Exception as exc:  # noqa: BLE001 - any driver's failure, reported in one line
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise ConnectionError((lines[0] if lines else type(exc).__name__)[:300]) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
 def counts(storage: str) -> dict[str, int]:
     """Trials per study name in ``storage`` (used by tests and the cluster check)."""
     out = {}

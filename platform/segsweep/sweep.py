@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from segsweep.errors import ConfigError, UserError
-from segsweep.files import write_atomic
+from segsweep.files import require_folder, write_atomic
 from segsweep.sweepspec import Cell, Plan, run_config_of
 from segsweep.tracking import (
     STATUS_INTERRUPTED,
@@ -780,26 +780,38 @@ def run_sweep(
     key_prefix = f"{spec.name}@{state['instance']}" if state.get("instance") else spec.name
 
     # Check every distinct dataset and model once, before anything is started or written.
+    # On a cluster the trials run on the workers: the driver may have no GPU of its own, so it
+    # builds the models on its CPU (a worker still checks its device when its trial starts).
+    address = ray_address or spec.ray.address
+    on_driver = {"train.device": "cpu"} if address else {}
     seen: set[str] = set()
     for cell in plan.cells:
-        cfg = run_config_of(cell, {})
+        cfg = run_config_of(cell, on_driver)
         key = json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model_dump(mode="json"), cfg.method])
         if key not in seen:
             seen.add(key)
             prepare(cfg)
 
-    uri = resolve_uri(plan.tracking_uri)
-    address = ray_address or spec.ray.address
-    clock = time.perf_counter()
-    _ray_init(address, plan)
-    seconds = {"ray_init": time.perf_counter() - clock}
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(sweep_dir / "spec.yaml", plan.spec_text)
+    require_folder(sweep_dir, "--dir")
     storage_url = (
         spec.optuna_storage
         or os.environ.get("SEGSWEEP_OPTUNA_STORAGE")
         or f"sqlite:///{sweep_dir / 'optuna.db'}"
     )
+    if storage_url != f"sqlite:///{sweep_dir / 'optuna.db'}":  # not the sweep's own file
+        from segsweep.studies import check_storage
+
+        try:
+            check_storage(storage_url)
+        except ConnectionError as exc:
+            raise ConfigError(f"optuna_storage: cannot reach {redact(storage_url)}: {exc}") from None
+
+    uri = resolve_uri(plan.tracking_uri)
+    clock = time.perf_counter()
+    _ray_init(address, plan)
+    seconds = {"ray_init": time.perf_counter() - clock}
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(sweep_dir / "spec.yaml", plan.spec_text)
 
     parent = RunTracker(
         uri,

@@ -198,6 +198,12 @@ class SweepSpec(Section):
                     raise ValueError(
                         f"{method}.{key} cannot be searched: every method of a cell gets the same budget"
                     )
+                owner = key.split(".", 1)[0]
+                if owner in METHODS and owner != method:
+                    raise ValueError(
+                        f"{method}: '{key}' is a knob of {owner}, which {method} never reads "
+                        f"(its own knobs are {method}.*)"
+                    )
         return search
 
     @model_validator(mode="after")
@@ -321,6 +327,7 @@ def plan_sweep(
         for combo in itertools.product(*(axes[k] for k in keys)):
             cells.append(dict(zip(keys, combo, strict=True)))
     seen_ids: set[str] = set()
+    ran: set[str] = set()  # the methods of the cells
     planned = []
     for values in cells:
         overrides = [f"{k}={json.dumps(v)}" for k, v in values.items()]
@@ -331,6 +338,7 @@ def plan_sweep(
         tree = apply_overrides(tree, [f"tracking.uri={json.dumps(uri)}"])
         cid = cell_id(values)
         cfg = validate_run_config(tree, f"{base_source} (cell {cid})")
+        ran.add(cfg.method)
         space = spec.search.get(cfg.method, {})
         for key, param in space.items():  # every searched value must be valid in the config
             for value in param.corner_values():
@@ -343,6 +351,12 @@ def plan_sweep(
         seen_ids.add(cid)
         # Relative paths are resolved against the folder the sweep was started from.
         planned.append(Cell(cid, values, _resolve_paths(tree, cwd), space))
+    unused = sorted(set(spec.search) - ran)
+    if unused:
+        raise ConfigError(
+            f"{path}: search.{unused[0]}: no cell of the grid runs {unused[0]} "
+            f"(its methods: {', '.join(sorted(ran))})"
+        )
     return Plan(spec, path.read_text(encoding="utf-8"), planned, uri, experiment)
 
 

@@ -224,6 +224,42 @@ def with_retries(fn: Callable[[], Any], what: str, budget_s: float) -> Any:
             delay = min(delay * 2, 8.0)
 
 
+def await_server(uri: str, budget_s: float) -> None:
+    """For an http(s) store: wait until the server answers (its ``/health``), saying so once on
+    stderr, for up to ``budget_s``. MLflow's own HTTP retries would hold a run silent for
+    minutes before the first error reached us."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    parts = urlsplit(uri)
+    health = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], path=parts.path.rstrip("/") + "/health")
+    delay, deadline, said = 1.0, time.monotonic() + budget_s, False
+    while True:
+        try:
+            urllib.request.urlopen(health.geturl(), timeout=5).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (a login, a proxy's 404): MLflow's own calls say what is wrong
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            if time.monotonic() + delay > deadline:
+                raise TrackingError(
+                    f"tracking store: {redact(uri)} did not answer within {budget_s:.0f}s ({reason})"
+                ) from None
+            if not said:
+                log.warning(
+                    "tracking store: %s does not answer (%s); waiting up to %.0fs",
+                    redact(uri),
+                    reason,
+                    budget_s,
+                )
+                said = True
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
 def runs_tagged(
     client: Any,
     experiment_id: str,
@@ -288,6 +324,7 @@ class RunTracker:
         self._Metric, self._RunStatus = Metric, RunStatus
         self.uri = resolve_uri(uri)
         self.retry_budget_s = retry_budget_s
+        await_server(self.uri, retry_budget_s)
         self.client = with_retries(lambda: client_for(self.uri), "connect", retry_budget_s)
         self.experiment_id = with_retries(
             lambda: ensure_experiment(self.client, experiment, self.uri),
@@ -563,9 +600,28 @@ def experiment_id_of(client: Any, name: str) -> str:
     return exp.experiment_id
 
 
+def existing_store(uri: str | None, must_exist: bool = True) -> str:
+    """``uri`` resolved, for commands that read a store and never create one: a SQLite path
+    with no file (``must_exist``), or a file that is no SQLite database, is a one-line error."""
+    resolved = resolve_uri(uri)
+    if resolved.startswith("sqlite:///"):
+        path = Path(resolved.removeprefix("sqlite:///"))
+        if not path.exists():
+            if must_exist:
+                raise ConfigError(
+                    f"--tracking-uri: no MLflow store at {path} (runs and sweeps create it; "
+                    "run this where they ran, or pass --tracking-uri)"
+                )
+            return resolved
+        with open(path, "rb") as fh:
+            if fh.read(16) != b"SQLite format 3\x00":
+                raise ConfigError(f"--tracking-uri: {path} is not an MLflow store (not a SQLite database)")
+    return resolved
+
+
 def fetch_runs(uri: str | None, experiment: str) -> list[RunRecord]:
     """Every active run of ``experiment`` with its latest metrics, 1,000 per request."""
-    client = client_for(resolve_uri(uri))
+    client = client_for(existing_store(uri))
     exp_id = experiment_id_of(client, experiment)
     out: list[RunRecord] = []
     token = None

@@ -21,6 +21,7 @@ from segsweep.data.sources import (
 )
 from segsweep.data.splits import Split, make_split
 from segsweep.errors import ConfigError
+from segsweep.files import require_folder
 
 if TYPE_CHECKING:
     from segsweep.config import DataConfig
@@ -57,6 +58,8 @@ DATASETS: dict[str, tuple[str, Callable[[DataConfig], Source]]] = {
 def load_source(cfg: DataConfig) -> Source:
     if cfg.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset '{cfg.name}'; valid: {', '.join(DATASETS)}")
+    if cfg.root is not None:  # a file where the dataset (or the synthetic cache) should be
+        require_folder(cfg.root.expanduser(), "data.root")
     return DATASETS[cfg.name][1](cfg)
 
 

@@ -65,13 +65,20 @@ def generated_split(
     num_labeled: int | None = None,
 ) -> Split:
     """Hold out ``tune_size`` images, then label ``round(ratio * rest)`` of the rest."""
+    masked = sum(s.mask is not None for s in pool)
+    if tune_size and tune_size >= masked:
+        raise ConfigError(
+            f"data.tune_size: holds out {tune_size} images for tuning but only {masked} training "
+            "images have masks, and at least one must stay for training"
+        )
     tune, rest = _take_tune(pool, tune_size, seed)
     n = labeled_count(len(rest), label_ratio, num_labeled)
     candidates = [s for s in _ordered(rest, f"label:{seed}") if s.mask is not None]
     if n > len(candidates):
+        field = "data.num_labeled" if num_labeled is not None else "data.label_ratio"
         raise ConfigError(
-            f"data.label_ratio: asks for {n} labeled images but only {len(candidates)} "
-            f"training images have masks"
+            f"{field}: asks for {n} labeled images but only {len(candidates)} training images "
+            f"have masks (after {len(tune)} held out by data.tune_size)"
         )
     labeled = candidates[:n]
     chosen = {s.name for s in labeled}
