@@ -17,6 +17,7 @@ import os
 import queue
 import re
 import sqlite3
+import ssl
 import subprocess
 import threading
 import time
@@ -244,6 +245,8 @@ def await_server(uri: str, budget_s: float) -> None:
             return  # it answers (a login, a proxy's 404): MLflow's own calls say what is wrong
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
+            if isinstance(reason, ssl.SSLError):
+                return  # it answers; its certificate is MLflow's business (MLFLOW_TRACKING_INSECURE_TLS)
             if time.monotonic() + delay > deadline:
                 raise TrackingError(
                     f"tracking store: {redact(uri)} did not answer within {budget_s:.0f}s ({reason})"
