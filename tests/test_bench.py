@@ -169,8 +169,14 @@ def test_cli_rejects_an_unknown_section(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr and not (tmp_path / "out").exists()
 
 
-def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu() -> None:
+def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import torch
+
+    # the worker default of a GPU run, computed on any machine: one CUDA device is pretended
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
     def workers(**data: object) -> int:
         device = data.pop("device", "cpu")
