@@ -120,6 +120,10 @@ BAD_CASES = {
         {"method": "mixandmatch", "mixandmatch.proxy_from": "/nonexistent/proxy.pt"},
         ["mixandmatch.proxy_from", "not found"],
     ),
+    "nothing unlabeled": (
+        {"method": "fixmatch", "data.label_ratio": 1.0},
+        ["data.label_ratio", "no unlabeled images left", "use supervised"],
+    ),
     "no such device": ({"train.device": "cuda:63"}, ["train.device", "'cuda:63' asked for"]),
     "not a device": ({"train.device": "gpu"}, ["train.device", "'gpu' is not a device"]),
     "tuning set too big": ({"data.tune_size": 100000}, ["data.tune_size", "holds out 100000"]),

@@ -101,3 +101,46 @@ def test_rgb_masks_are_refused(tmp_path: Path) -> None:
     src = folder_source(root)
     with pytest.raises(DataError, match="palette or grayscale"):
         src.read_mask(next(s for s in src.train if s.name == "im05"))
+
+
+def test_folder_class_lists_and_image_names_that_would_mislabel_are_refused(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "d")
+    classes = root / "classes.txt"
+    for text, message in (
+        ("background\n\ncat\ndog\n", r"classes.txt:2: blank line"),  # would shift dog to id 3
+        ("background\ncat\ncat\n", r"classes.txt:3: class 'cat' already on line 2"),
+        ("\n".join(f"c{i}" for i in range(256)) + "\n", r"256 classes; at most 255"),
+    ):
+        classes.write_text(text)
+        with pytest.raises(DataError, match=message):
+            folder_source(root)
+    classes.write_bytes("\ufeffbackground\r\ncat\r\ndog\r\n\r\n".encode())  # Notepad's BOM and CRLF
+    assert folder_source(root).class_names == ["background", "cat", "dog"]
+    Image.open(root / "images" / "im03.png").save(root / "images" / "im03.jpg")  # one name, two files
+    with pytest.raises(DataError, match=r"im03.png: another image has the same name, im03.jpg"):
+        folder_source(root)
+    (root / "images" / "im03.jpg").unlink()
+    (root / "val.txt").write_text("im00\nim01 extra\n")  # a name with a space, which no image has
+    with pytest.raises(DataError, match=r"val.txt: names a missing image 'im01 extra'"):
+        folder_source(root)
+
+
+def test_the_synthetic_cache_is_remade_when_damaged_and_must_be_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segsweep.config import DataConfig
+    from segsweep.data import load_source
+    from segsweep.data.synthetic import load_or_generate
+    from segsweep.errors import ConfigError
+
+    first = np.array(load_or_generate(tmp_path / "c", 0, 32, 8, 4)["train"][0])
+    [cached] = (tmp_path / "c").glob("*/train_images.npy")
+    data = cached.read_bytes()
+    cached.unlink()  # a new file: the arrays mapped above stay valid
+    cached.write_bytes(data[: len(data) // 2])  # cut short (a full disk, a copy interrupted)
+    again = load_or_generate(tmp_path / "c", 0, 32, 8, 4)["train"][0]
+    assert np.array_equal(first, again)
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setenv("SEGSWEEP_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(ConfigError, match=r"SEGSWEEP_CACHE: .*afile is a file, not a folder"):
+        load_source(DataConfig())

@@ -425,6 +425,17 @@ def test_generated_sweep_specs_plan_or_fail_in_one_line(
 # -- secrets ----------------------------------------------------------------------------------
 
 
+def test_a_bad_tracking_uri_from_the_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from segsweep.errors import ConfigError
+    from segsweep.tracking import resolve_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
+    with pytest.raises(ConfigError, match=r"^MLFLOW_TRACKING_URI: 'file:///tmp/mlruns': file stores"):
+        resolve_uri(None)
+    with pytest.raises(ConfigError, match=r"^tracking.uri: unsupported scheme 'ftp'"):
+        resolve_uri("ftp://host/x")
+
+
 def test_secrets_never_become_params_and_uris_are_redacted() -> None:
     params = safe_params(
         {

@@ -122,3 +122,14 @@ def test_bad_published_lists_name_the_file(tmp_path: Path) -> None:
         published_split(fake_source(tmp_path), tmp_path / "s", 0, 0)
     with pytest.raises(DataError, match="split folder not found"):
         make_split(fake_source(tmp_path), 0.5, 0, 0, split_folder=tmp_path / "missing")
+    # a line twice; an image the dataset scores its runs on; a BOM is not part of a name
+    (tmp_path / "s" / "labeled.txt").write_text("images/a.jpg masks/a.png\nimages/a.jpg masks/a.png\n")
+    with pytest.raises(DataError, match=r"labeled.txt: 'a' is listed twice"):
+        published_split(fake_source(tmp_path), tmp_path / "s", 0, 0)
+    (tmp_path / "s" / "labeled.txt").write_text("images/v0.jpg masks/v0.png\n")
+    scored = fake_source(tmp_path)
+    scored.val.append(Sample("v0", "images/v0.jpg", "masks/v0.png"))
+    with pytest.raises(DataError, match=r"'v0' is a validation image of the dataset"):
+        published_split(scored, tmp_path / "s", 0, 0)
+    (tmp_path / "s" / "labeled.txt").write_bytes("\ufeffimages/a.jpg masks/a.png\r\n".encode())
+    assert names(published_split(fake_source(tmp_path), tmp_path / "s", 0, 0).labeled) == ["a"]

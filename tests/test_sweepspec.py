@@ -164,6 +164,28 @@ def test_a_search_must_be_read_by_the_method_it_is_for(tmp_path: Path) -> None:
         plan_of(tmp_path, spec(**orphan))
 
 
+def test_a_set_on_a_grid_key_is_refused_rather_than_silently_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec()))
+    with pytest.raises(ConfigError, match=r"--set method: 'method' is varied by the spec's grid"):
+        plan_sweep(path, ["method=fixmatch"], cwd=tmp_path)
+    assert plan_sweep(path, ["train.steps=4"], cwd=tmp_path).cells[0].tree["train"]["steps"] == 4
+
+
+def test_a_damaged_sweep_state_is_named_in_one_line(tmp_path: Path) -> None:
+    from segsweep.sweep import read_state
+
+    state = tmp_path / "sweep.json"
+    for text in ('{"fingerprint": "ab', "", "[]", "{}"):
+        state.write_text(text)
+        with pytest.raises(
+            ConfigError, match=r"sweep.json: (unreadable sweep state|not a segsweep sweep state)"
+        ):
+            read_state(state)
+    state.write_text('{"fingerprint": "ab", "instance": "x"}')
+    assert read_state(state)["instance"] == "x"
+
+
 def test_a_sweep_that_cannot_write_or_reach_its_stores_fails_before_it_starts(tmp_path: Path) -> None:
     # --dir a file, an Optuna storage that cannot be opened: one line, before Ray starts and
     # before any MLflow run, sweep folder or study exists

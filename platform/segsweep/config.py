@@ -76,7 +76,12 @@ class DataConfig(Section):
     tune_size: int = Field(
         64, ge=0, description="training images held out (from the unlabeled pool) for tuning"
     )
-    crop_size: int = Field(64, ge=32)
+    crop_size: int = Field(
+        64,
+        ge=32,
+        le=2048,
+        description="square training crop, px (2048: beyond every supported dataset's images)",
+    )
     num_workers: int | None = Field(
         None,
         ge=0,

@@ -17,7 +17,8 @@ from segsweep.config import RunConfig, dump_yaml
 from segsweep.data import Data, build_data
 from segsweep.data.check import require_files, require_valid
 from segsweep.engine import Reporter, RunResult, Trainer
-from segsweep.errors import Diverged, Stopped, UserError, one_line
+from segsweep.errors import ConfigError, Diverged, Stopped, UserError, one_line
+from segsweep.methods import Stage
 from segsweep.tracking import STATUS_INTERRUPTED, TAG_STATUS, NullTracker, RunTracker, TrackingError
 
 
@@ -43,7 +44,24 @@ def prepare(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> Prepar
     if data.source.val:
         data.source.read_pair(data.source.val[0])
     trainer = Trainer(cfg, data, echo=echo)
+    require_images_for(cfg, data, trainer.stages)
     return Prepared(cfg, data, trainer)
+
+
+def require_images_for(cfg: RunConfig, data: Data, stages: list[Stage]) -> None:
+    """Every stage has images to train on and the run has images to evaluate on: an empty set
+    would fail mid-run (a sampler over nothing), or score nothing and call it finished."""
+    field = "data.split" if cfg.data.split is not None else "data.label_ratio"
+    batches = {s.batch for s in stages if s.steps > 0}
+    if batches & {"labeled", "tags", "semi"} and not data.split.labeled:
+        raise ConfigError(f"{field}: no labeled images in the split, and {cfg.method} trains on them")
+    if "semi" in batches and not data.split.unlabeled:
+        raise ConfigError(
+            f"{field}: no unlabeled images left ({len(data.split.labeled)} labeled), and {cfg.method} "
+            "trains on unlabeled images; lower the ratio, or use supervised for the fully labeled point"
+        )
+    if not data.source.val:
+        raise ConfigError(f"data: the {cfg.data.name} dataset has no validation images to evaluate on")
 
 
 def run_params(cfg: RunConfig, data: Data) -> dict[str, object]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segsweep.errors import ConfigError, UserError
+from segsweep.errors import ConfigError, UserError, one_line
 from segsweep.files import require_folder, write_atomic
 from segsweep.sweepspec import Cell, Plan, run_config_of
 from segsweep.tracking import (
@@ -747,6 +747,17 @@ def _outcomes_from(result_grid: Any, ctx: SweepContext, metric: str) -> tuple[di
     return out, complete
 
 
+def read_state(state_file: Path) -> dict[str, Any]:
+    """A sweep's ``sweep.json``, or a one-line error naming it (edited or damaged by hand)."""
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{state_file}: unreadable sweep state ({one_line(exc)[:120]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), str):
+        raise ConfigError(f"{state_file}: not a segsweep sweep state (expected its JSON object)")
+    return state
+
+
 def run_sweep(
     plan: Plan,
     sweep_root: Path,
@@ -761,7 +772,7 @@ def run_sweep(
     state_file = sweep_dir / "sweep.json"
     fingerprint = plan.fingerprint()
     if state_file.exists():
-        state = json.loads(state_file.read_text())
+        state = read_state(state_file)
         if not resume:
             raise ConfigError(
                 f"sweep '{spec.name}' already exists in {sweep_dir}: add --resume to continue it, "

@@ -312,6 +312,11 @@ def plan_sweep(
         base_source = str(base_path)
     else:
         base_tree, base_source = dict(spec.base), f"{path}: base"
+    varied = set(spec.grid).union(*(set(v) for v in spec.variants))
+    for item in sets or []:
+        key = item.split("=", 1)[0].strip()
+        if key in varied:  # the grid sets it per cell and would silently win
+            raise ConfigError(f"--set {key}: '{key}' is varied by the spec's grid; change it there")
     base_tree = apply_overrides(base_tree, sets or [])
     # Resolved here, on the driver: a trial runs in its own folder and would otherwise
     # silently write a store of its own there.

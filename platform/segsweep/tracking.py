@@ -53,7 +53,9 @@ class TrackingError(UserError):
 
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI to use, absolute: trials run in other folders and must hit one store."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")  # MLflow's own convention (the compose image)
+    field = "tracking.uri"
+    if not uri:  # MLflow's own convention (the compose image)
+        uri, field = os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI"
     if not uri:
         return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
     scheme = urlsplit(uri).scheme
@@ -66,10 +68,10 @@ def resolve_uri(uri: str | None) -> str:
         return uri
     if scheme in ("", "file"):
         raise ConfigError(
-            f"tracking.uri: '{uri}': file stores are deprecated by MLflow; "
+            f"{field}: '{uri}': file stores are deprecated by MLflow; "
             "use sqlite:///path/mlflow.db or an http(s):// server"
         )
-    raise ConfigError(f"tracking.uri: unsupported scheme '{scheme}' in '{uri}'")
+    raise ConfigError(f"{field}: unsupported scheme '{scheme}' in '{uri}'")
 
 
 def redact(value: str) -> str:

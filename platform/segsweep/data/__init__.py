@@ -34,6 +34,8 @@ def default_cache() -> Path:
 
 def _synthetic(cfg: DataConfig) -> Source:
     s = cfg.synthetic
+    if cfg.root is None:
+        require_folder(default_cache(), "SEGSWEEP_CACHE" if os.environ.get("SEGSWEEP_CACHE") else "the cache")
     return synthetic_source(cfg.root or default_cache(), s.image_size, s.num_train, s.num_val, s.seed)
 
 

@@ -117,10 +117,38 @@ def read_list(path: Path) -> list[list[str]]:
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is not a name
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read list ({exc})") from None
     return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def read_class_names(path: Path) -> list[str]:
+    """``classes.txt``: one class name per line, the line number (from 0) its id in the masks.
+    A blank line inside would shift every id after it, a name twice would make two ids one
+    class, and id 255 means ignore: each is a DataError naming the line."""
+    if not path.is_file():
+        raise DataError(f"{path}: list file not found")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read list ({exc})") from None
+    while lines and not lines[-1]:
+        lines.pop()
+    seen: dict[str, int] = {}
+    for number, name in enumerate(lines, start=1):
+        if not name:
+            raise DataError(
+                f"{path}:{number}: blank line (a class's id is its line number: name every class)"
+            )
+        if name in seen:
+            raise DataError(f"{path}:{number}: class '{name}' already on line {seen[name]}")
+        seen[name] = number
+    if len(lines) < 2:
+        raise DataError(f"{path}: needs at least two classes, one per line")
+    if len(lines) > 255:
+        raise DataError(f"{path}: {len(lines)} classes; at most 255 (mask value 255 means ignore)")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,14 +307,18 @@ def folder_source(root: Path) -> Source:
     split; without it, a stable 15% of the images that have masks)."""
     require_dir(root, "dataset root")
     images_dir = require_dir(root / "images", "images/ folder")
-    classes = [row[0] if len(row) == 1 else " ".join(row) for row in read_list(root / "classes.txt")]
-    if len(classes) < 2:
-        raise DataError(f"{root / 'classes.txt'}: needs at least two classes, one per line")
+    classes = read_class_names(root / "classes.txt")
     masks_dir = root / "masks"
     samples = []
+    stems: dict[str, Path] = {}
     for path in sorted(images_dir.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
+        if path.stem in stems:  # both would share one mask and one name
+            raise DataError(
+                f"{path}: another image has the same name, {stems[path.stem].name}; names must be unique"
+            )
+        stems[path.stem] = path
         mask = masks_dir / f"{path.stem}.png"
         samples.append(
             Sample(
@@ -298,7 +330,7 @@ def folder_source(root: Path) -> Source:
     if not samples:
         raise DataError(f"{images_dir}: no images found")
     if (root / "val.txt").is_file():
-        val_names = {row[0] for row in read_list(root / "val.txt")}
+        val_names = {" ".join(row) for row in read_list(root / "val.txt")}  # stems may hold spaces
         unknown = val_names - {s.name for s in samples}
         if unknown:
             raise DataError(f"{root / 'val.txt'}: names a missing image '{sorted(unknown)[0]}'")

@@ -104,9 +104,18 @@ def published_split(source: Source, folder: Path, seed: int, tune_size: int) -> 
         return out
 
     labeled, unlabeled = read("labeled.txt"), read("unlabeled.txt")
+    for name, listed in (("labeled.txt", labeled), ("unlabeled.txt", unlabeled)):
+        seen: set[str] = set()
+        for sample in listed:
+            if sample.name in seen:
+                raise DataError(f"{folder / name}: '{sample.name}' is listed twice")
+            seen.add(sample.name)
     overlap = {s.name for s in labeled} & {s.name for s in unlabeled}
     if overlap:
         raise DataError(f"{folder}: '{sorted(overlap)[0]}' is both labeled and unlabeled")
+    scored = {s.name for s in source.val} & {s.name for s in labeled + unlabeled}
+    if scored:  # a run would train on the images it is scored on
+        raise DataError(f"{folder}: '{sorted(scored)[0]}' is a validation image of the dataset")
     # Tuning images come from the unlabeled pool (their masks exist in the benchmarks but are
     # never trained on); the labeled set stays exactly the published one.
     tune, unlabeled = _take_tune(

@@ -165,6 +165,19 @@ def generate(seed: int, size: int, start: int, count: int) -> tuple[np.ndarray, 
     return images, masks
 
 
+def _cached(
+    img_path: Path, mask_path: Path, img_shape: tuple[int, ...], mask_shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays, memory-mapped, if both files are whole and of the expected shapes."""
+    try:
+        images, masks = np.load(img_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):  # missing, truncated, not an .npy
+        return None
+    if images.shape != img_shape or masks.shape != mask_shape:
+        return None
+    return images, masks
+
+
 def load_or_generate(
     root: Path, seed: int, size: int, num_train: int, num_val: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -179,9 +192,12 @@ def load_or_generate(
     out = {}
     for split, start, count in (("train", 0, num_train), ("val", num_train, num_val)):
         img_path, mask_path = folder / f"{split}_images.npy", folder / f"{split}_masks.npy"
-        if not (img_path.exists() and mask_path.exists()):
+        arrays = _cached(img_path, mask_path, (count, size, size, 3), (count, size, size))
+        if arrays is None:  # absent, or damaged by hand: it is a cache, so make it again
             images, masks = generate(seed, size, start, count)
             write_atomic(img_path, functools.partial(np.save, arr=images))
             write_atomic(mask_path, functools.partial(np.save, arr=masks))
-        out[split] = (np.load(img_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r"))
+            arrays = _cached(img_path, mask_path, images.shape, masks.shape)
+            assert arrays is not None
+        out[split] = arrays
     return out
