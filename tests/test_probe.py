@@ -87,3 +87,5 @@ def test_probe_command_reports_the_start_and_each_checkpoint(tiny, tmp_path: Pat
     assert_user_error(segsweep("probe", "missing.pt", cwd=tmp_path), "missing.pt", "file not found")
     assert_user_error(segsweep("probe", "notes.txt", cwd=tmp_path), "notes.txt", "cannot read")
     assert_user_error(segsweep("probe", str(ckpts / "last.pt"), "--iters", "0", cwd=tmp_path), "--iters")
+    wrong = segsweep("probe", str(ckpts / "last.pt"), "--set", "model.encoder=resnet18", cwd=tmp_path)
+    assert_user_error(wrong, "--set model.encoder", "checkpoint's own config")

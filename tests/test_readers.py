@@ -120,6 +120,11 @@ def test_folder_class_lists_and_image_names_that_would_mislabel_are_refused(tmp_
     with pytest.raises(DataError, match=r"im03.png: another image has the same name, im03.jpg"):
         folder_source(root)
     (root / "images" / "im03.jpg").unlink()
+    jpg = write_folder(tmp_path / "jpg")
+    for mask in (jpg / "masks").iterdir():  # masks saved as JPEG: found nowhere, said so
+        mask.rename(mask.with_suffix(".jpg"))
+    with pytest.raises(DataError, match=r"masks: no mask is a PNG named after its image \(found im00.jpg"):
+        folder_source(jpg)
     (root / "val.txt").write_text("im00\nim01 extra\n")  # a name with a space, which no image has
     with pytest.raises(DataError, match=r"val.txt: names a missing image 'im01 extra'"):
         folder_source(root)

@@ -290,6 +290,10 @@ def test_a_split_list_naming_a_missing_file_fails_before_training(cache_dir: Pat
     proc = segsweep("run", str(cfg), cwd=tmp_path)
     assert_user_error(proc, "images/gone.png: file not found", "(and 1 more missing files)")
     assert not (tmp_path / "mlflow.db").exists() or runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}") == []
+    # check-data names each missing file once (not once as missing, again as unreadable)
+    check = segsweep("check-data", str(cfg), cwd=tmp_path)
+    assert check.stdout.count("gone.png") == 2  # the image and its mask
+    assert check.stderr.strip().startswith("error: 2 problem(s)")
 
 
 # -- generated bad input: one line and exit 2, or a run; never a traceback, never half a run --

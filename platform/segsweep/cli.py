@@ -235,7 +235,13 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     data = build_data(cfg.data)
     missing = missing_files(data)
     count, problems = verify(data)
-    problems = list(dict.fromkeys([f"{m}: file not found" for m in missing] + problems))
+    # A missing file also fails to decode: name it once, as missing.
+    gone = set(missing)
+    problems = list(
+        dict.fromkeys(
+            [f"{m}: file not found" for m in missing] + [p for p in problems if p.split(": ")[0] not in gone]
+        )
+    )
     s = data.split
     print(
         f"{cfg.data.name} at {data.source.root}: {len(s.labeled)} labeled, {len(s.unlabeled)} unlabeled, "
@@ -297,8 +303,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     from segsweep.probe import ProbeSettings, probe_checkpoints
 
-    if args.pixels_per_image < 1 or args.iters < 1:
-        raise ConfigError("segsweep probe: --pixels-per-image and --iters must be at least 1")
     settings = ProbeSettings(pixels_per_image=args.pixels_per_image, iters=args.iters)
     print("segsweep probe: fitting a linear probe per network...", flush=True)
     report = probe_checkpoints([Path(c) for c in args.checkpoint], list(args.set or []), settings)

@@ -185,6 +185,13 @@ def probe_checkpoints(paths: list[Path], overrides: list[str], settings: ProbeSe
     """
     from segsweep.config import apply_overrides
 
+    for item in overrides:  # the networks come from their checkpoints: nothing else would apply
+        key = item.split("=", 1)[0].strip()
+        if not (key.startswith(("data.", "eval.")) or key in ("seed", "train.device")):
+            raise ConfigError(
+                f"--set {key}: probe builds each network from its checkpoint's own config; "
+                "--set changes only data.*, eval.*, seed and train.device"
+            )
     states = [read_checkpoint(p) for p in paths]
     cfg = validate_run_config(apply_overrides(states[0]["config"], overrides), str(paths[0]))
     data: Data = build_data(cfg.data)

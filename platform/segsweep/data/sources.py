@@ -329,6 +329,10 @@ def folder_source(root: Path) -> Source:
         )
     if not samples:
         raise DataError(f"{images_dir}: no images found")
+    if masks_dir.is_dir() and not any(s.mask for s in samples):
+        other = sorted(p.name for p in masks_dir.iterdir() if p.suffix.lower() != ".png")
+        if other:  # e.g. masks saved as .jpg: lossy, and not where the reader looks
+            raise DataError(f"{masks_dir}: no mask is a PNG named after its image (found {other[0]}, ...)")
     if (root / "val.txt").is_file():
         val_names = {" ".join(row) for row in read_list(root / "val.txt")}  # stems may hold spaces
         unknown = val_names - {s.name for s in samples}
