@@ -121,6 +121,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from segsweep.tracking import redact
 
     plan = plan_sweep(Path(args.spec), list(args.set or []), tracking_uri=args.tracking_uri)
+    for note in plan.notes:
+        print(f"note: {note}", flush=True)
     from segsweep.sweep import run_sweep
 
     result = run_sweep(

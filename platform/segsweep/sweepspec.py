@@ -241,6 +241,8 @@ class Plan:
     cells: list[Cell]
     tracking_uri: str
     experiment: str
+    #: What the spec says that no trial will use (told to the user, not an error).
+    notes: list[str] = field(default_factory=list)
 
     def samples(self, cell: Cell) -> int:
         return self.spec.num_samples if cell.space else 1
@@ -356,13 +358,13 @@ def plan_sweep(
         seen_ids.add(cid)
         # Relative paths are resolved against the folder the sweep was started from.
         planned.append(Cell(cid, values, _resolve_paths(tree, cwd), space))
-    unused = sorted(set(spec.search) - ran)
-    if unused:
-        raise ConfigError(
-            f"{path}: search.{unused[0]}: no cell of the grid runs {unused[0]} "
-            f"(its methods: {', '.join(sorted(ran))})"
-        )
-    return Plan(spec, path.read_text(encoding="utf-8"), planned, uri, experiment)
+    # A search kept for a method the grid leaves out (narrowed for a quick run) is not an
+    # error, but the user is told that it does nothing.
+    notes = [
+        f"search.{m} is not used: no cell of the grid runs {m} (its methods: {', '.join(sorted(ran))})"
+        for m in sorted(set(spec.search) - ran)
+    ]
+    return Plan(spec, path.read_text(encoding="utf-8"), planned, uri, experiment, notes)
 
 
 def run_config_of(cell: Cell, params: dict[str, Any], seed: int | None = None) -> RunConfig:
