@@ -495,8 +495,8 @@ def run_bench(
     if "packing" in chosen and on_gpu:
         packing_row(report, tree, measure, echo)
     if not on_gpu:
-        skipped = ["gpu/bf16", "gpu/channels_last", "gpu/compile", "gpu/readback_per_step"]
-        skipped = skipped if "gpu" in chosen else []
+        switches = ["gpu/bf16", "gpu/channels_last", "gpu/compile", "gpu/readback_per_step"]
+        skipped = switches if "gpu" in chosen else []
         for name in skipped + (["gpu/packing"] if "packing" in chosen else []):
             report.add(Row(name, None, "", note="skipped: no CUDA device on this machine"))
 

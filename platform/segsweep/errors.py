@@ -39,6 +39,13 @@ class Stopped(Exception):
     """A sweep's scheduler stopped this trial early (not an error: its run ends FINISHED)."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message (at most ``limit`` characters), or its type's name
+    when it has none: a driver's or a server's error, reported in one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` as a single line.
 

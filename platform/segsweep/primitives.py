@@ -78,7 +78,7 @@ def cutmix_box(
 def rect_masks(rects: Tensor, height: int, width: int) -> Tensor:
     """Rectangles (B, 4) as (top, left, height, width) -> (B, height, width) bool masks, True
     inside each rectangle, made on ``rects``' device (loaders hand over the 4 numbers, not the
-    mask: a sixteenth of a 512 px uint8 image's bytes per mask otherwise)."""
+    mask, which would be a third of its uint8 image's bytes)."""
     top, left, h, w = rects.long().unbind(1)
     rows = torch.arange(height, device=rects.device)
     cols = torch.arange(width, device=rects.device)

@@ -183,10 +183,10 @@ def probe_checkpoints(paths: list[Path], overrides: list[str], settings: ProbeSe
     Every row uses the data and device of the first checkpoint's config (with ``overrides``):
     its labeled split fits the probe, its validation images score it.
     """
-    from segsweep.config import apply_overrides
+    from segsweep.config import apply_overrides, parse_override
 
     for item in overrides:  # the networks come from their checkpoints: nothing else would apply
-        key = item.split("=", 1)[0].strip()
+        key = ".".join(parse_override(item)[0])
         if not (key.startswith(("data.", "eval.")) or key in ("seed", "train.device")):
             raise ConfigError(
                 f"--set {key}: probe builds each network from its checkpoint's own config; "

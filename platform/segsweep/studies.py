@@ -19,6 +19,7 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
+from segsweep.errors import first_line
 from segsweep.sweepspec import SearchParam
 
 optuna.logging.set_verbosity(logging.WARNING)
@@ -119,8 +120,7 @@ def check_storage(storage: str) -> None:
         with engine.connect():
             pass
     except Exception as exc:  # noqa: BLE001 - any driver's failure, reported in one line
-        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise ConnectionError((lines[0] if lines else type(exc).__name__)[:300]) from None
+        raise ConnectionError(first_line(getattr(exc, "orig", None) or exc)) from None
     finally:
         if engine is not None:
             engine.dispose()

@@ -804,12 +804,9 @@ def run_sweep(
             prepare(cfg)
 
     require_folder(sweep_dir, "--dir")
-    storage_url = (
-        spec.optuna_storage
-        or os.environ.get("SEGSWEEP_OPTUNA_STORAGE")
-        or f"sqlite:///{sweep_dir / 'optuna.db'}"
-    )
-    if storage_url != f"sqlite:///{sweep_dir / 'optuna.db'}":  # not the sweep's own file
+    own_storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
+    storage_url = spec.optuna_storage or os.environ.get("SEGSWEEP_OPTUNA_STORAGE") or own_storage
+    if storage_url != own_storage:  # a database of its own: reachable before anything starts
         from segsweep.studies import check_storage
 
         try:

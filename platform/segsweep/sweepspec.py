@@ -25,6 +25,7 @@ from segsweep.config import (
     Section,
     apply_overrides,
     describe_validation_error,
+    parse_override,
     read_yaml,
     validate_run_config,
 )
@@ -316,7 +317,7 @@ def plan_sweep(
         base_tree, base_source = dict(spec.base), f"{path}: base"
     varied = set(spec.grid).union(*(set(v) for v in spec.variants))
     for item in sets or []:
-        key = item.split("=", 1)[0].strip()
+        key = ".".join(parse_override(item)[0])
         if key in varied:  # the grid sets it per cell and would silently win
             raise ConfigError(f"--set {key}: '{key}' is varied by the spec's grid; change it there")
     base_tree = apply_overrides(base_tree, sets or [])

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from segsweep.errors import ConfigError, UserError
+from segsweep.errors import ConfigError, UserError, first_line
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter about table creation
@@ -215,7 +215,7 @@ def with_retries(fn: Callable[[], Any], what: str, budget_s: float) -> Any:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below, then retried or reported
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             if not is_transient(exc):
                 raise TrackingError(f"tracking store: {what} failed: {reason}") from None
             if time.monotonic() + delay > deadline:

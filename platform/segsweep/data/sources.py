@@ -114,25 +114,24 @@ def require_dir(path: Path, what: str) -> Path:
 
 def read_list(path: Path) -> list[list[str]]:
     """Non-empty lines of a list file, split on whitespace; a DataError names a missing file."""
+    return [line.split() for line in _list_text(path).splitlines() if line.strip()]
+
+
+def _list_text(path: Path) -> str:
+    """A list file's text; a DataError names a missing or unreadable one."""
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is not a name
+        return path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is not a name
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read list ({exc})") from None
-    return [line.split() for line in text.splitlines() if line.strip()]
 
 
 def read_class_names(path: Path) -> list[str]:
     """``classes.txt``: one class name per line, the line number (from 0) its id in the masks.
     A blank line inside would shift every id after it, a name twice would make two ids one
     class, and id 255 means ignore: each is a DataError naming the line."""
-    if not path.is_file():
-        raise DataError(f"{path}: list file not found")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read list ({exc})") from None
+    lines = [line.strip() for line in _list_text(path).splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     seen: dict[str, int] = {}
