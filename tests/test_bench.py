@@ -283,3 +283,46 @@ def test_an_untracked_run_renders_no_panels_and_the_bench_times_the_tracker_call
     ]
     assert keeping.images[0][0].ndim == 3  # type: ignore[union-attr]  # an RGB panel
     assert calls.seconds > 0 and calls.run_id is None  # calls timed; attributes passed through
+
+
+def test_a_panel_reuses_the_pseudo_labels_of_the_diagnostic_pass(tiny) -> None:
+    # The panel's images, pseudo masks and confidences are kept from the pass that scores the
+    # pseudo masks (no second labelling); they must be what labelling those images gives.
+    import torch
+
+    from segsweep.data.loaders import eval_loader, to_model
+    from segsweep.data.transforms import pad_to_multiple
+    from segsweep.engine import pseudo_mask_quality, sample_panel
+
+    cfg = tiny(method="fixmatch", **{"eval.batch_size": 2, "eval.panel_samples": 3})
+    trainer = prepare(cfg).trainer
+    method, numerics = trainer.method, trainer.numerics
+    assert trainer.panel_samples == 3  # spans two diagnostic batches of 2
+    _, held = pseudo_mask_quality(method, trainer.diag_loader, numerics, hold=3)
+    # An untrained model is about equally unsure everywhere: a threshold at its median
+    # confidence keeps some pixels and drops others.
+    method.knobs.conf_threshold = float(held["conf"].median())
+    scores, held = pseudo_mask_quality(method, trainer.diag_loader, numerics, hold=3)
+    assert pseudo_mask_quality(method, trainer.diag_loader, numerics)[0] == scores
+    assert 0 < scores["pseudo/kept_share"] < 1
+
+    # The first three diagnostic images, labelled afresh in the pass's batches of two.
+    samples = trainer._diagnostic_samples(cfg.eval.diag_samples)[:4]
+    parts: dict[str, list[torch.Tensor]] = {}
+    method.eval()
+    for loaded in eval_loader(trainer.data.source, samples, 2, 0):
+        b = to_model(loaded, numerics.device, channels_last=False)
+        with torch.no_grad():
+            padded, (h, w) = pad_to_multiple(b["image"])
+            labels = (t[..., :h, :w] for t in method.pseudo_label(padded))
+        for k, t in zip(
+            ("image", "mask", "pseudo", "conf", "keep"), (b["image"], b["mask"], *labels), strict=True
+        ):
+            parts.setdefault(k, []).append(t)
+    fresh = {k: torch.cat(v)[:3] for k, v in parts.items()}
+    assert sorted(held) == sorted(fresh)
+    for k, t in fresh.items():
+        assert torch.equal(held[k], t), k
+    assert 0 < int(fresh["keep"].sum()) < fresh["keep"].numel()
+    panel = sample_panel(method, held, numerics)
+    assert panel.ndim == 3 and panel.shape[0] > 3 * cfg.data.crop_size  # three rows of tiles

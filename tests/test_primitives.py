@@ -10,6 +10,7 @@ from torch import nn
 
 from segsweep.primitives import (
     IGNORE,
+    class_map,
     confidence_mask,
     confusion_matrix,
     cutmix_box,
@@ -49,6 +50,17 @@ def test_classes_absent_everywhere_are_left_out_of_the_mean() -> None:
     s = scores_from_confusion(conf)
     assert s["mIoU"] == 1.0
     assert math.isnan(s["iou"][2]) and math.isnan(s["iou"][3])
+
+
+def test_class_map_is_argmax_and_takes_the_first_class_on_a_tie() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, 9, generator=g)
+    assert torch.equal(class_map(logits), logits.argmax(1))
+    assert torch.equal(class_map(logits[0], dim=0), logits[0].argmax(0))
+    tied = torch.zeros(1, 4, 2, 2)
+    tied[:, 2:] = 1.0  # classes 2 and 3 share the top score
+    assert class_map(tied).unique().tolist() == [2]
+    assert class_map(torch.zeros(2, 3, 4, 4)).unique().tolist() == [0]
 
 
 def test_confidence_mask_thresholds_the_softmax() -> None:

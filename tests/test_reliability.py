@@ -208,6 +208,73 @@ def test_metrics_of_many_steps_go_out_in_few_writes_and_a_flush_waits_for_none(t
     assert sorted(m.step for m in history) == list(range(60))
 
 
+def test_a_flush_or_an_image_ends_the_metrics_window_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Metrics wait in the writer for a window (they never wake it); anything else queued must
+    # end the window at once, or a sweep's flush at each evaluation would wait the window out.
+    import threading
+
+    from segsweep import tracking
+
+    monkeypatch.setattr(tracking, "METRIC_WINDOW_S", 3600.0)
+    tracker = RunTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "window", run_name="w")
+    writes: list[str] = []
+    write = tracker._write
+    tracker._write = lambda kind, payload: writes.append(kind) or write(kind, payload)  # type: ignore[method-assign]
+    for step in range(3):
+        tracker.log_metrics({"loss": 1.0}, step)
+    flushing = threading.Thread(target=tracker.flush, daemon=True)
+    flushing.start()
+    flushing.join(timeout=60)
+    assert not flushing.is_alive() and writes == ["metrics"]
+    tracker.log_metrics({"loss": 1.0}, 3)
+    tracker.log_image(np.zeros((4, 4, 3), np.uint8), "panel", 3)
+    closing = threading.Thread(target=tracker.finish, daemon=True)
+    closing.start()
+    closing.join(timeout=60)
+    assert not closing.is_alive() and writes == ["metrics", "metrics", "image"]
+
+
+def test_stepped_images_are_laid_out_as_mlflow_lays_them_out(tmp_path: Path) -> None:
+    # The tracker writes MLflow's stepped-image files itself (cheaper encodings, one upload,
+    # one tag per run); the UI's image slider and segsweep's dashboard must read them as they
+    # read what MlflowClient.log_image writes.
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    from segsweep.tracking import LOGGED_IMAGES_TAG, image_artifacts
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rng = np.random.default_rng(0)
+    panels = [rng.integers(0, 256, (40, 90, 3), dtype=np.uint8) for _ in range(2)]
+    tracker = RunTracker(uri, "images", run_name="ours")
+    for step, panel in enumerate(panels):
+        tracker.log_image(panel, "panels/pseudo_masks", step)
+    tracker.finish("FINISHED", "finished")
+    client = MlflowClient(uri)
+    theirs = client.create_run(tracker.experiment_id, run_name="theirs").info.run_id
+    for step, panel in enumerate(panels):
+        client.log_image(theirs, panel, key="panels/pseudo_masks", step=step, synchronous=True)
+
+    def layout(run_id: str) -> list[str]:  # file names with their timestamps and uuids blanked
+        names = [f.path for f in client.list_artifacts(run_id, "images")]
+        return sorted(re.sub(r"timestamp\+\d+\+[0-9a-f-]{36}", "timestamp+T+U", n) for n in names)
+
+    assert layout(tracker.run_id) == layout(theirs) and len(layout(theirs)) == 4
+    for run_id in (tracker.run_id, theirs):
+        assert client.get_run(run_id).data.tags[LOGGED_IMAGES_TAG] == "True"
+    found = image_artifacts(uri, tracker.run_id)
+    assert [(f["key"], f["step"]) for f in found] == [("panels/pseudo_masks", 0), ("panels/pseudo_masks", 1)]
+    for run_id in (tracker.run_id, theirs):  # same pictures (lossless), same thumbnail sizes
+        folder = Path(client.download_artifacts(run_id, "images", str(tmp_path / run_id)))
+        pictures = sorted(folder.glob("*+step+*.png"), key=lambda f: f.name.split("+")[2])
+        for picture, panel in zip(pictures, panels, strict=True):
+            assert np.array_equal(np.asarray(Image.open(picture)), panel)
+        assert {Image.open(f).size for f in folder.glob("*.webp")} == {(256, 113)}
+
+
 # -- the artifact store fails -----------------------------------------------------------------
 
 

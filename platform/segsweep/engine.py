@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from segsweep.config import RunConfig
 from segsweep.data import Data
-from segsweep.data.loaders import eval_loader, hash_seed, model_image, stream_loader, to_model
+from segsweep.data.loaders import eval_loader, hash_seed, stream_loader, to_model
 from segsweep.data.sources import Sample
 from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import ConfigError, Diverged, InjectedFailure, Stopped, one_line
@@ -37,7 +37,7 @@ from segsweep.files import remove_leftovers, write_atomic
 from segsweep.methods import Method, Stage, get_method
 from segsweep.models import build_model
 from segsweep.panels import colour, compose, heat, image_tile
-from segsweep.primitives import IGNORE, confusion_matrix, poly_lr, scores_from_confusion
+from segsweep.primitives import IGNORE, class_map, confusion_matrix, poly_lr, scores_from_confusion
 from segsweep.tracking import NullTracker, RunTracker
 
 #: Called at each evaluation with the metrics and the folder of the checkpoint just written
@@ -175,43 +175,57 @@ def evaluate(
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=numerics.device)
     for batch in loader:
         batch = to_device(batch, numerics)
-        pred = predict_logits(model, batch["image"], mode, window, stride, numerics).argmax(1)
+        pred = class_map(predict_logits(model, batch["image"], mode, window, stride, numerics))
         conf += confusion_matrix(pred, batch["mask"], num_classes)
     model.train(was_training)
     return scores_from_confusion(conf.cpu())
 
 
 @torch.no_grad()
-def pseudo_mask_quality(method: Method, loader: Any, numerics: Numerics) -> dict[str, float]:
+def pseudo_mask_quality(
+    method: Method, loader: Any, numerics: Numerics, hold: int = 0
+) -> tuple[dict[str, float], dict[str, Tensor]]:
     """How good the method's pseudo masks are on held unlabeled images with ground truth.
 
     ``pseudo/mIoU``: the pseudo masks (every pixel) against the truth; ``pseudo/kept_share``:
     share of labeled pixels kept by the threshold; ``pseudo/kept_acc``: accuracy of the kept
     ones. What one needs to choose a confidence threshold.
+
+    Also hands back the first ``hold`` images with their pseudo labels (``image``, ``mask``,
+    ``pseudo``, ``conf``, ``keep``; each (hold, ...), cropped to the image), so that a sample
+    panel reuses this pass instead of labelling the same images again.
     """
     was_training = method.training
     method.eval()
     n = method.num_classes
     conf = torch.zeros(n, n, dtype=torch.long, device=numerics.device)
     kept = correct = total = 0
+    held: dict[str, list[Tensor]] = {}
+    taken = 0
     for batch in loader:
         batch = to_model(batch, numerics.device, channels_last=False)
         image, mask = batch["image"], batch["mask"]
         padded, (h, w) = pad_to_multiple(image)
         with numerics.autocast():
-            pseudo, _, keep = method.pseudo_label(padded)
-        pseudo, keep = pseudo[..., :h, :w], keep[..., :h, :w]
+            pseudo, confidence, keep = method.pseudo_label(padded)
+        pseudo, confidence, keep = pseudo[..., :h, :w], confidence[..., :h, :w], keep[..., :h, :w]
+        if taken < hold:  # copies of a few images: views would keep the whole batch alive
+            fields = {"image": image, "mask": mask, "pseudo": pseudo, "conf": confidence, "keep": keep}
+            for name, t in fields.items():
+                held.setdefault(name, []).append(t[: hold - taken].clone())
+            taken += len(held["image"][-1])
         conf += confusion_matrix(pseudo, mask, n)
         labeled = mask != IGNORE
         kept += int((keep & labeled).sum())
         correct += int((keep & labeled & (pseudo == mask)).sum())
         total += int(labeled.sum())
     method.train(was_training)
-    return {
+    scores = {
         "pseudo/mIoU": float(scores_from_confusion(conf.cpu())["mIoU"]),
         "pseudo/kept_share": kept / max(total, 1),
         "pseudo/kept_acc": correct / kept if kept else float("nan"),
     }
+    return scores, {name: torch.cat(parts) for name, parts in held.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,18 +233,21 @@ def pseudo_mask_quality(method: Method, loader: Any, numerics: Numerics) -> dict
 
 
 @torch.no_grad()
-def sample_panel(method: Method, batch: dict[str, Tensor], numerics: Numerics) -> np.ndarray:
+def sample_panel(method: Method, held: dict[str, Tensor], numerics: Numerics) -> np.ndarray:
     """Rows of image | ground truth | prediction | pseudo mask (dropped pixels white) |
-    confidence, one row per held unlabeled image: the MLflow image slider shows it per step."""
-    was_training = method.training
-    method.eval()
-    image, mask = model_image(batch["image"], numerics.device, channels_last=False), batch["mask"]
-    padded, (h, w) = pad_to_multiple(image)
+    confidence, one row per held unlabeled image: the MLflow image slider shows it per step.
+
+    ``held``: the images and pseudo labels ``pseudo_mask_quality`` kept from this
+    evaluation's pass; only the prediction costs a forward pass here."""
+    model = method.model  # the one network this pass runs (switching all of a method's costs)
+    was_training = model.training
+    model.eval()
+    padded, (h, w) = pad_to_multiple(held["image"])
     with numerics.autocast():
-        pred = method.model(padded).argmax(1)[..., :h, :w].cpu()
-        pseudo, conf, keep = method.pseudo_label(padded)
-    method.train(was_training)
-    pseudo, conf, keep = pseudo[..., :h, :w].cpu(), conf[..., :h, :w].float().cpu(), keep[..., :h, :w].cpu()
+        pred = class_map(model(padded))[..., :h, :w].cpu()
+    model.train(was_training)
+    image, mask, pseudo, keep = (held[k].cpu() for k in ("image", "mask", "pseudo", "keep"))
+    conf = held["conf"].float().cpu()
     rows = []
     for i in range(image.shape[0]):
         dropped = torch.where(keep[i], pseudo[i], torch.full_like(pseudo[i], IGNORE))
@@ -318,11 +335,9 @@ class Trainer:
         )
         diag = self._diagnostic_samples(e.diag_samples)
         self.diag_loader = eval_loader(data.source, diag, e.batch_size, 0) if diag else None
-        self.panel_batch = (
-            next(iter(eval_loader(data.source, diag[: e.panel_samples], e.panel_samples, 0)))
-            if diag and e.panel_samples and data.source.fixed_size
-            else None
-        )
+        # Images in a sample panel (taken from the diagnostic pass); panels tile images of
+        # one size, so none for datasets of mixed sizes.
+        self.panel_samples = min(e.panel_samples, len(diag)) if data.source.fixed_size else 0
 
     def _diagnostic_samples(self, count: int) -> list[Sample]:
         """A fixed sample of unlabeled images whose ground truth exists (never trained on)."""
@@ -587,6 +602,7 @@ class Trainer:
         n = self.data.source.num_classes
         names = self.data.source.class_names
         metrics: dict[str, float] = {}
+        held: dict[str, Tensor] = {}  # a sample panel's images, pseudo labels and confidences
         for role, model in self.method.eval_models().items():
             suffix = f"_{role}" if role else ""
             val = evaluate(model, self.val_loader, n, self.numerics, e.mode, e.window, e.stride)
@@ -598,7 +614,10 @@ class Trainer:
                 tune = evaluate(model, self.tune_loader, n, self.numerics, e.mode, e.window, e.stride)
                 metrics[f"{prefix}tune{suffix}/mIoU"] = tune["mIoU"]
         if self.diag_loader is not None and self.method.uses_unlabeled and not prefix:
-            metrics.update(pseudo_mask_quality(self.method, self.diag_loader, self.numerics))
+            quality, held = pseudo_mask_quality(
+                self.method, self.diag_loader, self.numerics, hold=self.panel_samples
+            )
+            metrics.update(quality)
 
         if not prefix:  # best/last bookkeeping concerns the reported (main) stage
             val_miou = metrics["val/mIoU"]
@@ -611,10 +630,9 @@ class Trainer:
             if is_best:
                 self.save_checkpoint("best.pt")
         self.tracker.log_metrics(metrics, step)
-        if self.panel_batch is not None and self.method.uses_unlabeled and not prefix:
-            panel = self.panel_batch  # rendered only by a tracker that keeps it
+        if held:  # rendered only by a tracker that keeps it
             self.tracker.log_image(
-                lambda: sample_panel(self.method, panel, self.numerics), "panels/pseudo_masks", step
+                lambda: sample_panel(self.method, held, self.numerics), "panels/pseudo_masks", step
             )
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("mIoU"))
         self.echo(f"  eval @ {prefix}step {step}: {shown}")

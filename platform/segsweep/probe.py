@@ -35,7 +35,7 @@ from segsweep.data.transforms import pad_to_multiple
 from segsweep.engine import build_method, numerics_for
 from segsweep.errors import ConfigError
 from segsweep.models import SegModel, read_torch_file
-from segsweep.primitives import IGNORE, confusion_matrix, scores_from_confusion
+from segsweep.primitives import IGNORE, class_map, confusion_matrix, scores_from_confusion
 
 
 @dataclass
@@ -128,7 +128,7 @@ def score(
         h, w = batch["image"].shape[-2:]
         levels, size = features(model, batch["image"])
         logits = probe_logits(levels, probe, size)
-        conf += confusion_matrix(logits[..., :h, :w].argmax(1), batch["mask"], num_classes)
+        conf += confusion_matrix(class_map(logits[..., :h, :w]), batch["mask"], num_classes)
     return float(scores_from_confusion(conf.cpu())["mIoU"])
 
 

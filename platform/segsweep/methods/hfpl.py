@@ -68,7 +68,7 @@ from segsweep.data.transforms import pad_to_multiple, unit_rgb
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
 from segsweep.models import SegModel
 from segsweep.panels import colour, compose, heat, image_tile
-from segsweep.primitives import confusion_matrix, masked_cross_entropy, scores_from_confusion
+from segsweep.primitives import class_map, confusion_matrix, masked_cross_entropy, scores_from_confusion
 
 
 class HFPLKnobs(Knobs):
@@ -257,7 +257,7 @@ def cam_pseudo_mask(cams: Tensor, bg_threshold: float) -> Tensor:
     """(K, H, W) normalised foreground CAMs -> (H, W) ids: 0 where no class reaches the
     threshold, else 1 + the arg-max class."""
     scores = torch.cat([torch.full_like(cams[:1], bg_threshold), cams], 0)
-    return scores.argmax(0)
+    return class_map(scores, dim=0)
 
 
 # ---------------------------------------------------------------------------------------------
