@@ -324,5 +324,10 @@ def test_a_panel_reuses_the_pseudo_labels_of_the_diagnostic_pass(tiny) -> None:
     for k, t in fresh.items():
         assert torch.equal(held[k], t), k
     assert 0 < int(fresh["keep"].sum()) < fresh["keep"].numel()
+
+    def labelled_again(image_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise AssertionError("the panel labelled its images again")
+
+    method.pseudo_label = labelled_again  # type: ignore[method-assign]
     panel = sample_panel(method, held, numerics)
     assert panel.ndim == 3 and panel.shape[0] > 3 * cfg.data.crop_size  # three rows of tiles

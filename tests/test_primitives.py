@@ -61,6 +61,8 @@ def test_class_map_is_argmax_and_takes_the_first_class_on_a_tie() -> None:
     tied[:, 2:] = 1.0  # classes 2 and 3 share the top score
     assert class_map(tied).unique().tolist() == [2]
     assert class_map(torch.zeros(2, 3, 4, 4)).unique().tolist() == [0]
+    nan = torch.tensor([0.0, float("nan"), 5.0, float("nan")]).view(1, 4, 1, 1)
+    assert class_map(nan).item() == nan.argmax(1).item() == 1  # a NaN wins, the first one
 
 
 def test_confidence_mask_thresholds_the_softmax() -> None:

@@ -211,8 +211,9 @@ def test_metrics_of_many_steps_go_out_in_few_writes_and_a_flush_waits_for_none(t
 def test_a_flush_or_an_image_ends_the_metrics_window_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Metrics wait in the writer for a window (they never wake it); anything else queued must
-    # end the window at once, or a sweep's flush at each evaluation would wait the window out.
+    # Metrics wait in the writer for a window; anything else queued must end the window at
+    # once, or a sweep's flush at each evaluation would wait the window out. Also when the
+    # writer has fallen behind and finds several things queued at once.
     import threading
 
     from segsweep import tracking
@@ -220,20 +221,67 @@ def test_a_flush_or_an_image_ends_the_metrics_window_at_once(
     monkeypatch.setattr(tracking, "METRIC_WINDOW_S", 3600.0)
     tracker = RunTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "window", run_name="w")
     writes: list[str] = []
+    gate = threading.Event()  # holds the writer inside its first write, the text below
     write = tracker._write
-    tracker._write = lambda kind, payload: writes.append(kind) or write(kind, payload)  # type: ignore[method-assign]
-    for step in range(3):
-        tracker.log_metrics({"loss": 1.0}, step)
+
+    def recording(kind: str, payload: object) -> None:
+        writes.append(kind)
+        if kind == "text":
+            gate.wait(60)
+        write(kind, payload)
+
+    tracker._write = recording  # type: ignore[method-assign]
+
+    def finishes(call) -> bool:  # False if ``call`` is still waiting after a minute
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        return not thread.is_alive()
+
+    def written(kind: str, count: int) -> bool:  # waits up to a minute for the writer
+        deadline = time.monotonic() + 60
+        while writes.count(kind) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return writes.count(kind) >= count
+
+    tracker.log_text("held", "held.txt")
+    assert written("text", 1)
+    # Queued while the writer is busy: it finds them all at once when it is let go.
+    tracker.log_metrics({"loss": 1.0}, 0)
+    tracker.log_image(np.zeros((4, 4, 3), np.uint8), "panel", 0)
+    tracker.log_metrics({"loss": 2.0}, 1)
     flushing = threading.Thread(target=tracker.flush, daemon=True)
     flushing.start()
+    deadline = time.monotonic() + 60
+    while tracker._queue.qsize() < 4 and time.monotonic() < deadline:  # the flush is queued too
+        time.sleep(0.01)
+    gate.set()
     flushing.join(timeout=60)
-    assert not flushing.is_alive() and writes == ["metrics"]
-    tracker.log_metrics({"loss": 1.0}, 3)
-    tracker.log_image(np.zeros((4, 4, 3), np.uint8), "panel", 3)
-    closing = threading.Thread(target=tracker.finish, daemon=True)
-    closing.start()
-    closing.join(timeout=60)
-    assert not closing.is_alive() and writes == ["metrics", "metrics", "image"]
+    assert not flushing.is_alive()
+    assert writes == ["text", "metrics", "image", "metrics"]
+    # Metrics, then an image and nothing after it: the image alone ends the window.
+    tracker.log_metrics({"loss": 3.0}, 2)
+    tracker.log_image(np.zeros((4, 4, 3), np.uint8), "panel", 2)
+    assert written("image", 2) and writes[-3:] == ["metrics", "metrics", "image"]
+    assert finishes(tracker.finish)
+
+
+def test_a_write_that_fails_outside_the_store_fails_the_run_not_the_writer(tmp_path: Path) -> None:
+    # Encoding an image (or a full /tmp) can fail before anything reaches the store; the
+    # writer must record it as the run's error, not die and let flush() report nothing.
+    from mlflow.tracking import MlflowClient
+
+    from segsweep.tracking import TrackingError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = RunTracker(uri, "broken-image", run_name="b")
+    tracker.log_image(np.full((4, 4, 3), 300, np.int32), "panel", 0)  # not a picture
+    with pytest.raises(TrackingError, match="writing image failed"):
+        tracker.flush()
+    assert tracker._thread.is_alive()
+    with pytest.raises(TrackingError):
+        tracker.finish()
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"
 
 
 def test_stepped_images_are_laid_out_as_mlflow_lays_them_out(tmp_path: Path) -> None:

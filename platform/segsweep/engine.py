@@ -239,7 +239,7 @@ def sample_panel(method: Method, held: dict[str, Tensor], numerics: Numerics) ->
 
     ``held``: the images and pseudo labels ``pseudo_mask_quality`` kept from this
     evaluation's pass; only the prediction costs a forward pass here."""
-    model = method.model  # the one network this pass runs (switching all of a method's costs)
+    model = method.model  # only the student runs here: only it switches to eval mode
     was_training = model.training
     model.eval()
     padded, (h, w) = pad_to_multiple(held["image"])
