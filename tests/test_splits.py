@@ -131,5 +131,9 @@ def test_bad_published_lists_name_the_file(tmp_path: Path) -> None:
     scored.val.append(Sample("v0", "images/v0.jpg", "masks/v0.png"))
     with pytest.raises(DataError, match=r"'v0' is a validation image of the dataset"):
         published_split(scored, tmp_path / "s", 0, 0)
+    for line in ("/etc/a.jpg masks/a.png", "images/a.jpg ../../masks/a.png"):  # outside the root
+        (tmp_path / "s" / "labeled.txt").write_text(line + "\n")
+        with pytest.raises(DataError, match=r"labeled.txt:1: '.*' is not a path inside data.root"):
+            published_split(fake_source(tmp_path), tmp_path / "s", 0, 0)
     (tmp_path / "s" / "labeled.txt").write_bytes("\ufeffimages/a.jpg masks/a.png\r\n".encode())
     assert names(published_split(fake_source(tmp_path), tmp_path / "s", 0, 0).labeled) == ["a"]

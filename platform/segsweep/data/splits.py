@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from segsweep.data.sources import Sample, Source, read_list, stable_fraction
 from segsweep.errors import ConfigError, DataError
@@ -100,6 +100,9 @@ def published_split(source: Source, folder: Path, seed: int, tune_size: int) -> 
         for number, row in enumerate(rows, start=1):
             if len(row) != 2:
                 raise DataError(f"{path}:{number}: expected 'IMAGE MASK', got {len(row)} fields")
+            for field in row:  # an absolute path or '..' would read files outside data.root
+                if PurePosixPath(field).is_absolute() or ".." in PurePosixPath(field).parts:
+                    raise DataError(f"{path}:{number}: '{field}' is not a path inside data.root")
             out.append(source.from_list_line(row[0], row[1]))
         return out
 
