@@ -90,10 +90,10 @@ def test_published_lists_are_read_as_they_are(
     tmp_path: Path, family: str, n_labeled: int, n_total: int
 ) -> None:
     folder = SHARED / family
-    split = published_split(fake_source(tmp_path), folder, seed=0, tune_size=16)
+    # No mask file exists under this fake root, so no tuning image can be taken (asking for
+    # some is an error, tested below).
+    split = published_split(fake_source(tmp_path), folder, seed=0, tune_size=0)
     assert len(split.labeled) == n_labeled
-    # no mask file exists under this fake root, so no tuning image can be taken
-    assert len(split.tune) == 0
     assert len(split.labeled) + len(split.unlabeled) == n_total
     first = (folder / "labeled.txt").read_text().split()[0]
     assert split.labeled[0].image == first
@@ -112,6 +112,8 @@ def test_published_split_takes_tune_images_only_from_unlabeled_with_masks(tmp_pa
     assert names(split.labeled) == ["a", "b"]
     assert len(split.tune) == 3 and all(int(s.name[1:]) % 2 == 0 for s in split.tune)
     assert len(split.unlabeled) == 7
+    with pytest.raises(ConfigError, match=r"data.tune_size: holds out 6 .* only 5 images of .*unlabeled.txt"):
+        published_split(fake_source(tmp_path), tmp_path / "splits", seed=0, tune_size=6)
 
 
 def test_bad_published_lists_name_the_file(tmp_path: Path) -> None:

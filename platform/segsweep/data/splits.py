@@ -124,6 +124,12 @@ def published_split(source: Source, folder: Path, seed: int, tune_size: int) -> 
     tune, unlabeled = _take_tune(
         unlabeled, tune_size, seed, lambda s: isinstance(s.mask, str) and (source.root / s.mask).is_file()
     )
+    if len(tune) < tune_size:  # fewer would quietly weaken (or, with none, drop) model selection
+        raise ConfigError(
+            f"data.tune_size: holds out {tune_size} images for tuning but only {len(tune)} images "
+            f"of {folder / 'unlabeled.txt'} have a mask on disk; set data.tune_size: {len(tune)}"
+            + (" (no tuning split)" if not tune else "")
+        )
     family = "published/" + "/".join(folder.resolve().parts[-2:])
     return Split(labeled, unlabeled, tune, family)
 
