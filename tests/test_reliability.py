@@ -238,23 +238,21 @@ def test_a_flush_or_an_image_ends_the_metrics_window_at_once(
         thread.join(timeout=60)
         return not thread.is_alive()
 
-    def written(kind: str, count: int) -> bool:  # waits up to a minute for the writer
+    def until(condition) -> bool:  # waits up to a minute for the writer thread
         deadline = time.monotonic() + 60
-        while writes.count(kind) < count and time.monotonic() < deadline:
+        while not condition() and time.monotonic() < deadline:
             time.sleep(0.01)
-        return writes.count(kind) >= count
+        return condition()
 
     tracker.log_text("held", "held.txt")
-    assert written("text", 1)
+    assert until(lambda: writes.count("text") >= 1)
     # Queued while the writer is busy: it finds them all at once when it is let go.
     tracker.log_metrics({"loss": 1.0}, 0)
     tracker.log_image(np.zeros((4, 4, 3), np.uint8), "panel", 0)
     tracker.log_metrics({"loss": 2.0}, 1)
     flushing = threading.Thread(target=tracker.flush, daemon=True)
     flushing.start()
-    deadline = time.monotonic() + 60
-    while tracker._queue.qsize() < 4 and time.monotonic() < deadline:  # the flush is queued too
-        time.sleep(0.01)
+    until(lambda: tracker._queue.qsize() >= 4)  # the flush is queued too
     gate.set()
     flushing.join(timeout=60)
     assert not flushing.is_alive()
@@ -262,7 +260,7 @@ def test_a_flush_or_an_image_ends_the_metrics_window_at_once(
     # Metrics, then an image and nothing after it: the image alone ends the window.
     tracker.log_metrics({"loss": 3.0}, 2)
     tracker.log_image(np.zeros((4, 4, 3), np.uint8), "panel", 2)
-    assert written("image", 2) and writes[-3:] == ["metrics", "metrics", "image"]
+    assert until(lambda: writes.count("image") >= 2) and writes[-3:] == ["metrics", "metrics", "image"]
     assert finishes(tracker.finish)
 
 
@@ -291,8 +289,9 @@ def test_stepped_images_are_laid_out_as_mlflow_lays_them_out(tmp_path: Path) -> 
     import re
 
     from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
 
-    from segsweep.tracking import LOGGED_IMAGES_TAG, image_artifacts
+    from segsweep.tracking import image_artifacts
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     rng = np.random.default_rng(0)
@@ -312,7 +311,7 @@ def test_stepped_images_are_laid_out_as_mlflow_lays_them_out(tmp_path: Path) -> 
 
     assert layout(tracker.run_id) == layout(theirs) and len(layout(theirs)) == 4
     for run_id in (tracker.run_id, theirs):
-        assert client.get_run(run_id).data.tags[LOGGED_IMAGES_TAG] == "True"
+        assert client.get_run(run_id).data.tags[MLFLOW_LOGGED_IMAGES] == "True"
     found = image_artifacts(uri, tracker.run_id)
     assert [(f["key"], f["step"]) for f in found] == [("panels/pseudo_masks", 0), ("panels/pseudo_masks", 1)]
     for run_id in (tracker.run_id, theirs):  # same pictures (lossless), same thumbnail sizes

@@ -311,10 +311,6 @@ WRITER_NICE = 10
 METRIC_WINDOW_S = 5.0
 
 
-#: MLflow's tag for "this run has stepped images" (``MlflowClient.log_image`` sets it).
-LOGGED_IMAGES_TAG = "mlflow.loggedImages"
-
-
 def write_stepped_image(folder: Path, image: np.ndarray, key: str, step: int, timestamp_ms: int) -> None:
     """Write ``image`` into ``folder`` as the two files of MLflow's stepped-image layout, which
     the UI's image slider reads from a run's ``images/`` artifacts: the picture, and a
@@ -324,7 +320,8 @@ def write_stepped_image(folder: Path, image: np.ndarray, key: str, step: int, ti
     thumbnail sized by MLflow's own functions), encoded for speed: it spent about 25 ms of
     the writer's CPU per sample panel (PNG at zlib level 6, WebP at its default effort, two
     uploads and a tag request each time); here PNG at level 1 and WebP at effort 0, and the
-    caller uploads both in one call and sets the tag once per tracker. The layout is checked
+    caller uploads both in one call and sets MLflow's "this run has images" tag once per
+    tracker. The layout is checked
     against MLflow's own in the tests, so a change in MLflow shows there.
     """
     from mlflow.tracking.multimedia import compress_image_size, convert_to_pil_image
@@ -568,8 +565,10 @@ class RunTracker:
             with tempfile.TemporaryDirectory(prefix="segsweep-image-") as folder:
                 write_stepped_image(Path(folder), image, key, step, timestamp)
                 with_retries(lambda: c.log_artifacts(rid, folder, "images"), f"log image {key}", budget)
-            if not self._images_tagged:
-                with_retries(lambda: c.set_tag(rid, LOGGED_IMAGES_TAG, "True"), f"log image {key}", budget)
+            if not self._images_tagged:  # the tag MlflowClient.log_image sets
+                from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
+
+                with_retries(lambda: c.set_tag(rid, MLFLOW_LOGGED_IMAGES, "True"), f"log image {key}", budget)
                 self._images_tagged = True
         elif kind == "artifact":
             path, artifact_path = payload

@@ -100,8 +100,8 @@ def published_split(source: Source, folder: Path, seed: int, tune_size: int) -> 
         for number, row in enumerate(rows, start=1):
             if len(row) != 2:
                 raise DataError(f"{path}:{number}: expected 'IMAGE MASK', got {len(row)} fields")
-            for field in row:  # an absolute path or '..' would read files outside data.root
-                if PurePosixPath(field).is_absolute() or ".." in PurePosixPath(field).parts:
+            for field in map(PurePosixPath, row):  # absolute or '..': a file outside data.root
+                if field.is_absolute() or ".." in field.parts:
                     raise DataError(f"{path}:{number}: '{field}' is not a path inside data.root")
             out.append(source.from_list_line(row[0], row[1]))
         return out
