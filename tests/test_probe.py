@@ -89,3 +89,10 @@ def test_probe_command_reports_the_start_and_each_checkpoint(tiny, tmp_path: Pat
     assert_user_error(segsweep("probe", str(ckpts / "last.pt"), "--iters", "0", cwd=tmp_path), "--iters")
     wrong = segsweep("probe", str(ckpts / "last.pt"), "--set", "model.encoder=resnet18", cwd=tmp_path)
     assert_user_error(wrong, "--set model.encoder", "checkpoint's own config")
+    # a checkpoint of another dataset is refused before any probing, naming both files
+    other = torch.load(ckpts / "last.pt", weights_only=False)
+    other["config"]["data"]["name"] = "voc"
+    torch.save(other, tmp_path / "voc.pt")
+    mixed = segsweep("probe", str(ckpts / "last.pt"), str(tmp_path / "voc.pt"), cwd=tmp_path)
+    assert_user_error(mixed, "voc.pt: trained on voc", "last.pt on synthetic", "one dataset together")
+    assert "fitting" in mixed.stdout and "val mIoU" not in mixed.stdout

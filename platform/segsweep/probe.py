@@ -165,7 +165,10 @@ def network(
             method.load_state_dict(state["method"])
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise ConfigError(f"{path}: its weights do not fit its own config ({first})") from None
+            raise ConfigError(
+                f"{path}: its weights do not fit a network for the {num_classes} classes of the "
+                f"probe's data ({first})"
+            ) from None
         if "stage" in state:  # a finished stage's weights
             where = f"end of {state['stage']}"
             nxt = min(names.index(state["stage"]) + 1, len(stages) - 1) if state["stage"] in names else -1
@@ -194,6 +197,14 @@ def probe_checkpoints(paths: list[Path], overrides: list[str], settings: ProbeSe
             )
     states = [read_checkpoint(p) for p in paths]
     cfg = validate_run_config(apply_overrides(states[0]["config"], overrides), str(paths[0]))
+    first = validate_run_config(states[0]["config"], str(paths[0])).data.name
+    for path, state in zip(paths[1:], states[1:], strict=True):  # before any slow work
+        other = validate_run_config(state["config"], str(path)).data.name
+        if other != first:
+            raise ConfigError(
+                f"{path}: trained on {other}, but {paths[0]} on {first}; probe the "
+                "checkpoints of one dataset together"
+            )
     data: Data = build_data(cfg.data)
     device = numerics_for(cfg).device
     k = data.source.num_classes
