@@ -70,6 +70,8 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
         "overhead/tracking_writer_cpu",
         "overhead/tracking_cpu",
         "overhead/tracking_training_thread",
+        "overhead/tracking_cpu_server",
+        "overhead/tracking_server_cpu",
         "data/loader_workers0",
         "data/loader_workers2",
         "data/wait_share_workers0",
@@ -106,6 +108,12 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     )
     assert thread > 0  # the tracked run renders its panels; the untracked one renders none
     assert rows["overhead/tracking_cpu"].value == pytest.approx(thread + writer)
+    # the same run against an MLflow server process: both sides did work, the server's counted
+    # apart (it is another machine's in the deployment)
+    served = rows["overhead/tracking_cpu_server"]
+    assert served.value > 0 and served.passed == (served.value <= 0.02)
+    assert served.ratio == pytest.approx(1 + served.value)
+    assert rows["overhead/tracking_server_cpu"].value > 0
     assert rows["flops/per_step"].value > 0 and 0 < rows["flops/mfu"].value
     assert rows["flops/achieved"].value == pytest.approx(rows["flops/per_step"].value * bare / 4, rel=1e-6)
     assert rows["gpu/bf16"].value is None and "no CUDA" in rows["gpu/bf16"].note  # never guessed
@@ -331,3 +339,28 @@ def test_a_panel_reuses_the_pseudo_labels_of_the_diagnostic_pass(tiny) -> None:
     method.pseudo_label = labelled_again  # type: ignore[method-assign]
     panel = sample_panel(method, held, numerics)
     assert panel.ndim == 3 and panel.shape[0] > 3 * cfg.data.crop_size  # three rows of tiles
+
+
+def test_a_tracking_server_that_will_not_start_leaves_its_rows_unmeasured(monkeypatch) -> None:
+    from contextlib import contextmanager
+
+    from segsweep import bench
+    from segsweep.bench import Report, served_tracking_rows
+    from segsweep.tracking import TrackingError
+
+    @contextmanager
+    def no_server(_folder: Path):
+        raise TrackingError("mlflow server exited at start (1): no module named uvicorn")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(bench, "local_server", no_server)
+    said: list[str] = []
+    report = Report(schema=1, date="", machine={}, config={})
+    cfg = validate_run_config(base_config(True, "cpu"), "bench")
+    served_tracking_rows(report, cfg, 1, said.append)
+    assert [(r.name, r.value) for r in report.rows] == [
+        ("overhead/tracking_cpu_server", None),
+        ("overhead/tracking_server_cpu", None),
+    ]
+    assert all("not measured: mlflow server exited" in r.note for r in report.rows)
+    assert "not measured" in said[0]

@@ -9,7 +9,8 @@ Rows (each with its value, the baseline it is compared with, the ratio and the t
   evaluation) against the same run untracked: the training time (target <= 2%); the same
   cost without the run-to-run noise, the training thread's time in tracker calls plus the writer
   thread's CPU (target <= 2%); apart from it the seconds per run to open and close the MLflow
-  run, and the whole-run share.
+  run, and the whole-run share. The same CPU row again with the store behind an MLflow server
+  started on this machine (the compose deployment's shape), and the server's own CPU.
 * ``data/*``: loader throughput alone (labeled images against the bare step's need,
   unlabeled ones against the fastest semi-supervised step's), the share of step time spent
   waiting for a batch at 0 and 2 workers (target: no waiting at the default worker count),
@@ -56,7 +57,7 @@ from segsweep.errors import ConfigError
 from segsweep.models import build_model
 from segsweep.primitives import poly_lr
 from segsweep.runner import prepare
-from segsweep.tracking import NullTracker, RunTracker
+from segsweep.tracking import NullTracker, RunTracker, TrackingError, local_server
 
 SCHEMA = 1
 
@@ -521,12 +522,9 @@ def tracking_rows(
     track_tree["train"] = {**tree["train"], "log_every": 1, "eval_every": max(1, steps // 2)}
     track_tree["tracking"] = {"enabled": True, "experiment": "bench"}
     track_cfg = validate_run_config(track_tree, "bench")
-    pairs: list[tuple[RunClock, RunClock]] = []
+    count = 1 if quick else 5
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        RunTracker(uri, "bench", run_name="warm-up").finish()  # store creation is not the runs' cost
-        for _ in range(1 if quick else 5):
-            pairs.append((timed_run(track_cfg, None), timed_run(track_cfg, uri)))
+        pairs = [pair for pair, _ in tracked_pairs(track_cfg, f"sqlite:///{tmp}/mlflow.db", count)]
     loop_cost = median([overhead(t.train, u.train) for u, t in pairs])
     fixed = median([t.start + t.close - u.start - u.close for u, t in pairs])
     whole = median([overhead(t.total, u.total) for u, t in pairs])
@@ -605,6 +603,86 @@ def tracking_rows(
         f"thread and the writer's CPU: {100 * cpu_share:.1f}%), plus {fixed:.2f} s per run "
         f"to open and close it ({100 * whole:+.1f}% of this {steps}-step run)"
     )
+
+    served_tracking_rows(report, track_cfg, count, echo)
+
+
+def served_tracking_rows(report: Report, cfg: RunConfig, count: int, echo: Callable[[str], None]) -> None:
+    """``overhead/tracking_cpu`` again with the store behind an MLflow server started on this
+    machine: the compose deployment's shape, where the training process sends HTTP requests
+    and the store's work is the server's (counted apart: another machine's there)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp, local_server(Path(tmp)) as (uri, server_pid):
+            served = tracked_pairs(cfg, uri, count, lambda: session_cpu_seconds(server_pid))
+    except TrackingError as exc:  # the server would not start here: say so, keep the other rows
+        for name in ("overhead/tracking_cpu_server", "overhead/tracking_server_cpu"):
+            report.add(Row(name, None, "fraction", note=f"not measured: {exc}"))
+        echo(f"  against an MLflow server: not measured ({exc})")
+        return
+    served_share = median([(t.caller - u.caller + t.writer_cpu) / u.train for (u, t), _ in served])
+    report.add(
+        Row(
+            "overhead/tracking_cpu_server",
+            served_share,
+            "fraction",
+            median([u.train for (u, _), _ in served]),
+            1 + served_share,
+            "<= 0.02",
+            check(served_share, 0.02),
+            "as overhead/tracking_cpu, with the store behind an MLflow server on this machine "
+            "(the compose deployment's shape: the training process sends HTTP requests, the "
+            f"store's work is the server's); median of {len(served)} pairs",
+        )
+    )
+    server_cpu = [cpu / u.train for (u, _), cpu in served if cpu is not None]
+    report.add(
+        Row(
+            "overhead/tracking_server_cpu",
+            median(server_cpu) if server_cpu else None,
+            "fraction",
+            note="the server's own CPU seconds per second of untracked training: on another "
+            "machine in the deployment, here sharing this one's cores"
+            + ("" if server_cpu else " (not measured: no /proc on this system)"),
+        )
+    )
+    echo(
+        f"  the same against an MLflow server: {100 * served_share:.1f}% on the training side"
+        + (f", and the server's CPU: {100 * median(server_cpu):.1f}%" if server_cpu else "")
+    )
+
+
+def tracked_pairs(
+    cfg: RunConfig, uri: str, count: int, other_cpu: Callable[[], float | None] = lambda: None
+) -> list[tuple[tuple[RunClock, RunClock], float | None]]:
+    """``count`` pairs of the run untracked then tracked at ``uri`` (alternating, against
+    drift of a shared machine), each with the CPU seconds ``other_cpu`` (a process besides
+    this one, e.g. a tracking server) counted over its tracked run."""
+    RunTracker(uri, "bench", run_name="warm-up").finish()  # store creation is not the runs' cost
+    pairs: list[tuple[tuple[RunClock, RunClock], float | None]] = []
+    for _ in range(count):
+        untracked = timed_run(cfg, None)
+        before = other_cpu()
+        tracked = timed_run(cfg, uri)
+        after = other_cpu()
+        pairs.append(((untracked, tracked), None if before is None or after is None else after - before))
+    return pairs
+
+
+def session_cpu_seconds(session_id: int) -> float | None:
+    """CPU seconds used so far by the live processes of one session (Linux ``/proc``); None
+    where there is no ``/proc``."""
+    proc, total = Path("/proc"), 0.0
+    if not (proc / "self/stat").exists():
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while being read
+        if int(fields[3]) == session_id:  # after the name: state, ppid, pgrp, session, ...
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return total
 
 
 def data_rows(

@@ -16,14 +16,18 @@ import logging
 import os
 import queue
 import re
+import signal
+import socket
 import sqlite3
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,11 +113,16 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local SQLite store; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def prepare_store(uri: str) -> None:
     """Make a local SQLite store ready for concurrent writers (WAL mode persists in the file)."""
-    if not uri.startswith("sqlite:///"):
+    path = sqlite_path(uri)
+    if path is None:
         return
-    path = Path(uri.removeprefix("sqlite:///"))
     path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(path, timeout=60) as con:
         if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
@@ -122,9 +131,8 @@ def prepare_store(uri: str) -> None:
 
 def local_artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts go beside the database (absolute, whatever the cwd)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return None
+    path = sqlite_path(uri)
+    return (path.parent / "mlartifacts").resolve().as_uri() if path is not None else None
 
 
 def client_for(uri: str):
@@ -265,6 +273,65 @@ def await_server(uri: str, budget_s: float) -> None:
                 said = True
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
+
+
+@contextmanager
+def local_server(folder: Path, budget_s: float = 120.0) -> Iterator[tuple[str, int]]:
+    """An MLflow tracking server on 127.0.0.1, started as a process (in a session of its own)
+    with its SQLite store and artifacts in ``folder``: the compose deployment's shape, where
+    training reaches the store over HTTP and the store's work is the server's. Yields the URI
+    and the server's process id, which is also its session id. On leaving, every process of
+    that session is stopped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri, log_path = f"http://127.0.0.1:{port}", folder / "server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", "1", "--backend-store-uri", f"sqlite:///{folder.resolve() / 'mlflow.db'}"]
+    command += ["--artifacts-destination", str(folder.resolve() / "artifacts")]
+    with open(log_path, "wb") as out:
+        server = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + budget_s
+        while True:
+            if server.poll() is not None:
+                lines = log_path.read_text(errors="replace").strip().splitlines() or ["no output"]
+                raise TrackingError(f"mlflow server exited at start ({server.returncode}): {lines[-1]}")
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise TrackingError(
+                        f"mlflow server at {uri} did not answer within {budget_s:.0f}s ({exc})"
+                    ) from None
+                time.sleep(0.25)
+        yield uri, server.pid
+    finally:
+        stop_session(server)
+
+
+def stop_session(leader: subprocess.Popen) -> None:
+    """End every process of the session ``leader`` started (SIGTERM, SIGKILL after 20 s) and
+    return once none is left, so that nothing of it outlives its caller."""
+    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + grace
+        try:
+            os.killpg(leader.pid, sig)
+            while time.monotonic() < deadline:
+                leader.poll()  # reaped, the leader no longer counts as one of the group
+                os.killpg(leader.pid, 0)  # ProcessLookupError: none is left
+                time.sleep(0.1)
+        except ProcessLookupError:
+            return
 
 
 def runs_tagged(
@@ -663,8 +730,8 @@ def existing_store(uri: str | None, must_exist: bool = True) -> str:
     """``uri`` resolved, for commands that read a store and never create one: a SQLite path
     with no file (``must_exist``), or a file that is no SQLite database, is a one-line error."""
     resolved = resolve_uri(uri)
-    if resolved.startswith("sqlite:///"):
-        path = Path(resolved.removeprefix("sqlite:///"))
+    path = sqlite_path(resolved)
+    if path is not None:
         if not path.exists():
             if must_exist:
                 raise ConfigError(
