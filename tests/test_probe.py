@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from segsweep.errors import ConfigError
 from segsweep.methods.mixandmatch import colour_first_layer
 from segsweep.probe import ProbeSettings, fit, network, probe_logits, read_at
 from segsweep.runner import prepare
@@ -51,7 +53,9 @@ def test_the_probe_separates_linearly_separable_classes() -> None:
     assert ((((noise - mean) / std) @ weight.t() + bias).argmax(1) == y).float().mean() < 0.6
 
 
-def test_probe_command_reports_the_start_and_each_checkpoint(tiny, tmp_path: Path) -> None:
+def test_probe_command_reports_the_start_and_each_checkpoint(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tiny(**{"method": "mixandmatch", "mixandmatch.proxy_steps": 2, "mixandmatch.mm": False})
     prepare(cfg).trainer.run(tmp_path / "run", NullTracker())
     ckpts = tmp_path / "run" / "checkpoints"
@@ -89,10 +93,20 @@ def test_probe_command_reports_the_start_and_each_checkpoint(tiny, tmp_path: Pat
     assert_user_error(segsweep("probe", str(ckpts / "last.pt"), "--iters", "0", cwd=tmp_path), "--iters")
     wrong = segsweep("probe", str(ckpts / "last.pt"), "--set", "model.encoder=resnet18", cwd=tmp_path)
     assert_user_error(wrong, "--set model.encoder", "checkpoint's own config")
-    # a checkpoint of another dataset is refused before any probing, naming both files
+    # a checkpoint whose network predicts other classes (trained on another dataset) is
+    # refused before anything is fitted, with the counts and the file
     other = torch.load(ckpts / "last.pt", weights_only=False)
-    other["config"]["data"]["name"] = "voc"
+    for key, value in list(other["method"].items()):
+        if "segmentation_head.0." in key:
+            other["method"][key] = torch.zeros(21, *value.shape[1:])
     torch.save(other, tmp_path / "voc.pt")
     mixed = segsweep("probe", str(ckpts / "last.pt"), str(tmp_path / "voc.pt"), cwd=tmp_path)
-    assert_user_error(mixed, "voc.pt: trained on voc", "last.pt on synthetic", "one dataset together")
-    assert "fitting" in mixed.stdout and "val mIoU" not in mixed.stdout
+    assert_user_error(mixed, "voc.pt: its network predicts 21 classes", "has 7", "one dataset")
+    from segsweep import probe as probe_module
+
+    def no_fit(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("fitted before the check")
+
+    monkeypatch.setattr(probe_module, "training_pixels", no_fit)
+    with pytest.raises(ConfigError, match="predicts 21 classes"):
+        probe_module.probe_checkpoints([ckpts / "last.pt", tmp_path / "voc.pt"], [], ProbeSettings())

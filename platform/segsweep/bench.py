@@ -34,6 +34,7 @@ it measured (the CLI rewrites its JSON each time, ``"complete": false`` until th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -57,7 +58,7 @@ from segsweep.errors import ConfigError
 from segsweep.models import build_model
 from segsweep.primitives import poly_lr
 from segsweep.runner import prepare
-from segsweep.tracking import NullTracker, RunTracker, TrackingError, local_server
+from segsweep.tracking import NullTracker, RunTracker, TrackingError, local_server, session_members
 
 SCHEMA = 1
 
@@ -166,10 +167,17 @@ class RunClock:
     close: float
     writer_cpu: float = 0.0  # CPU seconds of the tracker's writer thread over the run
     caller: float = 0.0  # seconds the training thread spent in tracker calls (panels rendered included)
+    server_cpu: float | None = None  # CPU seconds of a tracking server's processes over the run
 
     @property
     def total(self) -> float:
         return self.start + self.train + self.close
+
+
+def tracking_share(untracked: RunClock, tracked: RunClock) -> float:
+    """What tracking took from a run, per second of untracked training: the training
+    thread's extra time in tracker calls (panels rendered included) plus the writer's CPU."""
+    return (tracked.caller - untracked.caller + tracked.writer_cpu) / untracked.train
 
 
 class TimedCalls:
@@ -194,9 +202,13 @@ class TimedCalls:
         return timed
 
 
-def timed_run(cfg: RunConfig, tracker_uri: str | None) -> RunClock:
-    """One whole run, tracked (an MLflow run at ``tracker_uri``) or not."""
+def timed_run(
+    cfg: RunConfig, tracker_uri: str | None, server_cpu: Callable[[], float | None] = lambda: None
+) -> RunClock:
+    """One whole run, tracked (an MLflow run at ``tracker_uri``) or not; ``server_cpu`` reads
+    a tracking server's CPU seconds so far (None: none is measured), before and after."""
     prepared = prepare(cfg)
+    server_before = server_cpu()
     clock = time.perf_counter()
     tracker = (
         RunTracker(tracker_uri, cfg.tracking.experiment, run_name="bench-tracking")
@@ -209,8 +221,14 @@ def timed_run(cfg: RunConfig, tracker_uri: str | None) -> RunClock:
         prepared.trainer.run(Path(tmp), calls)  # type: ignore[arg-type]  # the tracker, timed
         trained = time.perf_counter()
         tracker.finish()
+    closed, server_after = time.perf_counter(), server_cpu()
     return RunClock(
-        opened - clock, trained - opened, time.perf_counter() - trained, tracker.writer_cpu_s, calls.seconds
+        opened - clock,
+        trained - opened,
+        closed - trained,
+        tracker.writer_cpu_s,
+        calls.seconds,
+        None if server_before is None or server_after is None else server_after - server_before,
     )
 
 
@@ -515,16 +533,36 @@ def run_bench(
 def tracking_rows(
     report: Report, tree: dict[str, Any], steps: int, quick: bool, echo: Callable[[str], None]
 ) -> None:
-    """Metrics every step, panels at each evaluation, against the same run untracked.
-    Untracked and tracked runs alternate (pairs against drift of a shared machine); the
-    median pair counts."""
+    """Metrics every step, panels at each evaluation, against the same run untracked: with
+    MLflow's SQLite store in this process, and with the store behind an MLflow server started
+    on this machine (training talks HTTP to it, as to the compose deployment's server). The
+    untracked, SQLite and server runs take turns (against drift of a shared machine); the
+    median of each comparison counts."""
     track_tree = {**tree, "method": "fixmatch"}
     track_tree["train"] = {**tree["train"], "log_every": 1, "eval_every": max(1, steps // 2)}
     track_tree["tracking"] = {"enabled": True, "experiment": "bench"}
-    track_cfg = validate_run_config(track_tree, "bench")
-    count = 1 if quick else 5
-    with tempfile.TemporaryDirectory() as tmp:
-        pairs = [pair for pair, _ in tracked_pairs(track_cfg, f"sqlite:///{tmp}/mlflow.db", count)]
+    cfg = validate_run_config(track_tree, "bench")
+    pairs: list[tuple[RunClock, RunClock]] = []
+    served: list[tuple[RunClock, RunClock]] = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        sqlite_uri, server_uri, server_pid, why = f"sqlite:///{tmp}/mlflow.db", None, 0, ""
+        try:
+            server_uri, server_pid = stack.enter_context(local_server(Path(tmp) / "server"))
+        except TrackingError as exc:  # no server here: its rows say why; the others stand
+            why = str(exc)
+
+        def server_cpu() -> float | None:
+            members = session_members(server_pid) if server_uri else None
+            return None if members is None else sum(m.cpu_s for m in members)
+
+        for uri in (sqlite_uri, server_uri):  # store creation is not the runs' cost
+            if uri:
+                RunTracker(uri, "bench", run_name="warm-up").finish()
+        for _ in range(1 if quick else 5):
+            untracked = timed_run(cfg, None, server_cpu)  # the server's idle CPU: its baseline
+            pairs.append((untracked, timed_run(cfg, sqlite_uri)))
+            if server_uri:
+                served.append((untracked, timed_run(cfg, server_uri, server_cpu)))
     loop_cost = median([overhead(t.train, u.train) for u, t in pairs])
     fixed = median([t.start + t.close - u.start - u.close for u, t in pairs])
     whole = median([overhead(t.total, u.total) for u, t in pairs])
@@ -544,7 +582,7 @@ def tracking_rows(
     )
     writer_share = median([t.writer_cpu / u.train for u, t in pairs])
     caller_share = median([(t.caller - u.caller) / u.train for u, t in pairs])
-    cpu_share = median([(t.caller - u.caller + t.writer_cpu) / u.train for u, t in pairs])
+    cpu_share = median([tracking_share(u, t) for u, t in pairs])
     report.add(
         Row(
             "overhead/tracking_cpu",
@@ -604,85 +642,54 @@ def tracking_rows(
         f"to open and close it ({100 * whole:+.1f}% of this {steps}-step run)"
     )
 
-    served_tracking_rows(report, track_cfg, count, echo)
+    served_rows(report, served, why, echo)
 
 
-def served_tracking_rows(report: Report, cfg: RunConfig, count: int, echo: Callable[[str], None]) -> None:
-    """``overhead/tracking_cpu`` again with the store behind an MLflow server started on this
-    machine: the compose deployment's shape, where the training process sends HTTP requests
-    and the store's work is the server's (counted apart: another machine's there)."""
-    try:
-        with tempfile.TemporaryDirectory() as tmp, local_server(Path(tmp)) as (uri, server_pid):
-            served = tracked_pairs(cfg, uri, count, lambda: session_cpu_seconds(server_pid))
-    except TrackingError as exc:  # the server would not start here: say so, keep the other rows
+def served_rows(
+    report: Report, served: list[tuple[RunClock, RunClock]], why: str, echo: Callable[[str], None]
+) -> None:
+    """``overhead/tracking_cpu`` against the MLflow server, and the server's own CPU (another
+    machine's in a deployment, so counted apart); ``why`` the server could not be measured."""
+    if not served:
         for name in ("overhead/tracking_cpu_server", "overhead/tracking_server_cpu"):
-            report.add(Row(name, None, "fraction", note=f"not measured: {exc}"))
-        echo(f"  against an MLflow server: not measured ({exc})")
+            report.add(Row(name, None, "fraction", note=f"not measured: {why}"))
+        echo(f"  against an MLflow server: not measured ({why})")
         return
-    served_share = median([(t.caller - u.caller + t.writer_cpu) / u.train for (u, t), _ in served])
+    share = median([tracking_share(u, t) for u, t in served])
     report.add(
         Row(
             "overhead/tracking_cpu_server",
-            served_share,
+            share,
             "fraction",
-            median([u.train for (u, _), _ in served]),
-            1 + served_share,
+            median([u.train for u, _ in served]),
+            1 + share,
             "<= 0.02",
-            check(served_share, 0.02),
+            check(share, 0.02),
             "as overhead/tracking_cpu, with the store behind an MLflow server on this machine "
-            "(the compose deployment's shape: the training process sends HTTP requests, the "
-            f"store's work is the server's); median of {len(served)} pairs",
+            "(no auth, SQLite, local artifacts, 1 worker): the training process sends HTTP "
+            f"requests and the store's work is the server's; median of {len(served)} pairs",
         )
     )
-    server_cpu = [cpu / u.train for (u, _), cpu in served if cpu is not None]
+    server = [
+        (t.server_cpu - u.server_cpu) / u.train
+        for u, t in served
+        if t.server_cpu is not None and u.server_cpu is not None
+    ]
     report.add(
         Row(
             "overhead/tracking_server_cpu",
-            median(server_cpu) if server_cpu else None,
+            median(server) if server else None,
             "fraction",
-            note="the server's own CPU seconds per second of untracked training: on another "
-            "machine in the deployment, here sharing this one's cores"
-            + ("" if server_cpu else " (not measured: no /proc on this system)"),
+            note="the server's CPU seconds over a tracked run (opening and closing it included), "
+            "less its CPU over the untracked run before it, per second of untracked training: "
+            "another machine's in a deployment, here sharing this one's cores"
+            + ("" if server else " (not measured: no /proc on this system)"),
         )
     )
     echo(
-        f"  the same against an MLflow server: {100 * served_share:.1f}% on the training side"
-        + (f", and the server's CPU: {100 * median(server_cpu):.1f}%" if server_cpu else "")
+        f"  the same against an MLflow server: {100 * share:.1f}% on the training side"
+        + (f", and the server's CPU: {100 * median(server):.1f}%" if server else "")
     )
-
-
-def tracked_pairs(
-    cfg: RunConfig, uri: str, count: int, other_cpu: Callable[[], float | None] = lambda: None
-) -> list[tuple[tuple[RunClock, RunClock], float | None]]:
-    """``count`` pairs of the run untracked then tracked at ``uri`` (alternating, against
-    drift of a shared machine), each with the CPU seconds ``other_cpu`` (a process besides
-    this one, e.g. a tracking server) counted over its tracked run."""
-    RunTracker(uri, "bench", run_name="warm-up").finish()  # store creation is not the runs' cost
-    pairs: list[tuple[tuple[RunClock, RunClock], float | None]] = []
-    for _ in range(count):
-        untracked = timed_run(cfg, None)
-        before = other_cpu()
-        tracked = timed_run(cfg, uri)
-        after = other_cpu()
-        pairs.append(((untracked, tracked), None if before is None or after is None else after - before))
-    return pairs
-
-
-def session_cpu_seconds(session_id: int) -> float | None:
-    """CPU seconds used so far by the live processes of one session (Linux ``/proc``); None
-    where there is no ``/proc``."""
-    proc, total = Path("/proc"), 0.0
-    if not (proc / "self/stat").exists():
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended while being read
-        if int(fields[3]) == session_id:  # after the name: state, ppid, pgrp, session, ...
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-    return total
 
 
 def data_rows(

@@ -145,6 +145,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def head_classes(state: dict[str, Any]) -> int | None:
+    """The classes a checkpoint's network predicts: its segmentation head's output channels
+    (every method keeps one, a colourisation proxy's untrained but sized for its data)."""
+    for key, value in state["method"].items():
+        if key.endswith("segmentation_head.0.weight"):
+            return int(value.shape[0])
+    return None
+
+
 def network(
     state: dict[str, Any] | None, cfg: RunConfig, num_classes: int, path: str
 ) -> tuple[SegModel, str]:
@@ -165,10 +174,7 @@ def network(
             method.load_state_dict(state["method"])
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise ConfigError(
-                f"{path}: its weights do not fit a network for the {num_classes} classes of the "
-                f"probe's data ({first})"
-            ) from None
+            raise ConfigError(f"{path}: its weights do not fit its own config ({first})") from None
         if "stage" in state:  # a finished stage's weights
             where = f"end of {state['stage']}"
             nxt = min(names.index(state["stage"]) + 1, len(stages) - 1) if state["stage"] in names else -1
@@ -197,17 +203,17 @@ def probe_checkpoints(paths: list[Path], overrides: list[str], settings: ProbeSe
             )
     states = [read_checkpoint(p) for p in paths]
     cfg = validate_run_config(apply_overrides(states[0]["config"], overrides), str(paths[0]))
-    first = validate_run_config(states[0]["config"], str(paths[0])).data.name
-    for path, state in zip(paths[1:], states[1:], strict=True):  # before any slow work
-        other = validate_run_config(state["config"], str(path)).data.name
-        if other != first:
-            raise ConfigError(
-                f"{path}: trained on {other}, but {paths[0]} on {first}; probe the "
-                "checkpoints of one dataset together"
-            )
     data: Data = build_data(cfg.data)
     device = numerics_for(cfg).device
     k = data.source.num_classes
+    for path, state in zip(paths, states, strict=True):  # before any fitting
+        classes = head_classes(state)
+        if classes is not None and classes != k:
+            raise ConfigError(
+                f"{path}: its network predicts {classes} classes, but the probe's data "
+                f"({cfg.data.name}, from {paths[0]}'s config) has {k}; probe checkpoints of one "
+                "dataset together, or choose the data with --set data.*"
+            )
     fit_loader = eval_loader(data.source, data.split.labeled, cfg.eval.batch_size, 0)
     val_loader = eval_loader(data.source, data.source.val, cfg.eval.batch_size, 0)
     rows = []

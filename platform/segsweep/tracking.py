@@ -12,6 +12,7 @@ are retried with backoff.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -275,13 +276,42 @@ def await_server(uri: str, budget_s: float) -> None:
             delay = min(delay * 2, 8.0)
 
 
+@dataclass
+class Member:
+    """A process of a session, as ``/proc`` shows it."""
+
+    pid: int
+    state: str  # "Z": a zombie, ended but not yet reaped
+    cpu_s: float  # user + system CPU seconds, its own and its reaped children's
+
+
+def session_members(session_id: int) -> list[Member] | None:
+    """The processes of one session (Linux ``/proc``); None where there is no ``/proc``."""
+    proc = Path("/proc")
+    if not (proc / "self/stat").exists():
+        return None
+    ticks, members = os.sysconf("SC_CLK_TCK"), []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:  # after the name (which may hold spaces and parentheses): state, ppid, pgrp, session
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # it ended while being read
+        if int(fields[3]) == session_id:
+            cpu = sum(int(f) for f in fields[11:15]) / ticks  # utime, stime, cutime, cstime
+            members.append(Member(int(stat.parent.name), fields[0], cpu))
+    return members
+
+
 @contextmanager
 def local_server(folder: Path, budget_s: float = 120.0) -> Iterator[tuple[str, int]]:
-    """An MLflow tracking server on 127.0.0.1, started as a process (in a session of its own)
-    with its SQLite store and artifacts in ``folder``: the compose deployment's shape, where
-    training reaches the store over HTTP and the store's work is the server's. Yields the URI
-    and the server's process id, which is also its session id. On leaving, every process of
-    that session is stopped."""
+    """An MLflow tracking server on 127.0.0.1, started as a process in a session of its own,
+    with a SQLite store and proxied artifacts in ``folder``: training reaches the store over
+    HTTP, as it reaches the compose deployment's server, and the store's work is the
+    server's. Yields the URI and the server's process id, which is also its session id. On
+    leaving (a SIGTERM included, in the main thread) every process of that session is ended.
+    """
+    import urllib.request
+
     folder.mkdir(parents=True, exist_ok=True)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -290,48 +320,67 @@ def local_server(folder: Path, budget_s: float = 120.0) -> Iterator[tuple[str, i
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--workers", "1", "--backend-store-uri", f"sqlite:///{folder.resolve() / 'mlflow.db'}"]
     command += ["--artifacts-destination", str(folder.resolve() / "artifacts")]
+    # No job runner: MLflow starts one (and its consumer processes) beside a SQLite store, and
+    # its polling is no part of what tracking costs.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log_path, "wb") as out:
         server = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True
         )
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
     try:
-        import urllib.error
-        import urllib.request
-
+        if main:  # Python's default SIGTERM skips ``finally``, which would leave the server running
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         deadline = time.monotonic() + budget_s
         while True:
             if server.poll() is not None:
                 lines = log_path.read_text(errors="replace").strip().splitlines() or ["no output"]
                 raise TrackingError(f"mlflow server exited at start ({server.returncode}): {lines[-1]}")
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-                break
-            except urllib.error.HTTPError:
-                break  # it answers
+            try:  # its own answer: another program that took the port would not say OK
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+                    if reply.read().strip() == b"OK" and server.poll() is None:
+                        break
+                    why = "its /health did not say OK"
             except OSError as exc:
-                if time.monotonic() > deadline:
-                    raise TrackingError(
-                        f"mlflow server at {uri} did not answer within {budget_s:.0f}s ({exc})"
-                    ) from None
-                time.sleep(0.25)
+                why = str(exc)
+            if time.monotonic() > deadline:
+                raise TrackingError(f"mlflow server at {uri} did not answer within {budget_s:.0f}s ({why})")
+            time.sleep(0.25)
         yield uri, server.pid
     finally:
         stop_session(server)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def stop_session(leader: subprocess.Popen) -> None:
-    """End every process of the session ``leader`` started (SIGTERM, SIGKILL after 20 s) and
-    return once none is left, so that nothing of it outlives its caller."""
+    """End every process of the session ``leader`` began (SIGTERM, then SIGKILL after 20 s)
+    and return once none is left running; warn of any that outlived both."""
+
+    def running() -> list[int] | None:
+        leader.poll()  # reaped, the leader no longer counts
+        members = session_members(leader.pid)
+        return None if members is None else [m.pid for m in members if m.state != "Z"]
+
+    left = running()
+    if left is None:  # no /proc: the leader's process group is what can be reached
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            leader.wait(timeout=20)
+        return
     for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        for pid in left or []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
         deadline = time.monotonic() + grace
-        try:
-            os.killpg(leader.pid, sig)
-            while time.monotonic() < deadline:
-                leader.poll()  # reaped, the leader no longer counts as one of the group
-                os.killpg(leader.pid, 0)  # ProcessLookupError: none is left
-                time.sleep(0.1)
-        except ProcessLookupError:
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = running()
+        if not left:
             return
+    log.warning("processes of the mlflow server's session still run: %s", left)
 
 
 def runs_tagged(
