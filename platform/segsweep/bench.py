@@ -534,35 +534,33 @@ def tracking_rows(
     report: Report, tree: dict[str, Any], steps: int, quick: bool, echo: Callable[[str], None]
 ) -> None:
     """Metrics every step, panels at each evaluation, against the same run untracked: with
-    MLflow's SQLite store in this process, and with the store behind an MLflow server started
-    on this machine (training talks HTTP to it, as to the compose deployment's server). The
-    untracked, SQLite and server runs take turns (against drift of a shared machine); the
-    median of each comparison counts."""
+    MLflow's SQLite store in this process, then with the store behind an MLflow server started
+    on this machine (training talks HTTP to it, as to the compose deployment's server).
+    Untracked and tracked runs alternate (pairs against drift of a shared machine); the
+    median pair counts."""
     track_tree = {**tree, "method": "fixmatch"}
     track_tree["train"] = {**tree["train"], "log_every": 1, "eval_every": max(1, steps // 2)}
     track_tree["tracking"] = {"enabled": True, "experiment": "bench"}
     cfg = validate_run_config(track_tree, "bench")
-    pairs: list[tuple[RunClock, RunClock]] = []
+    count = 1 if quick else 5
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = tracked_pairs(cfg, f"sqlite:///{tmp}/mlflow.db", count)
+    # Then against a server, started only now: idle, it still wakes ten times a second, which
+    # the SQLite pairs above should not share their cores with.
     served: list[tuple[RunClock, RunClock]] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        sqlite_uri, server_uri, server_pid, why = f"sqlite:///{tmp}/mlflow.db", None, 0, ""
         try:
-            server_uri, server_pid = stack.enter_context(local_server(Path(tmp) / "server"))
+            uri, pid = stack.enter_context(local_server(Path(tmp)))
         except TrackingError as exc:  # no server here: its rows say why; the others stand
             why = str(exc)
+        else:
+            why = ""
 
-        def server_cpu() -> float | None:
-            members = session_members(server_pid) if server_uri else None
-            return None if members is None else sum(m.cpu_s for m in members)
+            def server_cpu() -> float | None:
+                members = session_members(pid)
+                return None if members is None else sum(m.cpu_s for m in members)
 
-        for uri in (sqlite_uri, server_uri):  # store creation is not the runs' cost
-            if uri:
-                RunTracker(uri, "bench", run_name="warm-up").finish()
-        for _ in range(1 if quick else 5):
-            untracked = timed_run(cfg, None, server_cpu)  # the server's idle CPU: its baseline
-            pairs.append((untracked, timed_run(cfg, sqlite_uri)))
-            if server_uri:
-                served.append((untracked, timed_run(cfg, server_uri, server_cpu)))
+            served = tracked_pairs(cfg, uri, count, server_cpu)
     loop_cost = median([overhead(t.train, u.train) for u, t in pairs])
     fixed = median([t.start + t.close - u.start - u.close for u, t in pairs])
     whole = median([overhead(t.total, u.total) for u, t in pairs])
@@ -643,6 +641,16 @@ def tracking_rows(
     )
 
     served_rows(report, served, why, echo)
+
+
+def tracked_pairs(
+    cfg: RunConfig, uri: str, count: int, server_cpu: Callable[[], float | None] = lambda: None
+) -> list[tuple[RunClock, RunClock]]:
+    """``count`` pairs of the run untracked, then tracked at ``uri`` (taking turns against the
+    drift of a shared machine); ``server_cpu`` as for ``timed_run``, over both runs (the
+    untracked run's reading is the server's idle baseline)."""
+    RunTracker(uri, "bench", run_name="warm-up").finish()  # store creation is not the runs' cost
+    return [(timed_run(cfg, None, server_cpu), timed_run(cfg, uri, server_cpu)) for _ in range(count)]
 
 
 def served_rows(
