@@ -860,11 +860,13 @@ def gpu_rows(
     }
     rates: dict[str, list[float]] = {name: [] for name in settings}
     mious: dict[str, float] = {}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for name, train in settings.items():
             t = {**tree, "train": {**tree["train"], **train}}
             seconds, _, metrics = trainer_run(validate_run_config(t, "bench"), measure)
             rates[name].append(images / seconds)
+            # as it goes: a bench cut short by a time limit keeps these lines at least
+            echo(f"    round {round_ + 1}/{rounds} {name}: {images / seconds:.1f} img/s")
             mious[name] = metrics.get("val/mIoU_last", float("nan"))  # the last round's
     fp32 = median(rates["gpu/fp32"])
     for name in settings:
