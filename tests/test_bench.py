@@ -113,7 +113,7 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     served = rows["overhead/tracking_cpu_server"]
     assert served.value > 0 and served.passed == (served.value <= 0.02)
     assert served.ratio == pytest.approx(1 + served.value)
-    assert rows["overhead/tracking_server_cpu"].value > 0
+    assert rows["overhead/tracking_server_cpu"].value is not None  # read from /proc, not skipped
     assert rows["flops/per_step"].value > 0 and 0 < rows["flops/mfu"].value
     assert rows["flops/achieved"].value == pytest.approx(rows["flops/per_step"].value * bare / 4, rel=1e-6)
     assert rows["gpu/bf16"].value is None and "no CUDA" in rows["gpu/bf16"].note  # never guessed
@@ -364,3 +364,28 @@ def test_a_tracking_server_that_will_not_start_leaves_its_rows_unmeasured(
     for name in ("overhead/tracking_cpu_server", "overhead/tracking_server_cpu"):
         assert rows[name].value is None and "not measured: mlflow server exited" in rows[name].note
     assert "not measured" in said[-1]
+
+
+def test_a_tracking_error_against_a_started_server_fails_the_bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a server that will not start leaves rows unmeasured: a write that fails once it
+    runs is a fault of the tracker, not of this machine, and must not hide as a skipped row."""
+    from contextlib import contextmanager
+
+    from segsweep import bench
+    from segsweep.tracking import TrackingError
+
+    @contextmanager
+    def fake_server(_folder: Path):
+        yield "http://127.0.0.1:9", 0
+
+    def pairs(cfg, uri: str, count: int, server_cpu=lambda: None):
+        if uri.startswith("http"):
+            raise TrackingError("tracking: log metrics failed: 500")
+        clock = bench.RunClock(0.0, 1.0, 0.0, 0.01, 0.0)
+        return [(clock, clock)] * count
+
+    monkeypatch.setattr(bench, "local_server", fake_server)
+    monkeypatch.setattr(bench, "tracked_pairs", pairs)
+    report = bench.Report(schema=1, date="", machine={}, config={})
+    with pytest.raises(TrackingError, match="500"):
+        bench.tracking_rows(report, base_config(True, "cpu"), 6, True, lambda _m: None)

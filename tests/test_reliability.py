@@ -664,3 +664,52 @@ def test_a_local_server_takes_runs_over_http_and_leaves_no_process(tmp_path: Pat
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_a_sigterm_still_stops_the_local_server_and_zombies_are_told_apart(tmp_path: Path) -> None:
+    """Python's default SIGTERM skips ``finally``: ``local_server`` turns it into an exit, so
+    a bench stopped by a time limit leaves no server behind. ``session_members`` marks an
+    ended, unreaped process "Z", which ``stop_session`` does not wait for."""
+    import signal
+    import subprocess
+    import sys
+
+    from segsweep.tracking import session_members
+
+    def running(session: int) -> list[int]:
+        return [m.pid for m in session_members(session) or [] if m.state != "Z"]
+
+    script = (
+        "import sys, time\nfrom pathlib import Path\nfrom segsweep.tracking import local_server\n"
+        "with local_server(Path(sys.argv[1])) as (uri, pid):\n    print(pid, flush=True)\n    time.sleep(300)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "s")], stdout=subprocess.PIPE)
+    server = 0
+    try:
+        assert holder.stdout is not None
+        server = int(holder.stdout.readline())
+        assert running(server)
+        holder.send_signal(signal.SIGTERM)
+        assert holder.wait(timeout=60) == 128 + signal.SIGTERM
+        assert running(server) == []
+    finally:
+        holder.kill()
+        holder.wait()
+        for pid in running(server) if server else []:  # a failed check leaves nothing behind either
+            os.kill(pid, signal.SIGKILL)
+
+    # a child that ended and that its parent has not reaped is a zombie of the same session
+    parent = "import subprocess, time\nsubprocess.Popen(['true'])\nprint(1, flush=True)\ntime.sleep(30)"
+    leader = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert leader.stdout is not None and leader.stdout.readline().strip() == b"1"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            m.state == "Z" for m in session_members(leader.pid) or []
+        ):
+            time.sleep(0.05)
+        states = {m.pid: m.state for m in session_members(leader.pid) or []}
+        assert states.pop(leader.pid) != "Z" and list(states.values()) == ["Z"]
+    finally:
+        leader.kill()
+        leader.wait()

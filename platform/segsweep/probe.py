@@ -209,10 +209,12 @@ def probe_checkpoints(paths: list[Path], overrides: list[str], settings: ProbeSe
     for path, state in zip(paths, states, strict=True):  # before any fitting
         classes = head_classes(state)
         if classes is not None and classes != k:
+            chosen = [o for o in overrides if o.strip().startswith("data.")]
+            source = f"--set {' '.join(chosen)}" if chosen else f"{paths[0]}'s config"
             raise ConfigError(
                 f"{path}: its network predicts {classes} classes, but the probe's data "
-                f"({cfg.data.name}, from {paths[0]}'s config) has {k}; probe checkpoints of one "
-                "dataset together, or choose the data with --set data.*"
+                f"({cfg.data.name}, from {source}) has {k}; probe checkpoints of one dataset "
+                "together" + ("" if chosen else ", or choose the data with --set data.*")
             )
     fit_loader = eval_loader(data.source, data.split.labeled, cfg.eval.batch_size, 0)
     val_loader = eval_loader(data.source, data.source.val, cfg.eval.batch_size, 0)

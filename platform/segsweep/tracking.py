@@ -327,11 +327,20 @@ def local_server(folder: Path, budget_s: float = 120.0) -> Iterator[tuple[str, i
         server = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True
         )
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM)
+    # Python's default SIGTERM skips ``finally``, which would leave the server running: in the
+    # main thread a SIGTERM becomes SystemExit meanwhile (a handler set outside Python, which
+    # getsignal reports as None, could not be put back: then it stays).
+    previous = (
+        signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    )
+
+    def on_sigterm(*_: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the cleanup must finish
+        sys.exit(128 + signal.SIGTERM)
+
     try:
-        if main:  # Python's default SIGTERM skips ``finally``, which would leave the server running
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        if previous is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
         deadline = time.monotonic() + budget_s
         while True:
             if server.poll() is not None:
@@ -349,9 +358,11 @@ def local_server(folder: Path, budget_s: float = 120.0) -> Iterator[tuple[str, i
             time.sleep(0.25)
         yield uri, server.pid
     finally:
-        stop_session(server)
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        try:
+            stop_session(server)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def stop_session(leader: subprocess.Popen) -> None:
