@@ -101,7 +101,12 @@ def test_probe_command_reports_the_start_and_each_checkpoint(
             other["method"][key] = torch.zeros(21, *value.shape[1:])
     torch.save(other, tmp_path / "voc.pt")
     mixed = segsweep("probe", str(ckpts / "last.pt"), str(tmp_path / "voc.pt"), cwd=tmp_path)
-    assert_user_error(mixed, "voc.pt: its network predicts 21 classes", "has 7", "one dataset")
+    assert_user_error(mixed, "voc.pt: its network predicts 21 classes", "has 7", "or choose the data")
+    chosen = segsweep(
+        "probe", str(ckpts / "last.pt"), str(tmp_path / "voc.pt"), "--set", "data.split_seed=3", cwd=tmp_path
+    )
+    assert_user_error(chosen, "config with --set data.split_seed=3) has 7", "one dataset together")
+    assert "or choose" not in chosen.stderr
     from segsweep import probe as probe_module
 
     def no_fit(*_args: object, **_kwargs: object) -> None:

@@ -210,7 +210,7 @@ def probe_checkpoints(paths: list[Path], overrides: list[str], settings: ProbeSe
         classes = head_classes(state)
         if classes is not None and classes != k:
             chosen = [o for o in overrides if o.strip().startswith("data.")]
-            source = f"--set {' '.join(chosen)}" if chosen else f"{paths[0]}'s config"
+            source = f"{paths[0]}'s config" + (f" with --set {' '.join(chosen)}" if chosen else "")
             raise ConfigError(
                 f"{path}: its network predicts {classes} classes, but the probe's data "
                 f"({cfg.data.name}, from {source}) has {k}; probe checkpoints of one dataset "
