@@ -638,17 +638,14 @@ def test_a_local_server_takes_runs_over_http_and_leaves_no_process(tmp_path: Pat
 
     from mlflow.tracking import MlflowClient
 
-    from segsweep.tracking import local_server, session_members
-
-    def running(session: int) -> list[int]:
-        return [m.pid for m in session_members(session) or [] if m.state != "Z"]
+    from segsweep.tracking import local_server, session_members, session_running
 
     with local_server(tmp_path / "server") as (uri, pid):
-        assert uri.startswith("http://127.0.0.1:") and pid in running(pid)
+        assert uri.startswith("http://127.0.0.1:") and pid in session_running(pid)
         tracker = RunTracker(uri, "served", run_name="served")
         tracker.log_metrics({"loss": 0.5}, 3)
         tracker.finish()
-    assert running(pid) == []  # no process of its session is left
+    assert session_running(pid) == []  # no process of its session is left
     direct = MlflowClient(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}")
     history = direct.get_metric_history(tracker.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(3, 0.5)]
@@ -660,7 +657,7 @@ def test_a_local_server_takes_runs_over_http_and_leaves_no_process(tmp_path: Pat
         assert busy.stdout is not None and busy.stdout.readline().strip() == b"1"
         members = session_members(busy.pid) or []
         assert [m.pid for m in members] == [busy.pid] and members[0].cpu_s >= 0.29
-        assert running(pid) == []
+        assert session_running(pid) == []
     finally:
         busy.kill()
         busy.wait()
@@ -674,10 +671,7 @@ def test_a_sigterm_still_stops_the_local_server_and_zombies_are_told_apart(tmp_p
     import subprocess
     import sys
 
-    from segsweep.tracking import session_members
-
-    def running(session: int) -> list[int]:
-        return [m.pid for m in session_members(session) or [] if m.state != "Z"]
+    from segsweep.tracking import session_members, session_running
 
     script = (
         "import sys, time\nfrom pathlib import Path\nfrom segsweep.tracking import local_server\n"
@@ -688,14 +682,16 @@ def test_a_sigterm_still_stops_the_local_server_and_zombies_are_told_apart(tmp_p
     try:
         assert holder.stdout is not None
         server = int(holder.stdout.readline())
-        assert running(server)
+        assert session_running(server)
         holder.send_signal(signal.SIGTERM)
         assert holder.wait(timeout=60) == 128 + signal.SIGTERM
-        assert running(server) == []
+        assert session_running(server) == []
     finally:
         holder.kill()
         holder.wait()
-        for pid in running(server) if server else []:  # a failed check leaves nothing behind either
+        for pid in (
+            session_running(server) or [] if server else []
+        ):  # a failed check leaves nothing behind either
             os.kill(pid, signal.SIGKILL)
 
     # a child that ended and that its parent has not reaped is a zombie of the same session

@@ -10,7 +10,8 @@ Rows (each with its value, the baseline it is compared with, the ratio and the t
   cost without the run-to-run noise, the training thread's time in tracker calls plus the writer
   thread's CPU (target <= 2%); apart from it the seconds per run to open and close the MLflow
   run, and the whole-run share. The same CPU row again with the store behind an MLflow server
-  started on this machine (the compose deployment's shape), and the server's own CPU.
+  started on this machine (training talks HTTP to it, as to the compose deployment's server),
+  and the server's own CPU.
 * ``data/*``: loader throughput alone (labeled images against the bare step's need,
   unlabeled ones against the fastest semi-supervised step's), the share of step time spent
   waiting for a batch at 0 and 2 workers (target: no waiting at the default worker count),

@@ -302,6 +302,13 @@ def session_members(session_id: int) -> list[Member] | None:
     return members
 
 
+def session_running(session_id: int) -> list[int] | None:
+    """The pids of one session's processes still running (zombies aside); None where there
+    is no ``/proc``."""
+    members = session_members(session_id)
+    return None if members is None else [m.pid for m in members if m.state != "Z"]
+
+
 @contextmanager
 def local_server(folder: Path, budget_s: float = 120.0) -> Iterator[tuple[str, int]]:
     """An MLflow tracking server on 127.0.0.1, started as a process in a session of its own,
@@ -371,8 +378,7 @@ def stop_session(leader: subprocess.Popen) -> None:
 
     def running() -> list[int] | None:
         leader.poll()  # reaped, the leader no longer counts
-        members = session_members(leader.pid)
-        return None if members is None else [m.pid for m in members if m.state != "Z"]
+        return session_running(leader.pid)
 
     left = running()
     if left is None:  # no /proc: the leader's process group is what can be reached
