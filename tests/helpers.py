@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from segsweep.tracking import NullTracker
+
 
 def segsweep(
     *args: str, cwd: Path, timeout: float = 600, env: dict | None = None
@@ -50,3 +52,13 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
+
+
+class Recorder(NullTracker):
+    """A tracker keeping every logged metric by (key, step), for trainer-level tests."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[tuple[str, int], float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.update({(k, step): v for k, v in metrics.items()})

@@ -14,7 +14,7 @@ import torch
 
 from segsweep.methods import METHODS, Method, Stage
 from segsweep.models import build_model
-from segsweep.primitives import IGNORE
+from segsweep.primitives import IGNORE, ema_decay_at
 
 C = 7
 
@@ -43,11 +43,11 @@ def make_batch(seed: int = 0, b: int = 4, size: int = 32) -> dict[str, torch.Ten
     }
 
 
-def build(name: str, seed: int = 0) -> Method:
+def build(name: str, seed: int = 0, **knobs: object) -> Method:
     torch.manual_seed(seed)
     model = build_model("deeplabv3plus", "tu-mobilenetv3_small_050", C, decoder_channels=16)
     cls = METHODS[name]
-    return cls(model, cls.Knobs(), C)
+    return cls(model, cls.Knobs(**knobs), C)
 
 
 def stages_of(method: Method) -> list[Stage]:
@@ -67,6 +67,11 @@ def step_once(method: Method, stage: Stage, batch: dict[str, torch.Tensor], step
 
 
 ALL = list(METHODS)
+#: Methods whose pseudo masks can come from an EMA teacher (off by default): the teacher
+#: checks run with it on, so they are not vacuous.
+WITH_TEACHER = [name for name, cls in METHODS.items() if "ema_teacher" in cls.Knobs.model_fields]
+#: Methods that keep pseudo pixels above a confidence threshold.
+THRESHOLDED = [name for name, cls in METHODS.items() if "conf_threshold" in cls.Knobs.model_fields]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -79,18 +84,53 @@ def test_loss_is_finite_and_logs_are_floats(name: str) -> None:
         assert all(type(v) is float for v in logs.values()), logs
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_gradients_reach_only_trainable_parameters(name: str) -> None:
-    method = build(name)
+@pytest.mark.parametrize(
+    ("name", "knobs"), [(n, {}) for n in ALL] + [(n, {"ema_teacher": True}) for n in WITH_TEACHER]
+)
+def test_gradients_reach_only_the_student(name: str, knobs: dict) -> None:
+    method = build(name, **knobs)
+    teachers = {role: model for role, model in method.eval_models().items() if role}
+    assert bool(teachers) == bool(knobs), "the teacher case must have a teacher, the others none"
+    teacher_params = {id(p) for model in teachers.values() for p in model.parameters()}
+    student = {id(p) for n, p in method.named_parameters() if id(p) not in teacher_params}
+    assert student & teacher_params == set() and student
     for stage in stages_of(method):
         step_once(method, stage, make_batch())
-        frozen = [n for n, p in method.named_parameters() if not p.requires_grad]
-        assert all(dict(method.named_parameters())[n].grad is None for n in frozen), stage
-        for role, model in method.eval_models().items():
-            if role:  # a teacher is never trained by gradients
-                assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+        for model in teachers.values():  # a teacher is never trained by gradients
+            assert all(not p.requires_grad and p.grad is None for p in model.parameters()), stage
+            assert not model.training, "a teacher predicts with its running statistics"
         trained = [p for p in method.parameters() if p.grad is not None]
-        assert trained and any(p.grad.abs().sum() > 0 for p in trained), stage
+        assert trained and {id(p) for p in trained} <= student, stage
+        assert any(p.grad.abs().sum() > 0 for p in trained), stage
+
+
+@pytest.mark.parametrize("name", WITH_TEACHER)
+def test_the_teacher_follows_the_student_by_ema_after_each_step(name: str) -> None:
+    method = build(name, ema_teacher=True, ema_decay=0.99)
+    teacher = method.eval_models()["teacher"]
+    step_once(method, stages_of(method)[-1], make_batch())
+    with torch.no_grad():  # an optimizer step: the student moves away from the teacher
+        for p in method.model.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    old = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = method.model.state_dict()
+    assert any(not torch.equal(old[k], student[k]) for k in old)
+    method.after_step(5)
+    decay = ema_decay_at(5, 0.99)  # still warming up: 5/6
+    for key, value in teacher.state_dict().items():
+        if value.dtype.is_floating_point:
+            assert torch.allclose(value, decay * old[key] + (1 - decay) * student[key], atol=1e-6), key
+        else:
+            assert torch.equal(value, student[key]), key
+    # and the pseudo masks come from the teacher, not the student
+    image = make_batch()["image_u_w"]
+    assert torch.equal(method.eval().pseudo_label(image)[0], teacher(image).argmax(1))
+
+
+#: Logs of losses (and shares) computed against pixel labels or pseudo labels: zero when no
+#: pixel is labeled and every unlabeled pixel is padding.
+PIXEL_LABEL_LOGS = ("loss_sup", "loss_unsup", "loss_mix", "mask_ratio")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -99,15 +139,27 @@ def test_pixels_labeled_255_contribute_nothing(name: str) -> None:
     main = stages_of(method)[-1]
     batch = make_batch()
     batch["mask_l"][:] = IGNORE
-    batch["valid_u"][:] = False
+    batch["valid_u"][:] = False  # the unlabeled views are all padding (pseudo label 255)
     loss, logs = step_once(method, main, batch)
-    assert torch.isfinite(loss)
-    assert logs.get("loss_sup", 0.0) == 0.0
+    assert torch.isfinite(loss) and "loss_sup" in logs
+    checked = {k: logs[k] for k in PIXEL_LABEL_LOGS if k in logs}
+    assert all(v == 0.0 for v in checked.values()), checked
     # Half ignored: the labeled half still trains (ignore is per pixel, not per image).
     half = make_batch(1)
     half["mask_l"][:, :16] = IGNORE
     _, logs = step_once(build(name), main, half)
-    assert logs.get("loss_sup", 1.0) > 0.0
+    assert logs["loss_sup"] > 0.0
+
+
+@pytest.mark.parametrize("name", THRESHOLDED)
+def test_the_confidence_threshold_decides_which_pseudo_pixels_train(name: str) -> None:
+    main = stages_of(build(name))[-1]
+    # No pixel is sure enough at a threshold of 1: the unlabeled loss is zero, nothing kept.
+    _, strict = step_once(build(name, conf_threshold=1.0), main, make_batch())
+    assert strict["mask_ratio"] == 0.0 and strict["loss_unsup"] == 0.0
+    # At 0 every pixel that is not padding is kept, and the unlabeled loss trains.
+    _, loose = step_once(build(name, conf_threshold=0.0), main, make_batch())
+    assert loose["mask_ratio"] == 1.0 and loose["loss_unsup"] > 0.0
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -141,3 +193,4 @@ def test_pseudo_labels_have_the_documented_shapes(name: str) -> None:
     assert pseudo.shape == conf.shape == keep.shape == (4, 32, 32)
     assert pseudo.dtype == torch.long and keep.dtype == torch.bool
     assert ((conf >= 0) & (conf <= 1)).all()
+    assert torch.equal(keep, conf >= method.conf_threshold)

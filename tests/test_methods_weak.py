@@ -31,6 +31,8 @@ from segsweep.primitives import IGNORE
 from segsweep.runner import prepare
 from segsweep.tracking import NullTracker
 
+from .helpers import Recorder
+
 # -- HFPL ------------------------------------------------------------------------------------
 
 
@@ -227,14 +229,6 @@ def test_colourisation_targets() -> None:
 
 
 # -- pipelines resume from the last finished stage ---------------------------------------------
-
-
-class Recorder(NullTracker):
-    def __init__(self) -> None:
-        self.metrics: dict[tuple[str, int], float] = {}
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.metrics.update({(k, step): v for k, v in metrics.items()})
 
 
 @pytest.mark.parametrize(("method", "stage"), [("hfpl", "train"), ("mixandmatch", "match")])

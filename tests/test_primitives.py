@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segsweep.primitives import (
@@ -14,6 +15,7 @@ from segsweep.primitives import (
     confidence_mask,
     confusion_matrix,
     cutmix_box,
+    ema_decay_at,
     ema_update,
     masked_cross_entropy,
     one_hot_ignore,
@@ -52,6 +54,15 @@ def test_classes_absent_everywhere_are_left_out_of_the_mean() -> None:
     assert math.isnan(s["iou"][2]) and math.isnan(s["iou"][3])
 
 
+def test_a_class_predicted_but_absent_from_the_truth_counts_as_zero() -> None:
+    # Class 2 is never in the ground truth but predicted once: IoU 0, and it is in the mean
+    # (VOC's rule: only classes absent from both truth and prediction are left out).
+    conf = confusion_matrix(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 0, 1, 1]), 4)
+    s = scores_from_confusion(conf)
+    assert s["iou"][:3] == pytest.approx([1.0, 0.5, 0.0]) and math.isnan(s["iou"][3])
+    assert s["mIoU"] == pytest.approx(1.5 / 3)
+
+
 def test_class_map_is_argmax_and_takes_the_first_class_on_a_tie() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 7, 9, generator=g)
@@ -76,17 +87,27 @@ def test_confidence_mask_thresholds_the_softmax() -> None:
 
 
 def test_masked_cross_entropy_ignores_255_and_never_nans() -> None:
-    logits = torch.randn(2, 3, 4, 4)
-    target = torch.randint(0, 3, (2, 4, 4))
-    other = target.clone()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, generator=g)
+    target = torch.randint(0, 3, (2, 4, 4), generator=g)
     target[:, :2] = IGNORE
-    other[:, :2] = IGNORE
-    other[:, 2:] = target[:, 2:]
-    assert masked_cross_entropy(logits, target) == pytest.approx(masked_cross_entropy(logits, other).item())
+    valid = target != IGNORE
+    # the mean cross-entropy of the labeled pixels alone, computed another way
+    reference = F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], target[valid])
+    assert masked_cross_entropy(logits, target).item() == pytest.approx(reference.item())
+    # whatever the logits say at ignored pixels changes nothing
+    noisy = logits.clone()
+    noisy[:, :, :2] = 100.0 * torch.randn(2, 3, 2, 4, generator=g)
+    assert masked_cross_entropy(noisy, target).item() == pytest.approx(reference.item())
     assert masked_cross_entropy(logits, torch.full_like(target, IGNORE)).item() == 0.0
-    # weights zero out pixels, but the mean stays over non-ignored pixels
-    half = masked_cross_entropy(logits, target, weight=torch.zeros(2, 4, 4))
-    assert half.item() == 0.0
+    # Weights scale pixels, but the mean stays over every non-ignored pixel: half the
+    # labeled pixels weighted 0 leaves their share out of the sum, not out of the divisor.
+    weight = torch.zeros(2, 4, 4)
+    weight[:, 2:3] = 1.0
+    per_pixel = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
+    expected = (per_pixel * weight).sum() / valid.sum()
+    assert masked_cross_entropy(logits, target, weight=weight).item() == pytest.approx(expected.item())
+    assert masked_cross_entropy(logits, target, weight=torch.zeros(2, 4, 4)).item() == 0.0
 
 
 def test_cutmix_box_is_a_rectangle_of_bounded_area_inside_the_image() -> None:
@@ -111,12 +132,30 @@ def test_rect_masks_are_the_rectangles_pixels() -> None:
         assert torch.equal(mask, expected)
 
 
-def test_ema_update_moves_the_teacher_towards_the_student() -> None:
-    student, teacher = nn.Linear(2, 1), nn.Linear(2, 1)
-    nn.init.constant_(student.weight, 1.0)
-    nn.init.constant_(teacher.weight, 0.0)
+def test_ema_update_blends_parameters_and_float_buffers_and_copies_counters() -> None:
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    student.train()(torch.randn(8, 3, 5, 5))  # moves the student's running statistics
+    student.train()(torch.randn(8, 3, 5, 5))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     ema_update(teacher, student, decay=0.75)
-    assert teacher.weight.tolist() == [[0.25, 0.25]]
+    after, source = teacher.state_dict(), student.state_dict()
+    for key, value in after.items():
+        if value.dtype.is_floating_point:  # weights, biases, running mean and variance
+            assert torch.allclose(value, 0.75 * before[key] + 0.25 * source[key]), key
+        else:  # num_batches_tracked: a counter, copied
+            assert torch.equal(value, source[key]) and source[key].item() == 2, key
+    assert not torch.equal(after["1.running_mean"], before["1.running_mean"])
+
+
+def test_ema_decay_warms_up_then_holds() -> None:
+    # Mean Teacher's warm-up: step 0 copies the student, then 1 - 1/(step+1) until the cap
+    assert ema_decay_at(0, 0.99) == 0.0
+    assert ema_decay_at(1, 0.99) == pytest.approx(0.5)
+    assert ema_decay_at(9, 0.99) == pytest.approx(0.9)
+    assert ema_decay_at(99, 0.99) == pytest.approx(0.99)
+    assert ema_decay_at(10_000, 0.99) == 0.99
 
 
 def test_poly_lr_and_one_hot() -> None:

@@ -50,6 +50,26 @@ def test_voc_published_list_lines_resolve_augmented_masks(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("train_ids", [True, False])
+def test_cityscapes_published_list_lines_read_with_or_without_train_id_masks(
+    tmp_path: Path, train_ids: bool
+) -> None:
+    # UniMatch's lines name *_gtFine_labelTrainIds.png; the official download has only
+    # *_labelIds.png until cityscapesScripts is run, so those are read and mapped instead.
+    root = write_cityscapes(tmp_path, train_ids=train_ids)
+    (root / "split").mkdir()
+    line = "leftImg8bit/train/aachen/aachen_{0:06d}_000019_leftImg8bit.png gtFine/train/aachen/aachen_{0:06d}_000019_gtFine_labelTrainIds.png\n"
+    (root / "split" / "labeled.txt").write_text(line.format(0))
+    (root / "split" / "unlabeled.txt").write_text(line.format(1) + line.format(2))
+    src = cityscapes_source(root)
+    split = make_split(src, 0.5, 0, tune_size=1, split_folder=root / "split")
+    assert [s.name for s in split.labeled] == ["aachen_000000_000019"]
+    assert len(split.tune) == 1 and len(split.unlabeled) == 1
+    _, mask = src.read_pair(split.labeled[0])
+    raw = np.asarray(Image.open(root / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png"))
+    assert (mask[raw == 26] == 13).all() and (mask[raw == 4] == 255).all()
+
+
+@pytest.mark.parametrize("train_ids", [True, False])
 def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path, train_ids: bool) -> None:
     src = cityscapes_source(write_cityscapes(tmp_path, train_ids=train_ids))
     assert src.num_classes == 19 and len(src.train) == 3 and len(src.val) == 3

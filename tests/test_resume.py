@@ -7,22 +7,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from segsweep.methods import METHODS, Method
 from segsweep.runner import prepare
 from segsweep.tracking import NullTracker
 
+from .helpers import Recorder
 
-class Recorder(NullTracker):
-    def __init__(self) -> None:
-        self.metrics: dict[tuple[str, int], float] = {}
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for k, v in metrics.items():
-            self.metrics[(k, step)] = v
+#: Methods of one stage (not overriding ``stages``); multi-stage pipelines resume stage by
+#: stage in ``test_methods_weak``.
+ONE_STAGE = [name for name, cls in METHODS.items() if cls.stages is Method.stages]
 
 
-@pytest.mark.parametrize("method", ["supervised", "fixmatch"])
+@pytest.mark.parametrize("method", ONE_STAGE)
 def test_resumed_run_matches_the_uninterrupted_one(tiny, tmp_path: Path, method: str) -> None:
-    over = {"method": method, "train.steps": 6, "train.eval_every": 3, "fixmatch.ema_teacher": True}
+    """Every one-stage method, its own randomness included (S4MIM's masks, GuidedMix's
+    mixing); with the EMA teacher on where a method has one, so its state is resumed too."""
+    over: dict[str, object] = {"method": method, "train.steps": 6, "train.eval_every": 3}
+    if "ema_teacher" in METHODS[method].Knobs.model_fields:
+        over[f"{method}.ema_teacher"] = True
     full = Recorder()
     a = prepare(tiny(**over))
     a.trainer.run(tmp_path / "a", full)
@@ -40,6 +42,36 @@ def test_resumed_run_matches_the_uninterrupted_one(tiny, tmp_path: Path, method:
     assert resumed.metrics[("val/mIoU", 6)] == full.metrics[("val/mIoU", 6)]
     sa, sb = a.trainer.method.state_dict(), b.trainer.method.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_the_honest_number_is_val_at_the_evaluation_best_on_the_tune_split(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Model selection: ``val/mIoU_at_best_tune`` is val's score at the evaluation whose tune
+    score was highest (first one on a tie), ``best.pt`` holds that step, and the flattering
+    best-on-val and the last evaluation are reported apart. The scores are scripted so that
+    the three differ."""
+    import segsweep.engine as engine
+
+    val = iter([0.10, 0.40, 0.20, 0.30])  # best on val: evaluation 2 (step 4)
+    tune = iter([0.20, 0.10, 0.50, 0.50])  # best on tune: evaluation 3 (step 6), tie at 8
+    prepared = prepare(tiny(**{"train.steps": 8, "train.eval_every": 2}))
+    trainer = prepared.trainer
+
+    def scripted(model, loader, *args, **kwargs) -> dict:
+        score = next(val if loader is trainer.val_loader else tune)
+        return {"mIoU": score, "pixel_acc": score, "iou": [score] * trainer.data.source.num_classes}
+
+    monkeypatch.setattr(engine, "evaluate", scripted)
+    recorder = Recorder()
+    result = trainer.run(tmp_path / "r", recorder)
+    assert [recorder.metrics[("tune/mIoU", s)] for s in (2, 4, 6, 8)] == [0.2, 0.1, 0.5, 0.5]
+    assert result.metrics["val/mIoU_at_best_tune"] == 0.20
+    assert result.metrics["tune/mIoU_best"] == 0.50
+    assert result.metrics["val/mIoU_best"] == 0.40
+    assert result.metrics["val/mIoU_last"] == 0.30
+    best = torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=False)
+    assert best["progress"]["step"] == 6
 
 
 class Closing(NullTracker):
