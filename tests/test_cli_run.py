@@ -188,15 +188,19 @@ def test_unreadable_image_found_up_front_leaves_no_run(cache_dir: Path, tmp_path
 
 
 def test_bad_mask_met_during_training_fails_the_run_cleanly(cache_dir: Path, tmp_path: Path) -> None:
+    from segsweep.config import load_run_config
+    from segsweep.data import build_data
+
     cfg, uri = folder_run(tmp_path, cache_dir)
-    for i in range(2, 12):  # every training mask but the first read up front
-        Image.fromarray(np.full((40, 40), 9, dtype=np.uint8), mode="L").save(
-            tmp_path / f"data/masks/im{i:02d}.png"
-        )
+    labeled = build_data(load_run_config(cfg).data).split.labeled
+    for sample in labeled[1:]:  # every labeled mask but the one read up front
+        Image.fromarray(np.full((40, 40), 9, dtype=np.uint8), mode="L").save(tmp_path / "data" / sample.mask)
     proc = segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
+    assert "run " in proc.stdout  # the run had started: the bad mask was met while training
     assert_user_error(proc, ".png", "class id 9", "3 classes")
     statuses = [r.info.status for r in runs_in(uri)]
-    assert "RUNNING" not in statuses
+    assert statuses == ["FAILED"]  # the record of what happened stays in MLflow ...
+    assert not (tmp_path / "runs").exists()  # ... but no folder without a checkpoint to resume
 
 
 def test_resuming_from_a_corrupt_checkpoint_leaves_the_finished_run_as_it_was(

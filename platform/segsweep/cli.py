@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
+import math
 import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from segsweep.errors import ConfigError, InjectedFailure, UserError, one_line
-from segsweep.files import require_folder, write_atomic
+from segsweep.errors import ConfigError, InjectedFailure, UserError, one_line, user_message
+from segsweep.files import first_missing, make_folder, require_writable_file, unmake_folder, write_atomic
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,6 +47,7 @@ def _echo(quiet: bool) -> Callable[[str], None]:
 def cmd_run(args: argparse.Namespace) -> int:
     from segsweep.config import apply_overrides, load_run_config, read_yaml, validate_run_config
     from segsweep.runner import execute, make_tracker, prepare
+    from segsweep.tracking import existing_store
 
     sets = list(args.set or [])
     if args.tracking_uri:
@@ -69,27 +70,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = cfg.output_dir / run_key
 
     echo = _echo(args.quiet)
+    if cfg.tracking.enabled:  # a wrong store is named before anything is read or made
+        existing_store(
+            cfg.tracking.uri, must_exist=False, what="--tracking-uri" if args.tracking_uri else "tracking.uri"
+        )
     prepared = prepare(cfg, echo)
     if resume_ckpt is not None:
         # Read and applied before its MLflow run is touched: a corrupt or foreign checkpoint
         # is a one-line error that leaves the run (and its status) as it was.
         prepared.trainer.load_checkpoint(resume_ckpt)
-    created = not run_dir.exists()
-    require_folder(run_dir, "output_dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"output_dir: cannot create {run_dir}: {exc.strerror}") from None
+    made = first_missing(run_dir)
+    make_folder(run_dir, "output_dir")
     try:
         tracker = make_tracker(cfg, prepared.data, run_key=run_key)
     except BaseException:
-        if created:  # nothing of this run may stay behind
-            shutil.rmtree(run_dir, ignore_errors=True)
+        unmake_folder(run_dir, made)  # nothing of this run may stay behind, runs/ included
         raise
     from segsweep.config import dump_yaml
 
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    result = execute(prepared, tracker, run_dir)  # a resumed trainer already holds its state
+    try:
+        result = execute(prepared, tracker, run_dir)  # a resumed trainer already holds its state
+    except (UserError, RuntimeError) as exc:
+        # Bad input met mid-run (an unreadable image past the first): with no checkpoint yet
+        # there is nothing to resume, so no folder is left to suggest otherwise. Its MLflow
+        # run stays, FAILED, with the error.
+        if user_message(exc) is not None and not any((run_dir / "checkpoints").glob("*.pt")):
+            unmake_folder(run_dir, made)
+        raise
     if result.status == "diverged":
         print(
             f"error: {result.message}; run {tracker.run_id} marked FAILED (segsweep.status=diverged)",
@@ -168,9 +176,10 @@ def cmd_curve(args: argparse.Namespace) -> int:
     from segsweep.tracking import fetch_runs, log_files
 
     out = Path(args.out or Path("reports") / args.experiment)
-    require_folder(out, "--out")
+    for name in report.OUTPUT_FILES:  # all or none: checked before the first is written
+        require_writable_file(out / name, "--out")
     runs = fetch_runs(args.tracking_uri, args.experiment)
-    curve = report.build_curve(runs, args.value, args.baseline)
+    curve = report.build_curve(runs, args.value, args.baseline, args.experiment)
     methods = sorted({r.method for r in curve.rows})
     if methods and args.baseline not in methods and args.baseline_given:
         raise ConfigError(
@@ -207,7 +216,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from segsweep.dashboard import serve
     from segsweep.tracking import existing_store
 
-    existing_store(args.tracking_uri, must_exist=False)  # an empty store is fine, a wrong file is not
+    existing_store(args.tracking_uri)  # it only reads: a mistyped path must not show a new, empty store
     server = serve(args.tracking_uri, args.host, args.port, args.mlflow_url)
     host, port = server.server_address[:2]
     print(
@@ -232,9 +241,13 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from segsweep.config import load_run_config
     from segsweep.data import build_data
     from segsweep.data.check import missing_files, verify
+    from segsweep.engine import build_method
+    from segsweep.runner import require_images_for
 
     cfg = load_run_config(Path(args.config) if args.config else None, list(args.set or []))
     data = build_data(cfg.data)
+    # The split must hold what the method trains on, as a run requires (its stages say what).
+    require_images_for(cfg, data, build_method(cfg, data.source.num_classes).stages(cfg.train.steps))
     missing = missing_files(data)
     count, problems = verify(data)
     # A missing file also fails to decode: name it once, as missing.
@@ -277,6 +290,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for name in methods:
             get_method(name)
     out = Path(args.json) if args.json else None
+    if out is not None:  # before minutes of measuring, not after
+        require_writable_file(out, "--json")
 
     def save(report: Report) -> None:  # after each section: a bench cut short keeps its rows
         if out is not None:
@@ -306,8 +321,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from segsweep.probe import ProbeSettings, probe_checkpoints
 
     settings = ProbeSettings(pixels_per_image=args.pixels_per_image, iters=args.iters)
-    print("segsweep probe: fitting a linear probe per network...", flush=True)
-    report = probe_checkpoints([Path(c) for c in args.checkpoint], list(args.set or []), settings)
+    if args.json:  # before the fitting, not after
+        require_writable_file(Path(args.json), "--json")
+    report = probe_checkpoints(
+        [Path(c) for c in args.checkpoint], list(args.set or []), settings, echo=_echo(False)
+    )
     print(
         f"linear probe on frozen features, fit on {report['labeled_images']} labeled images "
         f"({report['dataset']}, seed {report['seed']}, label_ratio {report['label_ratio']}), "
@@ -344,6 +362,16 @@ def cmd_datasets(_args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
+    return value
 
 
 def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -479,7 +507,9 @@ def build_parser() -> Parser:
         help="comma-separated sections to run: step, tracking, data, flops, gpu, packing, sweep, curve "
         "(default: all; the bare loop always runs)",
     )
-    p.add_argument("--peak-tflops", type=float, help="the device's peak, for model FLOPs utilisation")
+    p.add_argument(
+        "--peak-tflops", type=_positive_float, help="the device's peak, for model FLOPs utilisation"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -537,13 +567,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InjectedFailure as exc:  # asked for by the user: their crash, not our bug
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:
-        # DataLoader workers re-raise our DataError as RuntimeError(traceback text).
-        text = str(exc)
-        if "DataError: " in text or "ConfigError: " in text:
-            print(f"error: {one_line(exc).split('Error: ', 1)[-1]}", file=sys.stderr)
-            return 2
-        raise
+    except RuntimeError as exc:  # a DataLoader worker's re-raised DataError: still one line
+        message = user_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A file the machine would not let us read or write (disk full, permissions) that no
+        # check before the work could foresee: named in one line, not a traceback.
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segsweep.errors import ConfigError
+from segsweep.files import UserPath
 from segsweep.methods import METHODS
 from segsweep.methods.fixmatch import FixMatchKnobs
 from segsweep.methods.guidedmix import GuidedMixKnobs
@@ -24,11 +25,14 @@ from segsweep.methods.mixandmatch import MixAndMatchKnobs
 from segsweep.methods.s4mim import S4MIMKnobs
 from segsweep.methods.supervised import SupervisedKnobs
 
+#: Seeds go to torch's generators, which take at most 64 bits (and negative ones wrap).
+MAX_SEED = 2**63 - 1
+
 
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(Section):
@@ -37,7 +41,9 @@ class SyntheticConfig(Section):
     image_size: int = Field(64, ge=32, le=1024, description="side of the square images, px")
     num_train: int = Field(1200, ge=16, description="training pool size")
     num_val: int = Field(200, ge=8, description="validation (reported) split size")
-    seed: int = Field(0, description="generator seed; a different seed is a different dataset")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="generator seed; a different seed is a different dataset"
+    )
 
 
 class AugmentConfig(Section):
@@ -66,13 +72,15 @@ DatasetName = Literal["synthetic", "voc", "voc_aug", "cityscapes", "folder"]
 
 class DataConfig(Section):
     name: DatasetName = "synthetic"
-    root: Path | None = Field(None, description="dataset root; for synthetic, the cache folder")
+    root: UserPath | None = Field(None, description="dataset root; for synthetic, the cache folder")
     label_ratio: float = Field(0.125, gt=0, le=1, description="fraction of training images labeled")
     num_labeled: int | None = Field(None, ge=1, description="labeled count; overrides label_ratio")
-    split: Path | None = Field(
+    split: UserPath | None = Field(
         None, description="a published split folder holding labeled.txt and unlabeled.txt"
     )
-    split_seed: int = Field(0, description="seed of the generated labeled/unlabeled partition")
+    split_seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seed of the generated labeled/unlabeled partition"
+    )
     tune_size: int = Field(
         64, ge=0, description="training images held out (from the unlabeled pool) for tuning"
     )
@@ -116,7 +124,7 @@ class DataConfig(Section):
 class ModelConfig(Section):
     arch: Literal["deeplabv3plus", "unet", "fpn"] = "unet"
     encoder: str = "tu-mobilenetv3_small_050"
-    encoder_weights: Path | None = Field(
+    encoder_weights: UserPath | None = Field(
         None, description="local encoder state_dict; weights are never downloaded"
     )
     decoder_channels: int | None = Field(64, ge=8, description="decoder width; None: smp's default")
@@ -186,8 +194,8 @@ class DebugConfig(Section):
 
 class RunConfig(Section):
     method: str = "supervised"
-    seed: int = 0
-    output_dir: Path = Field(Path("runs"), description="local checkpoints and run files")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    output_dir: UserPath = Field(Path("runs"), description="local checkpoints and run files")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

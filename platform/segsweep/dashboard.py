@@ -16,10 +16,12 @@ markup. It listens on 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mimetypes
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -253,6 +255,11 @@ def serve(tracking_uri: str | None, host: str, port: int, mlflow_url: str | None
     app = Dashboard(tracking_uri, mlflow_url)
     try:
         server = ThreadingHTTPServer((host, port), make_handler(app, root))
-    except OSError as exc:
-        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
+    except OSError as exc:  # an unknown or foreign address is the host's fault, a busy port the port's
+        flag = (
+            f"--host {host}"
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+            else f"--port {port}"
+        )
+        raise ConfigError(f"{flag}: cannot listen on {host}:{port} ({exc.strerror})") from None
     return server

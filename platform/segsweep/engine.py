@@ -322,6 +322,12 @@ class Trainer:
             model.net.encoder.compile()
             model.net.decoder.compile()
         self.stages = self.method.stages(cfg.train.steps)
+        names = [s.name for s in self.stages]
+        if cfg.debug.fail_at_step is not None and cfg.debug.fail_stage not in names:
+            raise ConfigError(
+                f"debug.fail_stage: '{cfg.debug.fail_stage}' is not a stage of {cfg.method}; "
+                f"its stages: {', '.join(names)}"
+            )
         self.progress = Progress()
         self.timing = Timing()
         self.final_report: dict[str, Any] = {}
@@ -398,6 +404,19 @@ class Trainer:
             raise ConfigError(
                 f"{path}: not a readable checkpoint ({one_line(exc).split('. ')[0][:200]})"
             ) from None
+        saved = state.get("config") if isinstance(state, dict) else None
+        if isinstance(saved, dict):  # same shapes would load, and train another method on
+            was = (
+                saved.get("method"),
+                (saved.get("model") or {}).get("arch"),
+                (saved.get("model") or {}).get("encoder"),
+            )
+            now = (self.cfg.method, self.cfg.model.arch, self.cfg.model.encoder)
+            if was != now:
+                raise ConfigError(
+                    f"{path}: a checkpoint of {'/'.join(map(str, was))}, but this run is "
+                    f"{'/'.join(now)} (method/arch/encoder); resume with the config it was written with"
+                )
         try:
             self.method.load_state_dict(state["method"])
             self.progress = Progress(**{**state["progress"], "resumed": True})

@@ -61,3 +61,14 @@ def one_line(exc: BaseException) -> str:
         if last.startswith(prefix):
             return last[len(prefix) :]
     return last
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one-line message of a ``UserError``, also when a DataLoader worker re-raised it as
+    ``RuntimeError(traceback text)``; None for anything else (a bug keeps its traceback)."""
+    if isinstance(exc, UserError):
+        return one_line(exc)
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("DataError: " in text or "ConfigError: " in text):
+        return one_line(exc).split("Error: ", 1)[-1]
+    return None

@@ -9,12 +9,35 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Annotated, BinaryIO
+
+from pydantic import BeforeValidator
 
 from segsweep.errors import ConfigError
+
+
+def expand_user(text: str) -> Path:
+    """``text`` as a path with ``~`` expanded; ``ValueError`` (one line) for an empty path,
+    which would silently mean the current folder, or a ``~user`` with no home."""
+    if not text:
+        raise ValueError("an empty path (leave the key out for its default)")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:  # '~nosuchuser/x'
+        raise ValueError(f"cannot expand '{text}' ({exc})") from None
+
+
+def _typed_path(value: object) -> object:
+    return expand_user(value) if isinstance(value, str) else value
+
+
+#: A path field of a config: what the user typed, ``~`` expanded, never silently empty.
+UserPath = Annotated[Path, BeforeValidator(_typed_path)]
 
 
 def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]) -> Path:
@@ -57,6 +80,63 @@ def require_folder(path: Path, what: str) -> None:
                 shown = "" if part == path else f" (in {path})"
                 raise ConfigError(f"{what}: {part} is a file, not a folder{shown}")
             return
+
+
+def make_folder(path: Path, what: str) -> Path:
+    """Create the folder ``path`` (and its parents) for ``what`` (a field or flag), or raise a
+    one-line ``ConfigError`` saying why it cannot be (a file in the way, no permission)."""
+    require_folder(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot create {path} ({exc.strerror or exc})") from None
+    return path
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what creating ``path`` adds),
+    or None when ``path`` exists."""
+    missing = None
+    for part in (path, *path.parents):
+        if part.exists():
+            break
+        missing = part
+    return missing
+
+
+def unmake_folder(path: Path, top: Path | None) -> None:
+    """Undo ``make_folder(path)`` after a failure: remove ``path`` with everything in it, then
+    each parent up to ``top`` (``first_missing`` before it was made) that is still empty. A
+    parent another process has written into meanwhile (a second run in ``runs/``) stays."""
+    if top is None:
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if top == path:
+        return
+    for part in path.parents:  # top is one of them
+        try:
+            part.rmdir()
+        except OSError:  # not empty (or gone): leave it and everything above
+            return
+        if part == top:
+            return
+
+
+def require_writable_file(path: Path, what: str) -> None:
+    """Raise a one-line ``ConfigError`` naming ``what`` unless ``path`` can be written: it is
+    not a folder, and a file can be created in its folder (or in the nearest existing parent
+    of a folder still to be made). Checked before a long job starts, so its result is not
+    lost at the end; leaves nothing behind."""
+    if path.is_dir():
+        raise ConfigError(f"{what}: {path} is a folder, not a file")
+    require_folder(path.parent, what)
+    existing = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".segsweep-check.")
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot write {path} ({exc.strerror or exc})") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def remove_leftovers(folder: Path) -> list[Path]:

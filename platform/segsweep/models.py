@@ -38,6 +38,8 @@ def read_torch_file(path: Path, what: str, weights_only: bool = True, hint: str 
     """``torch.load`` of a file a user named (on the CPU); a missing or unreadable one is a
     one-line ConfigError starting with ``what`` (the field or argument that named it), ending
     with ``hint`` (what file was expected)."""
+    if path.is_dir():
+        raise ConfigError(f"{what}: a folder, not a file{hint}")
     if not path.is_file():
         raise ConfigError(f"{what}: file not found")
     try:

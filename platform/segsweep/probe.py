@@ -20,6 +20,7 @@ pixels, the same values ``F.interpolate`` gives there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """A run's checkpoint (last.pt, best.pt) or a finished stage's weights (e.g. proxy.pt)."""
     # A run checkpoint holds RNG states (numpy arrays): not loadable as plain weights.
     state = read_torch_file(path, str(path), weights_only=False, hint="; give a run's checkpoints/*.pt")
-    if not isinstance(state, dict) or not {"method", "config"} <= state.keys():
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("method"), dict)
+        or not isinstance(state.get("config"), dict)
+    ):
         raise ConfigError(f"{path}: not a segsweep checkpoint (a run's checkpoints/*.pt)")
     return state
 
@@ -149,7 +154,7 @@ def head_classes(state: dict[str, Any]) -> int | None:
     """The classes a checkpoint's network predicts: its segmentation head's output channels
     (every method keeps one, a colourisation proxy's untrained but sized for its data)."""
     for key, value in state["method"].items():
-        if key.endswith("segmentation_head.0.weight"):
+        if key.endswith("segmentation_head.0.weight") and isinstance(value, torch.Tensor) and value.dim():
             return int(value.shape[0])
     return None
 
@@ -186,11 +191,17 @@ def network(
     return method.model.eval().requires_grad_(False), where
 
 
-def probe_checkpoints(paths: list[Path], overrides: list[str], settings: ProbeSettings) -> dict[str, Any]:
+def probe_checkpoints(
+    paths: list[Path],
+    overrides: list[str],
+    settings: ProbeSettings,
+    echo: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any]:
     """Probe the initialisation of the first checkpoint's run, then each checkpoint.
 
     Every row uses the data and device of the first checkpoint's config (with ``overrides``):
-    its labeled split fits the probe, its validation images score it.
+    its labeled split fits the probe, its validation images score it. ``echo`` hears once,
+    when every input has been checked and the fitting starts.
     """
     from segsweep.config import apply_overrides, parse_override
 
@@ -216,6 +227,7 @@ def probe_checkpoints(paths: list[Path], overrides: list[str], settings: ProbeSe
                 f"({cfg.data.name}, from {source}) has {k}; probe checkpoints of one dataset "
                 "together" + ("" if chosen else ", or choose the data with --set data.*")
             )
+    echo(f"segsweep probe: fitting a linear probe per network ({len(paths) + 1} networks)...")
     fit_loader = eval_loader(data.source, data.split.labeled, cfg.eval.batch_size, 0)
     val_loader = eval_loader(data.source, data.source.val, cfg.eval.batch_size, 0)
     rows = []

@@ -26,7 +26,7 @@ from pathlib import Path
 from statistics import mean, stdev
 
 from segsweep.errors import ConfigError
-from segsweep.files import write_atomic
+from segsweep.files import make_folder, write_atomic
 from segsweep.tracking import RunRecord
 
 RULES = {"last": "val/mIoU_last", "best_tune": "val/mIoU_at_best_tune"}
@@ -265,10 +265,13 @@ def attach_published(summary: list[Summary], rows: list[Row], matched: list[dict
             s.delta_vs_published = s.mean - s.published
 
 
-def build_curve(runs: list[RunRecord], rule: str = "last", baseline: str = "supervised") -> Curve:
+def build_curve(
+    runs: list[RunRecord], rule: str = "last", baseline: str = "supervised", experiment: str | None = None
+) -> Curve:
     rows = select_rows(runs, rule)
     if not rows:
-        raise ConfigError("no finished runs with a val/mIoU summary in this experiment")
+        where = f"experiment '{experiment}'" if experiment else "this experiment"
+        raise ConfigError(f"no finished runs with a val/mIoU summary in {where}")
     summary = summarise(rows)
     matched, dataset, family = matching_published(rows, published_table())
     attach_published(summary, rows, matched)
@@ -372,18 +375,18 @@ def ratio_label(ratio: float) -> str:
     return f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 and ratio < 1 else f"{ratio:g}"
 
 
+#: What ``write_outputs`` writes into its folder.
+OUTPUT_FILES = ("runs.csv", "summary.csv", "differences.csv", "curve.png")
+
+
 def write_outputs(curve: Curve, out: Path, title: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     files = []
-    for name, items in (
-        ("runs.csv", curve.rows),
-        ("summary.csv", curve.summary),
-        ("differences.csv", curve.differences),
-    ):
+    for name, items in zip(OUTPUT_FILES, (curve.rows, curve.summary, curve.differences), strict=False):
         path = out / name
         write_atomic(path, to_csv(items, RULES[curve.rule]))
         files.append(path)
-    files.append(plot(curve, out / "curve.png", title))
+    files.append(plot(curve, out / OUTPUT_FILES[-1], title))
     return files
 
 

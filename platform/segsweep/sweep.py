@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from segsweep.errors import ConfigError, UserError, one_line
-from segsweep.files import require_folder, write_atomic
+from segsweep.files import first_missing, make_folder, require_writable_file, unmake_folder, write_atomic
 from segsweep.sweepspec import Cell, Plan, run_config_of
 from segsweep.tracking import (
     STATUS_INTERRUPTED,
@@ -43,6 +43,7 @@ from segsweep.tracking import (
     TAG_PARENT,
     TAG_STATUS,
     RunTracker,
+    existing_store,
     finished_run,
     redact,
     resolve_uri,
@@ -593,6 +594,45 @@ class SweepResult:
 TRIAL_THREAD_TIMEOUT_S = 300
 
 
+#: Seconds a sweep waits for a Ray head given by address to accept connections (a cluster
+#: brought up beside the driver may still be starting) before it gives up in one line.
+RAY_WAIT_S = 60.0
+
+
+def await_ray_head(address: str | None, budget_s: float | None = None) -> None:
+    """For a ``HOST:PORT`` (or ``ray://HOST:PORT``) address: wait until something listens
+    there, saying so once on stderr. Without this, ``ray.init`` retries an address nobody
+    answers on for many minutes, printing multi-line logs. ``auto`` and other forms are
+    left to Ray."""
+    import socket
+
+    budget_s = RAY_WAIT_S if budget_s is None else budget_s
+    text = (address or "").removeprefix("ray://")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    delay, deadline, said = 1.0, time.monotonic() + budget_s, False
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            if time.monotonic() + delay > deadline:
+                raise ConfigError(
+                    f"--ray-address {address}: nothing answers there within {budget_s:.0f}s ({reason})"
+                ) from None
+            if not said:
+                print(
+                    f"note: Ray head {address} does not answer ({reason}); waiting up to {budget_s:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
 def _ray_init(address: str | None, plan: Plan) -> None:
     import ray
 
@@ -794,6 +834,10 @@ def run_sweep(
     # On a cluster the trials run on the workers: the driver may have no GPU of its own, so it
     # builds the models on its CPU (a worker still checks its device when its trial starts).
     address = ray_address or spec.ray.address
+    await_ray_head(address)
+    # Where the sweep writes, checked now rather than after Ray has started.
+    require_writable_file(sweep_dir / "spec.yaml", "--dir")
+    existing_store(plan.tracking_uri, must_exist=False, what="tracking store")
     on_driver = {"train.device": "cpu"} if address else {}
     seen: set[str] = set()
     for cell in plan.cells:
@@ -803,7 +847,6 @@ def run_sweep(
             seen.add(key)
             prepare(cfg)
 
-    require_folder(sweep_dir, "--dir")
     own_storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
     storage_url = spec.optuna_storage or os.environ.get("SEGSWEEP_OPTUNA_STORAGE") or own_storage
     if storage_url != own_storage:  # a database of its own: reachable before anything starts
@@ -818,20 +861,24 @@ def run_sweep(
     clock = time.perf_counter()
     _ray_init(address, plan)
     seconds = {"ray_init": time.perf_counter() - clock}
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    made = first_missing(sweep_dir)
+    make_folder(sweep_dir, "--dir")
+    try:
+        parent = RunTracker(
+            uri,
+            plan.experiment,
+            run_name=spec.name,
+            run_key=f"sweep:{key_prefix}",
+            tags={
+                "segsweep.kind": "sweep",
+                "segsweep.sweep": spec.name,
+                "segsweep.optuna_storage": redact(storage_url),
+            },
+        )
+    except BaseException:
+        unmake_folder(sweep_dir, made)  # a sweep that never started leaves no folder to trip --resume
+        raise
     write_atomic(sweep_dir / "spec.yaml", plan.spec_text)
-
-    parent = RunTracker(
-        uri,
-        plan.experiment,
-        run_name=spec.name,
-        run_key=f"sweep:{key_prefix}",
-        tags={
-            "segsweep.kind": "sweep",
-            "segsweep.sweep": spec.name,
-            "segsweep.optuna_storage": redact(storage_url),
-        },
-    )
     if not parent.resumed:
         parent.log_params(
             {

@@ -31,6 +31,7 @@ from segsweep.config import (
 )
 from segsweep.data import default_cache
 from segsweep.errors import ConfigError
+from segsweep.files import expand_user
 from segsweep.methods import METHODS
 from segsweep.tracking import resolve_uri
 
@@ -293,7 +294,10 @@ def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     ):
         node = tree.get(section, {}) if section else tree
         if isinstance(node, dict) and node.get(key):
-            p = Path(str(node[key])).expanduser()
+            try:
+                p = expand_user(str(node[key]))
+            except ValueError as exc:
+                raise ConfigError(f"{f'{section}.' if section else ''}{key}: {exc}") from None
             node[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     if data.get("name", "synthetic") == "synthetic" and not data.get("root"):
         data["root"] = str(default_cache().resolve())
@@ -311,6 +315,8 @@ def plan_sweep(
     cwd = cwd or Path.cwd()
     if isinstance(spec.base, Path):
         base_path = spec.base if spec.base.is_absolute() else path.parent / spec.base
+        if not base_path.exists():  # name the spec and its key, not only the missing file
+            raise ConfigError(f"{path}: base: {base_path}: config file not found")
         base_tree = read_yaml(base_path)
         base_source = str(base_path)
     else:

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from segsweep.errors import ConfigError, UserError, first_line
+from segsweep.files import require_writable_file
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter about table creation
@@ -792,22 +793,33 @@ def experiment_id_of(client: Any, name: str) -> str:
     return exp.experiment_id
 
 
-def existing_store(uri: str | None, must_exist: bool = True) -> str:
-    """``uri`` resolved, for commands that read a store and never create one: a SQLite path
-    with no file (``must_exist``), or a file that is no SQLite database, is a one-line error."""
+def existing_store(uri: str | None, must_exist: bool = True, what: str = "--tracking-uri") -> str:
+    """``uri`` resolved and checked before anything is started or written: a SQLite path
+    with no file (``must_exist``; otherwise its folder must be writable, so the store can be
+    made), a folder, or a file that is no SQLite database, is a one-line error naming
+    ``what`` (the flag or field the URI came from) and the path. Commands that only read a
+    store never create one."""
     resolved = resolve_uri(uri)
     path = sqlite_path(resolved)
-    if path is not None:
-        if not path.exists():
-            if must_exist:
-                raise ConfigError(
-                    f"--tracking-uri: no MLflow store at {path} (runs and sweeps create it; "
-                    "run this where they ran, or pass --tracking-uri)"
-                )
-            return resolved
+    if path is None:
+        return resolved
+    if path.is_dir():
+        raise ConfigError(f"{what}: {path} is a folder, not an MLflow store")
+    if not path.exists():
+        if must_exist:
+            raise ConfigError(
+                f"{what}: no MLflow store at {path} (runs and sweeps create it; "
+                "run this where they ran, or pass --tracking-uri)"
+            )
+        require_writable_file(path, what)
+        return resolved
+    try:
         with open(path, "rb") as fh:
-            if fh.read(16) != b"SQLite format 3\x00":
-                raise ConfigError(f"--tracking-uri: {path} is not an MLflow store (not a SQLite database)")
+            head = fh.read(16)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
+    if head != b"SQLite format 3\x00":
+        raise ConfigError(f"{what}: {path} is not an MLflow store (not a SQLite database)")
     return resolved
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segsweep.errors import DataError
 from segsweep.files import write_atomic
 from segsweep.primitives import IGNORE
 
@@ -188,15 +189,20 @@ def load_or_generate(
     half-written cache.
     """
     folder = root / f"synthetic-{cache_key(seed, size, num_train, num_val)}"
-    folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for split, start, count in (("train", 0, num_train), ("val", num_train, num_val)):
         img_path, mask_path = folder / f"{split}_images.npy", folder / f"{split}_masks.npy"
         arrays = _cached(img_path, mask_path, (count, size, size, 3), (count, size, size))
         if arrays is None:  # absent, or damaged by hand: it is a cache, so make it again
             images, masks = generate(seed, size, start, count)
-            write_atomic(img_path, functools.partial(np.save, arr=images))
-            write_atomic(mask_path, functools.partial(np.save, arr=masks))
+            try:  # a cache already made may sit in a read-only folder; a new one needs to write
+                write_atomic(img_path, functools.partial(np.save, arr=images))
+                write_atomic(mask_path, functools.partial(np.save, arr=masks))
+            except OSError as exc:
+                raise DataError(
+                    f"{folder}: cannot write the synthetic dataset's cache ({exc.strerror or exc}); "
+                    "point data.root or SEGSWEEP_CACHE at a writable folder"
+                ) from None
             arrays = _cached(img_path, mask_path, images.shape, masks.shape)
             assert arrays is not None
         out[split] = arrays

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import platform
+import warnings
 
 import numpy as np
 import torch
@@ -24,6 +25,12 @@ from segsweep.primitives import IGNORE, Rect
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
+
+
+# Decoded images (PIL's arrays, the synthetic cache's memory map) are read-only, and torch
+# warns on each view of one. Nothing writes through the view (``weak`` copies after the crop),
+# so the warning, printed once per process and worker, says nothing to a user.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 def to_tensor(image: np.ndarray) -> Tensor:

@@ -43,7 +43,7 @@ Batch = dict[str, Tensor]
 class Knobs(BaseModel):
     """Base of a method's knobs (its config section). Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from segsweep.data.transforms import STD, stats_on, unit_rgb
 from segsweep.errors import ConfigError
+from segsweep.files import UserPath
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
 from segsweep.models import SegModel, read_torch_file
 from segsweep.primitives import IGNORE, masked_cross_entropy
@@ -59,7 +60,7 @@ from segsweep.primitives import IGNORE, masked_cross_entropy
 class MixAndMatchKnobs(Knobs):
     proxy: Literal["colorization"] = Field("colorization", description="self-supervised proxy task")
     proxy_steps: int = Field(300, ge=0, description="budget of the proxy stage (0: no proxy)")
-    proxy_from: Path | None = Field(
+    proxy_from: UserPath | None = Field(
         None,
         description="a proxy trained once: an earlier run's checkpoints/proxy.pt; its encoder "
         "replaces this run's proxy stage",

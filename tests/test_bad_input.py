@@ -1,0 +1,192 @@
+"""Bad input found by an audit of every command: each is one ``error:`` line naming the file or
+field, a non-zero exit, no traceback, and nothing left behind. Run in process (``main``) for
+speed; ``test_cli_run`` covers the same contract through a real subprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from segsweep import sweep
+from segsweep.cli import main
+from segsweep.data.synthetic import cache_key
+
+from .conftest import tiny_tree
+from .helpers import runs_in, write_config
+
+
+def one_error(capsys: pytest.CaptureFixture, code: int, *fragments: str, expect: int = 2) -> str:
+    err = capsys.readouterr().err
+    assert code == expect, (code, err)
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def files_in(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_a_tracking_store_that_is_a_folder_or_cannot_be_made_is_named_and_leaves_no_run(
+    cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", tiny_tree(cache_dir, **{"tracking.enabled": True}))
+    (tmp_path / "adir.db").mkdir()
+    (tmp_path / "afile").write_text("")
+    before = files_in(tmp_path)
+    for uri, fragments in (
+        (f"sqlite:///{tmp_path / 'adir.db'}", ["--tracking-uri", "adir.db", "is a folder"]),
+        (f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}", ["--tracking-uri", "afile", "is a file"]),
+    ):
+        one_error(capsys, main(["run", str(cfg), "--tracking-uri", uri]), *fragments)
+        assert files_in(tmp_path) == before  # no runs/ folder, no store
+    for command in (["curve", "--experiment", "x"], ["dashboard"]):
+        code = main([*command, "--tracking-uri", f"sqlite:///{tmp_path / 'adir.db'}"])
+        one_error(capsys, code, "--tracking-uri", "adir.db", "is a folder")
+
+
+def test_the_dashboard_never_creates_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    one_error(capsys, main(["dashboard", "--port", "0"]), "--tracking-uri", "no MLflow store at")
+    assert files_in(tmp_path) == set()
+
+
+def test_an_address_not_on_this_machine_blames_the_host_not_the_port(tmp_path: Path, capsys) -> None:
+    store = tmp_path / "mlflow.db"
+    runs_in(f"sqlite:///{store}")  # an empty store, made by MLflow
+    code = main(["dashboard", "--tracking-uri", f"sqlite:///{store}", "--host", "203.0.113.7", "--port", "0"])
+    one_error(capsys, code, "--host 203.0.113.7", "cannot listen")
+
+
+@pytest.mark.parametrize("command", [["bench", "--quick", "--only", "step"], ["probe", "x.pt"]])
+def test_json_paths_that_cannot_be_written_are_refused_before_the_work(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
+    one_error(capsys, main([*command, "--json", "adir"]), "--json", "adir", "is a folder")
+    one_error(capsys, main([*command, "--json", "afile/r.json"]), "--json", "afile", "is a file")
+    assert capsys.readouterr().out == ""  # refused before any banner or measuring
+    assert files_in(tmp_path) == {"adir", "afile"}
+
+
+def test_curve_checks_every_output_before_writing_any(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rep" / "summary.csv").mkdir(parents=True)  # the second of the four files
+    one_error(
+        capsys, main(["curve", "--experiment", "x", "--out", "rep"]), "--out", "summary.csv", "is a folder"
+    )
+    assert files_in(tmp_path) == {"rep", "rep/summary.csv"}
+
+
+@pytest.mark.parametrize(
+    ("over", "fragments"),
+    [
+        ({"seed": 10**20}, ["seed", "less than or equal to"]),
+        ({"data.augment.scale_max": float("inf")}, ["data", "scale_max", "finite number"]),
+        ({"train.weight_decay": float("nan")}, ["train.weight_decay", "finite number"]),
+        ({"data.root": ""}, ["data.root", "empty path"]),
+        ({"data.name": "folder", "data.root": "~nosuchuser-segsweep/x"}, ["data.root", "cannot expand"]),
+        ({"debug.fail_at_step": 1, "debug.fail_stage": "bogus"}, ["debug.fail_stage", "'bogus'", "train"]),
+    ],
+)
+def test_config_values_that_used_to_pass_validation_and_crash(
+    over: dict, fragments: list[str], cache_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", tiny_tree(cache_dir, **over))
+    one_error(capsys, main(["run", str(cfg)]), *fragments)
+    assert files_in(tmp_path) == {"c.yaml"}
+
+
+def test_a_synthetic_cache_that_cannot_be_written_is_one_line(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / f"synthetic-{cache_key(0, 32, 20, 8)}").write_text("in the way")
+    sets = ["data.synthetic.image_size=32", "data.crop_size=32", "data.synthetic.num_train=20"]
+    sets += ["data.synthetic.num_val=8", "data.tune_size=2", f"data.root={root}"]
+    code = main(["check-data", *[a for s in sets for a in ("--set", s)]])
+    one_error(capsys, code, "synthetic-", "cannot write the synthetic dataset's cache", "SEGSWEEP_CACHE")
+
+
+def test_check_data_refuses_a_split_the_method_cannot_train_on(
+    cache_dir: Path, tmp_path: Path, capsys
+) -> None:
+    cfg = write_config(
+        tmp_path / "c.yaml", tiny_tree(cache_dir, method="fixmatch", **{"data.label_ratio": 1.0})
+    )
+    one_error(capsys, main(["check-data", str(cfg)]), "data.label_ratio", "no unlabeled images left")
+
+
+def test_probe_refuses_a_hand_made_checkpoint(tmp_path: Path, capsys) -> None:
+    for name, state in (("m.pt", {"method": 1, "config": {}}), ("c.pt", {"method": {}, "config": [1]})):
+        torch.save(state, tmp_path / name)
+        one_error(capsys, main(["probe", str(tmp_path / name)]), name, "not a segsweep checkpoint")
+    (tmp_path / "adir.pt").mkdir()
+    one_error(capsys, main(["probe", str(tmp_path / "adir.pt")]), "adir.pt", "a folder, not a file")
+
+
+def test_resume_refuses_a_checkpoint_of_another_method(
+    cache_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", tiny_tree(cache_dir, **{"train.steps": 2}))
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    [run_dir] = (tmp_path / "runs").iterdir()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["method"] = "fixmatch"  # same network, so its weights would load and train on
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    one_error(capsys, main(["run", "--resume", str(run_dir)]), "last.pt", "supervised", "fixmatch")
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_a_sweep_refuses_a_ray_address_nobody_answers_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from .test_sweep import tiny_spec, write_spec
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "RAY_WAIT_S", 1.0)
+    path = write_spec(tmp_path, tiny_spec("unreachable"))
+    one_error(
+        capsys, main(["sweep", str(path), "--ray-address", "127.0.0.1:1"]), "--ray-address", "nothing answers"
+    )
+    assert files_in(tmp_path) == {"unreachable.yaml"}
+
+
+def test_a_sweep_whose_store_is_a_folder_leaves_no_sweep_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    from .test_sweep import tiny_spec, write_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir.db").mkdir()
+    path = write_spec(tmp_path, tiny_spec("nostore"))
+    code = main(["sweep", str(path), "--tracking-uri", f"sqlite:///{tmp_path / 'adir.db'}"])
+    one_error(capsys, code, "adir.db", "is a folder")
+    assert files_in(tmp_path) == {"nostore.yaml", "adir.db"}
+
+
+def test_a_spec_whose_base_file_is_missing_names_the_spec(tmp_path: Path, capsys) -> None:
+    spec = tmp_path / "s.yaml"
+    grid = {"method": ["supervised"], "data.label_ratio": [0.5], "seed": [0]}
+    spec.write_text(yaml.safe_dump({"name": "s", "base": "nosuch.yaml", "grid": grid}))
+    one_error(capsys, main(["sweep", str(spec)]), "s.yaml: base:", "nosuch.yaml", "not found")
+
+
+def test_an_unforeseen_os_error_is_one_line_naming_the_file(monkeypatch, capsys) -> None:
+    import segsweep.cli as cli
+
+    def full_disk(_args) -> int:
+        raise OSError(28, "No space left on device", "/data/runs/x/checkpoints/last.pt")
+
+    monkeypatch.setattr(cli, "cmd_methods", full_disk)
+    one_error(capsys, main(["methods"]), "last.pt", "No space left", expect=1)
