@@ -4,6 +4,10 @@ speed; ``test_cli_run`` covers the same contract through a real subprocess."""
 
 from __future__ import annotations
 
+import errno
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +17,10 @@ import yaml
 from segsweep import sweep
 from segsweep.cli import main
 from segsweep.data.synthetic import cache_key
+from segsweep.files import first_missing, make_folder, unmake_folder
 
 from .conftest import tiny_tree
-from .helpers import runs_in, write_config
+from .helpers import write_config
 
 
 def one_error(capsys: pytest.CaptureFixture, code: int, *fragments: str, expect: int = 2) -> str:
@@ -52,17 +57,61 @@ def test_a_tracking_store_that_is_a_folder_or_cannot_be_made_is_named_and_leaves
         one_error(capsys, code, "--tracking-uri", "adir.db", "is a folder")
 
 
+def never_serve(*_args: object) -> None:
+    raise AssertionError("the dashboard started serving")  # a regression fails, not hangs
+
+
 def test_the_dashboard_never_creates_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import segsweep.dashboard
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(segsweep.dashboard, "serve", never_serve)
     one_error(capsys, main(["dashboard", "--port", "0"]), "--tracking-uri", "no MLflow store at")
     assert files_in(tmp_path) == set()
 
 
-def test_an_address_not_on_this_machine_blames_the_host_not_the_port(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("error", "flag"),
+    [
+        (OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"), "--host 203.0.113.7"),
+        (socket.gaierror(-2, "Name or service not known"), "--host 203.0.113.7"),
+        (OSError(errno.EADDRINUSE, "Address already in use"), "--port 8050"),
+    ],
+)
+def test_a_dashboard_that_cannot_listen_blames_the_right_flag(
+    error: OSError, flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import segsweep.dashboard
+
+    def refuse(*_args: object) -> None:
+        raise error
+
+    monkeypatch.setattr(segsweep.dashboard, "ThreadingHTTPServer", refuse)
     store = tmp_path / "mlflow.db"
-    runs_in(f"sqlite:///{store}")  # an empty store, made by MLflow
-    code = main(["dashboard", "--tracking-uri", f"sqlite:///{store}", "--host", "203.0.113.7", "--port", "0"])
-    one_error(capsys, code, "--host 203.0.113.7", "cannot listen")
+    store.write_bytes(b"")  # an empty file is a new SQLite store, not a wrong file
+    code = main(
+        ["dashboard", "--tracking-uri", f"sqlite:///{store}", "--host", "203.0.113.7", "--port", "8050"]
+    )
+    one_error(capsys, code, flag, "cannot listen on 203.0.113.7:8050")
+
+
+def test_cleaning_up_removes_only_what_the_command_made(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # the user's, empty
+    path = Path("a/../runs/key")  # 'a' is never made: the path only passes through it
+    made = first_missing(path)
+    assert made is not None and made.resolve() == (tmp_path / "runs" / "key").resolve()
+    make_folder(path, "output_dir")
+    assert files_in(tmp_path) == {"runs", "runs/key"}
+    unmake_folder(path, made)
+    assert files_in(tmp_path) == {"runs"}  # the user's folder stays
+    nested = Path("x/y/z")
+    made = first_missing(nested)
+    make_folder(nested, "output_dir")
+    (tmp_path / "x" / "other").write_text("a second run's file")  # written meanwhile
+    unmake_folder(nested, made)
+    assert files_in(tmp_path) == {"runs", "x", "x/other"}
 
 
 @pytest.mark.parametrize("command", [["bench", "--quick", "--only", "step"], ["probe", "x.pt"]])
@@ -150,6 +199,26 @@ def test_resume_refuses_a_checkpoint_of_another_method(
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
 
 
+def test_a_sweep_waits_for_a_ray_head_that_is_starting(capsys: pytest.CaptureFixture) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def start_later() -> None:
+        time.sleep(1.5)
+        listener.listen()
+
+    thread = threading.Thread(target=start_later)
+    thread.start()
+    try:
+        sweep.await_ray_head(f"127.0.0.1:{port}", budget_s=20)
+    finally:
+        thread.join()
+        listener.close()
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and f"127.0.0.1:{port} does not answer" in notes[0]
+
+
 def test_a_sweep_refuses_a_ray_address_nobody_answers_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -190,3 +259,10 @@ def test_an_unforeseen_os_error_is_one_line_naming_the_file(monkeypatch, capsys)
 
     monkeypatch.setattr(cli, "cmd_methods", full_disk)
     one_error(capsys, main(["methods"]), "last.pt", "No space left", expect=1)
+
+    def our_bug(_args) -> int:  # a wrong path of ours is no user error: it keeps its traceback
+        raise FileNotFoundError(2, "No such file or directory", "/segsweep/internal/missing.json")
+
+    monkeypatch.setattr(cli, "cmd_methods", our_bug)
+    with pytest.raises(FileNotFoundError):
+        main(["methods"])

@@ -123,9 +123,12 @@ def test_the_teacher_follows_the_student_by_ema_after_each_step(name: str) -> No
             assert torch.allclose(value, decay * old[key] + (1 - decay) * student[key], atol=1e-6), key
         else:
             assert torch.equal(value, student[key]), key
-    # and the pseudo masks come from the teacher, not the student
+    # and the pseudo masks come from the teacher, not the student (their confidences differ)
     image = make_batch()["image_u_w"]
-    assert torch.equal(method.eval().pseudo_label(image)[0], teacher(image).argmax(1))
+    _, conf, _ = method.eval().pseudo_label(image)
+    with torch.no_grad():
+        assert torch.allclose(conf, teacher(image).softmax(1).amax(1), atol=1e-6)
+        assert not torch.allclose(conf, method.model(image).softmax(1).amax(1), atol=1e-6)
 
 
 #: Logs of losses (and shares) computed against pixel labels or pseudo labels: zero when no

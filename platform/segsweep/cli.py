@@ -8,6 +8,7 @@ kept for bugs.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import sys
@@ -17,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from segsweep.errors import ConfigError, InjectedFailure, UserError, one_line, user_message
-from segsweep.files import first_missing, make_folder, require_writable_file, unmake_folder, write_atomic
+from segsweep.files import new_folder, require_writable_file, unmake_folder, write_atomic
+
+#: errno values meaning the machine, not segsweep, refused a file operation.
+MACHINE_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,7 +51,7 @@ def _echo(quiet: bool) -> Callable[[str], None]:
 def cmd_run(args: argparse.Namespace) -> int:
     from segsweep.config import apply_overrides, load_run_config, read_yaml, validate_run_config
     from segsweep.runner import execute, make_tracker, prepare
-    from segsweep.tracking import existing_store
+    from segsweep.tracking import existing_store, uri_origin
 
     sets = list(args.set or [])
     if args.tracking_uri:
@@ -70,22 +74,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = cfg.output_dir / run_key
 
     echo = _echo(args.quiet)
-    if cfg.tracking.enabled:  # a wrong store is named before anything is read or made
-        existing_store(
-            cfg.tracking.uri, must_exist=False, what="--tracking-uri" if args.tracking_uri else "tracking.uri"
-        )
+    # Where the run will write, checked before the data and model (minutes with data.verify).
+    require_writable_file(run_dir / "config.yaml", "output_dir")
+    if cfg.tracking.enabled:
+        named = "--tracking-uri" if args.tracking_uri else "tracking.uri"
+        existing_store(cfg.tracking.uri, must_exist=False, what=uri_origin(cfg.tracking.uri, named))
     prepared = prepare(cfg, echo)
     if resume_ckpt is not None:
         # Read and applied before its MLflow run is touched: a corrupt or foreign checkpoint
         # is a one-line error that leaves the run (and its status) as it was.
         prepared.trainer.load_checkpoint(resume_ckpt)
-    made = first_missing(run_dir)
-    make_folder(run_dir, "output_dir")
-    try:
+    with new_folder(run_dir, "output_dir") as made:  # nothing of this run stays if it fails
         tracker = make_tracker(cfg, prepared.data, run_key=run_key)
-    except BaseException:
-        unmake_folder(run_dir, made)  # nothing of this run may stay behind, runs/ included
-        raise
     from segsweep.config import dump_yaml
 
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
@@ -574,9 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     except OSError as exc:
-        # A file the machine would not let us read or write (disk full, permissions) that no
-        # check before the work could foresee: named in one line, not a traceback.
-        if exc.filename is None:
+        # The machine refused a file (disk full, permissions, a read-only mount) where no
+        # check before the work could foresee it: one line naming it. Any other OSError (a
+        # wrong path of ours) is a bug and keeps its traceback.
+        if exc.filename is None or exc.errno not in MACHINE_REFUSALS:
             raise
         print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 1

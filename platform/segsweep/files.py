@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
@@ -85,6 +85,7 @@ def require_folder(path: Path, what: str) -> None:
 def make_folder(path: Path, what: str) -> Path:
     """Create the folder ``path`` (and its parents) for ``what`` (a field or flag), or raise a
     one-line ``ConfigError`` saying why it cannot be (a file in the way, no permission)."""
+    path = Path(os.path.abspath(path))  # 'a/../runs' makes runs/, never a/
     require_folder(path, what)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -96,6 +97,7 @@ def make_folder(path: Path, what: str) -> Path:
 def first_missing(path: Path) -> Path | None:
     """The outermost folder of ``path`` that does not exist yet (what creating ``path`` adds),
     or None when ``path`` exists."""
+    path = Path(os.path.abspath(path))  # 'a/../runs' is runs/: judged as the file system sees it
     missing = None
     for part in (path, *path.parents):
         if part.exists():
@@ -110,6 +112,7 @@ def unmake_folder(path: Path, top: Path | None) -> None:
     parent another process has written into meanwhile (a second run in ``runs/``) stays."""
     if top is None:
         return
+    path = Path(os.path.abspath(path))  # as ``first_missing`` saw it
     shutil.rmtree(path, ignore_errors=True)
     if top == path:
         return
@@ -120,6 +123,20 @@ def unmake_folder(path: Path, top: Path | None) -> None:
             return
         if part == top:
             return
+
+
+@contextlib.contextmanager
+def new_folder(path: Path, what: str) -> Iterator[Path | None]:
+    """``make_folder(path, what)`` for the first steps of a job: if the block fails, what was
+    made is removed again (``unmake_folder``). Yields ``first_missing(path)`` from before, for
+    a later clean-up of the same kind."""
+    made = first_missing(path)
+    make_folder(path, what)
+    try:
+        yield made
+    except BaseException:
+        unmake_folder(path, made)
+        raise
 
 
 def require_writable_file(path: Path, what: str) -> None:

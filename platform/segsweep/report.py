@@ -382,7 +382,8 @@ OUTPUT_FILES = ("runs.csv", "summary.csv", "differences.csv", "curve.png")
 def write_outputs(curve: Curve, out: Path, title: str) -> list[Path]:
     make_folder(out, "--out")
     files = []
-    for name, items in zip(OUTPUT_FILES, (curve.rows, curve.summary, curve.differences), strict=False):
+    tables = (curve.rows, curve.summary, curve.differences)
+    for name, items in zip(OUTPUT_FILES[:-1], tables, strict=True):
         path = out / name
         write_atomic(path, to_csv(items, RULES[curve.rule]))
         files.append(path)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from segsweep.errors import ConfigError, UserError, one_line
-from segsweep.files import first_missing, make_folder, require_writable_file, unmake_folder, write_atomic
+from segsweep.files import new_folder, require_writable_file, write_atomic
 from segsweep.sweepspec import Cell, Plan, run_config_of
 from segsweep.tracking import (
     STATUS_INTERRUPTED,
@@ -599,7 +599,7 @@ TRIAL_THREAD_TIMEOUT_S = 300
 RAY_WAIT_S = 60.0
 
 
-def await_ray_head(address: str | None, budget_s: float | None = None) -> None:
+def await_ray_head(address: str | None, budget_s: float | None = None, named: str = "--ray-address") -> None:
     """For a ``HOST:PORT`` (or ``ray://HOST:PORT``) address: wait until something listens
     there, saying so once on stderr. Without this, ``ray.init`` retries an address nobody
     answers on for many minutes, printing multi-line logs. ``auto`` and other forms are
@@ -620,7 +620,7 @@ def await_ray_head(address: str | None, budget_s: float | None = None) -> None:
             reason = exc.strerror or type(exc).__name__
             if time.monotonic() + delay > deadline:
                 raise ConfigError(
-                    f"--ray-address {address}: nothing answers there within {budget_s:.0f}s ({reason})"
+                    f"{named} {address}: nothing answers there within {budget_s:.0f}s ({reason})"
                 ) from None
             if not said:
                 print(
@@ -834,10 +834,10 @@ def run_sweep(
     # On a cluster the trials run on the workers: the driver may have no GPU of its own, so it
     # builds the models on its CPU (a worker still checks its device when its trial starts).
     address = ray_address or spec.ray.address
-    await_ray_head(address)
-    # Where the sweep writes, checked now rather than after Ray has started.
+    # Where the sweep writes, checked now rather than after Ray has started; then the head.
     require_writable_file(sweep_dir / "spec.yaml", "--dir")
-    existing_store(plan.tracking_uri, must_exist=False, what="tracking store")
+    existing_store(plan.tracking_uri, must_exist=False, what=plan.tracking_origin)
+    await_ray_head(address, named="--ray-address" if ray_address else "ray.address")
     on_driver = {"train.device": "cpu"} if address else {}
     seen: set[str] = set()
     for cell in plan.cells:
@@ -861,9 +861,7 @@ def run_sweep(
     clock = time.perf_counter()
     _ray_init(address, plan)
     seconds = {"ray_init": time.perf_counter() - clock}
-    made = first_missing(sweep_dir)
-    make_folder(sweep_dir, "--dir")
-    try:
+    with new_folder(sweep_dir, "--dir"):  # a sweep that never started leaves no folder
         parent = RunTracker(
             uri,
             plan.experiment,
@@ -875,9 +873,6 @@ def run_sweep(
                 "segsweep.optuna_storage": redact(storage_url),
             },
         )
-    except BaseException:
-        unmake_folder(sweep_dir, made)  # a sweep that never started leaves no folder to trip --resume
-        raise
     write_atomic(sweep_dir / "spec.yaml", plan.spec_text)
     if not parent.resumed:
         parent.log_params(

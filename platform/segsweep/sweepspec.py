@@ -33,7 +33,7 @@ from segsweep.data import default_cache
 from segsweep.errors import ConfigError
 from segsweep.files import expand_user
 from segsweep.methods import METHODS
-from segsweep.tracking import resolve_uri
+from segsweep.tracking import resolve_uri, uri_origin
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 REQUIRED_GRID_KEYS = ("method", "data.label_ratio", "seed")
@@ -245,6 +245,8 @@ class Plan:
     experiment: str
     #: What the spec says that no trial will use (told to the user, not an error).
     notes: list[str] = field(default_factory=list)
+    #: The flag, field or variable that gave ``tracking_uri`` (named in errors about it).
+    tracking_origin: str = "--tracking-uri"
 
     def samples(self, cell: Cell) -> int:
         return self.spec.num_samples if cell.space else 1
@@ -329,7 +331,15 @@ def plan_sweep(
     base_tree = apply_overrides(base_tree, sets or [])
     # Resolved here, on the driver: a trial runs in its own folder and would otherwise
     # silently write a store of its own there.
-    uri = resolve_uri(tracking_uri or spec.tracking.uri or (base_tree.get("tracking") or {}).get("uri"))
+    base_uri = (base_tree.get("tracking") or {}).get("uri")
+    uri = resolve_uri(tracking_uri or spec.tracking.uri or base_uri)
+    origin = (
+        "--tracking-uri"
+        if tracking_uri
+        else "tracking.uri"
+        if spec.tracking.uri
+        else uri_origin(base_uri, f"{base_source}: tracking.uri")
+    )
     experiment = spec.tracking.experiment or spec.name
 
     # Cell ids read the same whatever the YAML order: method, label ratio, others, seed.
@@ -371,7 +381,7 @@ def plan_sweep(
         f"search.{m} is not used: no cell of the grid runs {m} (its methods: {', '.join(sorted(ran))})"
         for m in sorted(set(spec.search) - ran)
     ]
-    return Plan(spec, path.read_text(encoding="utf-8"), planned, uri, experiment, notes)
+    return Plan(spec, path.read_text(encoding="utf-8"), planned, uri, experiment, notes, origin)
 
 
 def run_config_of(cell: Cell, params: dict[str, Any], seed: int | None = None) -> RunConfig:

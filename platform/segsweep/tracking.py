@@ -793,6 +793,14 @@ def experiment_id_of(client: Any, name: str) -> str:
     return exp.experiment_id
 
 
+def uri_origin(uri: str | None, named: str) -> str:
+    """What an error about the store of ``uri`` should name: ``named`` (the flag or field that
+    gave it), or, with none, the environment variable or default ``resolve_uri`` used."""
+    if uri:
+        return named
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store"
+
+
 def existing_store(uri: str | None, must_exist: bool = True, what: str = "--tracking-uri") -> str:
     """``uri`` resolved and checked before anything is started or written: a SQLite path
     with no file (``must_exist``; otherwise its folder must be writable, so the store can be
@@ -818,7 +826,7 @@ def existing_store(uri: str | None, must_exist: bool = True, what: str = "--trac
             head = fh.read(16)
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
-    if head != b"SQLite format 3\x00":
+    if head not in (b"", b"SQLite format 3\x00"):  # empty: a store just created, still unwritten
         raise ConfigError(f"{what}: {path} is not an MLflow store (not a SQLite database)")
     return resolved
 

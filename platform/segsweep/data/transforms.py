@@ -29,8 +29,11 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
 
 # Decoded images (PIL's arrays, the synthetic cache's memory map) are read-only, and torch
 # warns on each view of one. Nothing writes through the view (``weak`` copies after the crop),
-# so the warning, printed once per process and worker, says nothing to a user.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+# so the warning, printed once per process and worker, says nothing to a user. Only for
+# views made here: a user's own code importing segsweep keeps the warning.
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning, module=__name__
+)
 
 
 def to_tensor(image: np.ndarray) -> Tensor:
