@@ -98,6 +98,16 @@ def test_missing_roots_and_unreadable_files_name_the_path(tmp_path: Path) -> Non
         src.read_image(src.train[0])
 
 
+def test_a_masks_file_where_the_folder_belongs_is_named(tmp_path: Path) -> None:
+    root = write_folder(tmp_path)
+    for mask in (root / "masks").iterdir():
+        mask.unlink()
+    (root / "masks").rmdir()
+    (root / "masks").write_text("not a folder")
+    with pytest.raises(DataError, match=r"masks: a file, not the masks/ folder"):
+        folder_source(root)
+
+
 def test_mask_ids_beyond_the_class_count_are_refused(tmp_path: Path) -> None:
     root = write_folder(tmp_path)
     Image.fromarray(np.full((40, 40), 7, dtype=np.uint8), mode="L").save(root / "masks" / "im03.png")

@@ -308,6 +308,8 @@ def folder_source(root: Path) -> Source:
     images_dir = require_dir(root / "images", "images/ folder")
     classes = read_class_names(root / "classes.txt")
     masks_dir = root / "masks"
+    if masks_dir.exists() and not masks_dir.is_dir():  # else: "no image has a mask", misleading
+        raise DataError(f"{masks_dir}: a file, not the masks/ folder")
     samples = []
     stems: dict[str, Path] = {}
     for path in sorted(images_dir.iterdir()):
