@@ -9,6 +9,8 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+# Tests make their own stores; a user's server in the environment must never receive them.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from segsweep.data.synthetic import cache_key
 from segsweep.files import first_missing, make_folder, unmake_folder
 
 from .conftest import tiny_tree
-from .helpers import write_config
+from .helpers import tiny_spec, write_config, write_spec
 
 
 def one_error(capsys: pytest.CaptureFixture, code: int, *fragments: str, expect: int = 2) -> str:
@@ -67,7 +67,21 @@ def test_the_dashboard_never_creates_a_store(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(segsweep.dashboard, "serve", never_serve)
-    one_error(capsys, main(["dashboard", "--port", "0"]), "--tracking-uri", "no MLflow store at")
+    # named for what gave the URI: no flag was given, so not --tracking-uri
+    one_error(capsys, main(["dashboard", "--port", "0"]), "error: the default store: no MLflow store at")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'nope.db'}")
+    one_error(
+        capsys,
+        main(["dashboard", "--port", "0"]),
+        "error: MLFLOW_TRACKING_URI: no MLflow store at",
+        "nope.db",
+    )
+    one_error(
+        capsys,
+        main(["dashboard", "--port", "0", "--tracking-uri", "sqlite:///other.db"]),
+        "error: --tracking-uri: no MLflow store at",
+        "other.db",
+    )
     assert files_in(tmp_path) == set()
 
 
@@ -222,8 +236,6 @@ def test_a_sweep_waits_for_a_ray_head_that_is_starting(capsys: pytest.CaptureFix
 def test_a_sweep_refuses_a_ray_address_nobody_answers_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from .test_sweep import tiny_spec, write_spec
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sweep, "RAY_WAIT_S", 1.0)
     path = write_spec(tmp_path, tiny_spec("unreachable"))
@@ -234,8 +246,6 @@ def test_a_sweep_refuses_a_ray_address_nobody_answers_on(
 
 
 def test_a_sweep_whose_store_is_a_folder_leaves_no_sweep_folder(tmp_path: Path, monkeypatch, capsys) -> None:
-    from .test_sweep import tiny_spec, write_spec
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adir.db").mkdir()
     path = write_spec(tmp_path, tiny_spec("nostore"))

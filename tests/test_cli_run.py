@@ -223,7 +223,7 @@ def test_resuming_from_a_corrupt_checkpoint_leaves_the_finished_run_as_it_was(
 def test_report_and_server_commands_name_their_bad_flag(tmp_path: Path) -> None:
     # a report never creates the store it was asked to read, nor writes into a file
     assert_user_error(
-        segsweep("curve", "--experiment", "x", cwd=tmp_path), "--tracking-uri", "no MLflow store at"
+        segsweep("curve", "--experiment", "x", cwd=tmp_path), "the default store: no MLflow store at"
     )
     assert not (tmp_path / "mlflow.db").exists()
     (tmp_path / "afile").write_text("not a store")

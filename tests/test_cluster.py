@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .helpers import tiny_spec
 from .localcluster import PG_BIN, LocalCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -34,18 +35,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 
 def spec(name: str) -> dict:
-    return {
-        "name": name,
-        "base": {
-            "data": {"synthetic": {"num_train": 96, "num_val": 16}, "tune_size": 8},
-            "model": {"decoder_channels": 16},
-            "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "log_every": 2},
-            "eval": {"diag_samples": 4, "panel_samples": 2},
-        },
-        "grid": {"method": ["supervised", "fixmatch"], "data.label_ratio": [0.25, 0.5], "seed": [0]},
-        "search": {"fixmatch": {"fixmatch.conf_threshold": {"type": "float", "low": 0.5, "high": 0.95}}},
-        "num_samples": 2,
-    }
+    """The tiny sweep, shorter, run to the end: every trial is checked on the server."""
+    tree = tiny_spec(name)
+    tree["base"]["train"]["steps"] = 4
+    del tree["early_stop"], tree["max_failures"]
+    return tree
 
 
 def test_a_sweep_on_the_cluster_lands_in_the_server_and_postgres(

@@ -12,9 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
 
-from .helpers import assert_user_error, runs_in, segsweep
+from .helpers import assert_user_error, runs_in, segsweep, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -126,31 +125,6 @@ def test_a_worker_is_reused_after_a_trial_slow_to_close(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Real sweeps on the tiny synthetic dataset
-
-
-def tiny_spec(name: str, **over: object) -> dict:
-    tree = {
-        "name": name,
-        "base": {
-            "data": {"synthetic": {"num_train": 96, "num_val": 16}, "tune_size": 8},
-            "model": {"decoder_channels": 16},
-            "train": {"steps": 6, "batch_size": 4, "eval_every": 2, "log_every": 2},
-            "eval": {"diag_samples": 4, "panel_samples": 2},
-        },
-        "grid": {"method": ["supervised", "fixmatch"], "data.label_ratio": [0.25, 0.5], "seed": [0]},
-        "search": {"fixmatch": {"fixmatch.conf_threshold": {"type": "float", "low": 0.5, "high": 0.95}}},
-        "num_samples": 2,
-        "early_stop": {"grace_period": 2, "reduction_factor": 2},
-        "max_failures": 2,
-    }
-    tree.update(over)
-    return tree
-
-
-def write_spec(tmp_path: Path, tree: dict) -> Path:
-    path = tmp_path / f"{tree['name']}.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
 
 
 def children(uri: str, experiment: str) -> tuple[object, list]:

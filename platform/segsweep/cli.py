@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     require_writable_file(run_dir / "config.yaml", "output_dir")
     if cfg.tracking.enabled:
         named = "--tracking-uri" if args.tracking_uri else "tracking.uri"
-        existing_store(cfg.tracking.uri, must_exist=False, what=uri_origin(cfg.tracking.uri, named))
+        existing_store(cfg.tracking.uri, must_exist=False, what=uri_origin((cfg.tracking.uri, named))[1])
     prepared = prepare(cfg, echo)
     if resume_ckpt is not None:
         # Read and applied before its MLflow run is touched: a corrupt or foreign checkpoint

@@ -50,6 +50,7 @@ from segsweep.tracking import (
     runs_tagged,
     with_retries,
 )
+from segsweep.waiting import poll
 
 log = logging.getLogger(__name__)
 
@@ -611,26 +612,25 @@ def await_ray_head(address: str | None, budget_s: float | None = None, named: st
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
         return
-    delay, deadline, said = 1.0, time.monotonic() + budget_s, False
-    while True:
+
+    def listens() -> str | None:
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-            return
         except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            if time.monotonic() + delay > deadline:
-                raise ConfigError(
-                    f"{named} {address}: nothing answers there within {budget_s:.0f}s ({reason})"
-                ) from None
-            if not said:
-                print(
-                    f"note: Ray head {address} does not answer ({reason}); waiting up to {budget_s:.0f}s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                said = True
-            time.sleep(delay)
-            delay = min(delay * 2, 8.0)
+            return exc.strerror or type(exc).__name__
+        return None
+
+    def note(reason: str, _: float, waits: int) -> None:
+        if waits == 0:
+            print(
+                f"note: Ray head {address} does not answer ({reason}); waiting up to {budget_s:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    reason = poll(listens, budget_s, on_wait=note)
+    if reason is not None:
+        raise ConfigError(f"{named} {address}: nothing answers there within {budget_s:.0f}s ({reason})")
 
 
 def _ray_init(address: str | None, plan: Plan) -> None:

@@ -332,14 +332,12 @@ def plan_sweep(
     # Resolved here, on the driver: a trial runs in its own folder and would otherwise
     # silently write a store of its own there.
     base_uri = (base_tree.get("tracking") or {}).get("uri")
-    uri = resolve_uri(tracking_uri or spec.tracking.uri or base_uri)
-    origin = (
-        "--tracking-uri"
-        if tracking_uri
-        else "tracking.uri"
-        if spec.tracking.uri
-        else uri_origin(base_uri, f"{base_source}: tracking.uri")
+    given, origin = uri_origin(
+        (tracking_uri, "--tracking-uri"),
+        (spec.tracking.uri, "tracking.uri"),
+        (base_uri, f"{base_source}: tracking.uri"),
     )
+    uri = resolve_uri(given)
     experiment = spec.tracking.experiment or spec.name
 
     # Cell ids read the same whatever the YAML order: method, label ratio, others, seed.

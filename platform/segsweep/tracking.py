@@ -38,6 +38,7 @@ import numpy as np
 
 from segsweep.errors import ConfigError, UserError, first_line
 from segsweep.files import require_writable_file
+from segsweep.waiting import poll
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter about table creation
@@ -222,21 +223,24 @@ def is_transient(exc: BaseException) -> bool:
 def with_retries(fn: Callable[[], Any], what: str, budget_s: float) -> Any:
     """Call ``fn``; retry transient failures with backoff (0.25 s doubling to 8 s) for up to
     ``budget_s``; raise a one-line TrackingError naming ``what`` when it gives up."""
-    delay, deadline = 0.25, time.monotonic() + budget_s
-    while True:
+    result: list[Any] = []
+
+    def attempt() -> str | None:
         try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below, then retried or reported
-            reason = first_line(exc)
+            result.append(fn())
+            return None
+        except Exception as exc:  # noqa: BLE001 - classified here: retried or reported
             if not is_transient(exc):
-                raise TrackingError(f"tracking store: {what} failed: {reason}") from None
-            if time.monotonic() + delay > deadline:
-                raise TrackingError(
-                    f"tracking store: {what} failed after {budget_s:.0f}s of retries: {reason}"
-                ) from None
-            log.warning("tracking store: %s failed (%s); retrying in %.1fs", what, reason, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 8.0)
+                raise TrackingError(f"tracking store: {what} failed: {first_line(exc)}") from None
+            return first_line(exc)
+
+    def note(reason: str, delay: float, _: int) -> None:
+        log.warning("tracking store: %s failed (%s); retrying in %.1fs", what, reason, delay)
+
+    reason = poll(attempt, budget_s, delay_s=0.25, on_wait=note)
+    if reason is not None:
+        raise TrackingError(f"tracking store: {what} failed after {budget_s:.0f}s of retries: {reason}")
+    return result[0]
 
 
 def await_server(uri: str, budget_s: float) -> None:
@@ -250,31 +254,27 @@ def await_server(uri: str, budget_s: float) -> None:
 
     parts = urlsplit(uri)
     health = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], path=parts.path.rstrip("/") + "/health")
-    delay, deadline, said = 1.0, time.monotonic() + budget_s, False
-    while True:
+
+    def answers() -> str | None:
         try:
             urllib.request.urlopen(health.geturl(), timeout=5).close()
-            return
         except urllib.error.HTTPError:
-            return  # it answers (a login, a proxy's 404): MLflow's own calls say what is wrong
+            pass  # it answers (a login, a proxy's 404): MLflow's own calls say what is wrong
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
-            if isinstance(reason, ssl.SSLError):
-                return  # it answers; its certificate is MLflow's business (MLFLOW_TRACKING_INSECURE_TLS)
-            if time.monotonic() + delay > deadline:
-                raise TrackingError(
-                    f"tracking store: {redact(uri)} did not answer within {budget_s:.0f}s ({reason})"
-                ) from None
-            if not said:
-                log.warning(
-                    "tracking store: %s does not answer (%s); waiting up to %.0fs",
-                    redact(uri),
-                    reason,
-                    budget_s,
-                )
-                said = True
-            time.sleep(delay)
-            delay = min(delay * 2, 8.0)
+            if not isinstance(reason, ssl.SSLError):  # else it answers; TLS is MLflow's business
+                return str(reason)
+        return None
+
+    def note(reason: str, _: float, waits: int) -> None:
+        if waits == 0:
+            log.warning(
+                "tracking store: %s does not answer (%s); waiting up to %.0fs", redact(uri), reason, budget_s
+            )
+
+    reason = poll(answers, budget_s, on_wait=note)
+    if reason is not None:
+        raise TrackingError(f"tracking store: {redact(uri)} did not answer within {budget_s:.0f}s ({reason})")
 
 
 @dataclass
@@ -349,21 +349,21 @@ def local_server(folder: Path, budget_s: float = 120.0) -> Iterator[tuple[str, i
     try:
         if previous is not None:
             signal.signal(signal.SIGTERM, on_sigterm)
-        deadline = time.monotonic() + budget_s
-        while True:
+
+        def ready() -> str | None:
             if server.poll() is not None:
                 lines = log_path.read_text(errors="replace").strip().splitlines() or ["no output"]
                 raise TrackingError(f"mlflow server exited at start ({server.returncode}): {lines[-1]}")
             try:  # its own answer: another program that took the port would not say OK
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                    if reply.read().strip() == b"OK" and server.poll() is None:
-                        break
-                    why = "its /health did not say OK"
+                    said_ok = reply.read().strip() == b"OK"
             except OSError as exc:
-                why = str(exc)
-            if time.monotonic() > deadline:
-                raise TrackingError(f"mlflow server at {uri} did not answer within {budget_s:.0f}s ({why})")
-            time.sleep(0.25)
+                return str(exc)
+            return None if said_ok and server.poll() is None else "its /health did not say OK"
+
+        why = poll(ready, budget_s, delay_s=0.25, max_delay_s=0.25)
+        if why is not None:
+            raise TrackingError(f"mlflow server at {uri} did not answer within {budget_s:.0f}s ({why})")
         yield uri, server.pid
     finally:
         try:
@@ -793,20 +793,24 @@ def experiment_id_of(client: Any, name: str) -> str:
     return exp.experiment_id
 
 
-def uri_origin(uri: str | None, named: str) -> str:
-    """What an error about the store of ``uri`` should name: ``named`` (the flag or field that
-    gave it), or, with none, the environment variable or default ``resolve_uri`` used."""
-    if uri:
-        return named
-    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store"
+def uri_origin(*given: tuple[str | None, str]) -> tuple[str | None, str]:
+    """The store URI a command was given and what an error about it should name: the first
+    of the (value, flag or field) pairs, in order of precedence, with a value; with none,
+    (None, the environment variable or default ``resolve_uri`` will use)."""
+    for uri, named in given:
+        if uri:
+            return uri, named
+    return None, "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store"
 
 
-def existing_store(uri: str | None, must_exist: bool = True, what: str = "--tracking-uri") -> str:
+def existing_store(uri: str | None, must_exist: bool = True, what: str | None = None) -> str:
     """``uri`` resolved and checked before anything is started or written: a SQLite path
     with no file (``must_exist``; otherwise its folder must be writable, so the store can be
     made), a folder, or a file that is no SQLite database, is a one-line error naming
-    ``what`` (the flag or field the URI came from) and the path. Commands that only read a
-    store never create one."""
+    ``what`` (the flag or field the URI came from; by default ``--tracking-uri``, or with no
+    URI the environment variable or default store used) and the path. Commands that only
+    read a store never create one."""
+    what = what or uri_origin((uri, "--tracking-uri"))[1]
     resolved = resolve_uri(uri)
     path = sqlite_path(resolved)
     if path is None:
