@@ -177,6 +177,15 @@ def test_cli_rejects_an_unknown_section(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr and not (tmp_path / "out").exists()
 
 
+def test_cli_checks_set_before_it_starts_measuring(tmp_path: Path) -> None:
+    bad = segsweep("bench", "--quick", "--set", "train.batch_size=0", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: bench: train.batch_size: Input should be greater than or equal to 1"
+    ]
+    assert bad.stdout == ""  # no "measuring..." banner before the error
+
+
 def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

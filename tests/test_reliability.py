@@ -399,15 +399,17 @@ def test_a_split_list_naming_a_missing_file_fails_before_training(cache_dir: Pat
     split = tmp_path / "split"
     split.mkdir()
     (split / "labeled.txt").write_text("images/im02.png masks/im02.png\nimages/gone.png masks/gone.png\n")
-    (split / "unlabeled.txt").write_text("images/im05.png masks/im05.png\n")
+    (split / "unlabeled.txt").write_text("images/im05.png masks/im05.png\nimages/adir.png masks/im05.png\n")
+    (root / "images" / "adir.png").mkdir()  # a folder where a file is named: said as such
     cfg = folder_config(cache_dir, tmp_path, root, **{"data.split": str(split)})
     proc = segsweep("run", str(cfg), cwd=tmp_path)
-    assert_user_error(proc, "images/gone.png: file not found", "(and 1 more missing files)")
+    assert_user_error(proc, "images/gone.png: file not found", "(and 2 more missing files)")
     assert not (tmp_path / "mlflow.db").exists() or runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}") == []
     # check-data names each missing file once (not once as missing, again as unreadable)
     check = segsweep("check-data", str(cfg), cwd=tmp_path)
     assert check.stdout.count("gone.png") == 2  # the image and its mask
-    assert check.stderr.strip().startswith("error: 2 problem(s)")
+    assert "images/adir.png: is a folder, not a file" in check.stdout
+    assert check.stderr.strip().startswith("error: 3 problem(s)")
 
 
 # -- generated bad input: one line and exit 2, or a run; never a traceback, never half a run --

@@ -240,7 +240,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from segsweep.config import load_run_config
     from segsweep.data import build_data
-    from segsweep.data.check import missing_files, verify
+    from segsweep.data.check import missing_files, missing_problem, verify
     from segsweep.engine import build_method
     from segsweep.runner import require_images_for
 
@@ -254,7 +254,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     gone = set(missing)
     problems = list(
         dict.fromkeys(
-            [f"{m}: file not found" for m in missing] + [p for p in problems if p.split(": ")[0] not in gone]
+            [missing_problem(m) for m in missing] + [p for p in problems if p.split(": ")[0] not in gone]
         )
     )
     s = data.split
@@ -277,12 +277,13 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from segsweep.bench import Report, check_sections, format_table, run_bench
-    from segsweep.config import parse_override
+    from segsweep.bench import Report, base_config, check_sections, format_table, run_bench
+    from segsweep.config import parse_override, validate_run_config
 
     overrides = {".".join(k): v for k, v in (parse_override(s) for s in args.set or [])}
     only = set(args.only.split(",")) if args.only else None
     check_sections(only)
+    validate_run_config(base_config(args.quick, args.device, overrides), "bench")  # --set, up front
     methods = args.methods.split(",") if args.methods else None
     if methods:
         from segsweep.methods import get_method

@@ -8,6 +8,7 @@ and mask that a run would read (``segsweep check-data``, or ``data.verify: true`
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from segsweep.data.loaders import Data
 from segsweep.data.sources import Sample
@@ -28,6 +29,11 @@ def missing_files(data: Data) -> list[str]:
         paths = [sample.image] + ([sample.mask] if with_mask else [])
         missing += [str(root / p) for p in paths if isinstance(p, str) and not (root / p).is_file()]
     return missing
+
+
+def missing_problem(path: str) -> str:
+    """What is wrong with a path ``missing_files`` returned, as one line naming it."""
+    return f"{path}: is a folder, not a file" if Path(path).is_dir() else f"{path}: file not found"
 
 
 def verify(data: Data, workers: int = 8) -> tuple[int, list[str]]:
@@ -54,7 +60,7 @@ def require_files(data: Data) -> None:
     missing = missing_files(data)
     if missing:
         more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0]}: file not found{more}")
+        raise DataError(f"{missing_problem(missing[0])}{more}")
 
 
 def require_valid(data: Data) -> int:
@@ -67,4 +73,4 @@ def require_valid(data: Data) -> int:
     return count
 
 
-__all__ = ["missing_files", "require_files", "require_valid", "verify"]
+__all__ = ["missing_files", "missing_problem", "require_files", "require_valid", "verify"]
