@@ -231,9 +231,13 @@ def test_colourisation_targets() -> None:
 # -- pipelines resume from the last finished stage ---------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "stage"), [("hfpl", "train"), ("mixandmatch", "match")])
+@pytest.mark.parametrize(
+    ("method", "stage", "fail_at"),
+    # at step 1 of hfpl's train stage the last checkpoint is the pseudo stage's (no optimizer)
+    [("hfpl", "train", 3), ("hfpl", "train", 1), ("mixandmatch", "match", 3)],
+)
 def test_multi_stage_runs_resume_from_the_last_stage_and_step(
-    tiny, tmp_path: Path, method: str, stage: str
+    tiny, tmp_path: Path, method: str, stage: str, fail_at: int
 ) -> None:
     over = {
         "method": method,
@@ -247,14 +251,22 @@ def test_multi_stage_runs_resume_from_the_last_stage_and_step(
     full = Recorder()
     a = prepare(tiny(**over))
     a.trainer.run(tmp_path / "a", full)
-    crash = {**over, "debug.fail_at_step": 3, "debug.fail_stage": stage}
+    crash = {**over, "debug.fail_at_step": fail_at, "debug.fail_stage": stage}
     with pytest.raises(RuntimeError, match="injected failure"):
         prepare(tiny(**crash)).trainer.run(tmp_path / "b", Recorder())
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    if fail_at == 1 and method == "hfpl":  # a stage of no steps keeps no optimizer (the CAM one's)
+        assert saved["progress"]["stage"] == 1 and saved["optimizer"] is None
+        # as older versions wrote it, with the previous stage's optimizer: not loaded into the next
+        saved["optimizer"] = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).state_dict()
+        torch.save(saved, tmp_path / "b" / "checkpoints" / "last.pt")
     resumed = Recorder()
     b = prepare(tiny(**crash))
     b.trainer.run(tmp_path / "b", resumed, resume_from=tmp_path / "b" / "checkpoints" / "last.pt")
     prefix = "" if stage == "train" else f"{stage}/"
-    assert (f"{prefix}train/loss", 3) in resumed.metrics and (f"{prefix}train/loss", 1) not in resumed.metrics
+    checkpointed = (fail_at - 1) // 2 * 2  # the stage's step of the last checkpoint (eval_every 2)
+    assert (f"{prefix}train/loss", fail_at) in resumed.metrics
+    assert not any((f"{prefix}train/loss", s) in resumed.metrics for s in range(1, checkpointed + 1))
     first_stage = {"hfpl": "cam", "mixandmatch": "proxy"}[method]
     assert not any(k.startswith(first_stage) for k, _ in resumed.metrics)  # finished stages are not redone
     assert resumed.metrics[("val/mIoU", 4)] == full.metrics[("val/mIoU", 4)]
@@ -396,3 +408,29 @@ def test_a_proxy_trained_once_starts_later_runs(tiny, tmp_path: Path) -> None:
         prepare(tiny(**base, **{"mixandmatch.proxy_from": str(stage_file), "model.encoder": "resnet18"}))
     with pytest.raises(ConfigError, match="proxy_from replaces the proxy stage"):
         tiny(**base, **{"mixandmatch.proxy_from": str(stage_file), "mixandmatch.proxy_steps": 5})
+
+
+def test_the_cam_network_keeps_a_pretrained_encoder_trained_at_the_encoder_lr(tiny, tmp_path: Path) -> None:
+    from segsweep.models import build_model
+
+    donor = build_model("deeplabv3plus", "tu-mobilenetv3_small_050", 4, None, 32)
+    with torch.no_grad():
+        for p in donor.encoder.parameters():
+            p.fill_(0.0123)  # recognisable "pretrained" weights
+    torch.save(donor.encoder.state_dict(), tmp_path / "enc.pt")
+    over = {"method": "hfpl", "train.decoder_lr_mult": 10.0}
+    pretrained = prepare(tiny(**over, **{"model.encoder_weights": str(tmp_path / "enc.pt")})).trainer
+    scratch = prepare(tiny(**over)).trainer
+    for trainer, kept in ((pretrained, True), (scratch, False)):
+        method = trainer.method
+        cam_encoder = list(method.cam_net.encoder.parameters())
+        assert all(bool((p == 0.0123).all()) for p in cam_encoder) is kept
+        # its own initial weights otherwise, head included
+        assert not torch.equal(
+            next(method.cam_net.net.segmentation_head.parameters()),
+            next(method.model.net.segmentation_head.parameters()),
+        )
+        method.begin_stage(trainer.stages[0])  # the CAM stage trains cam_net
+        groups = {g["lr_mult"]: {id(p) for p in g["params"]} for g in trainer._optimizer().param_groups}
+        assert {id(p) for p in cam_encoder} <= groups[1.0]  # the encoder's lr, not 10x
+        assert groups[10.0] and not groups[10.0] & {id(p) for p in cam_encoder}

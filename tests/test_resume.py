@@ -44,6 +44,27 @@ def test_resumed_run_matches_the_uninterrupted_one(tiny, tmp_path: Path, method:
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_run_resumes(tiny, tmp_path: Path) -> None:
+    """A checkpoint read back on a GPU run: its RNG states must stay CPU tensors (a CUDA one is
+    refused by torch.set_rng_state), its weights and optimizer state land on the GPU."""
+    over: dict[str, object] = {"method": "fixmatch", "fixmatch.ema_teacher": True, "train.device": "cuda"}
+    over |= {"train.steps": 6, "train.eval_every": 3}
+    full = Recorder()
+    prepare(tiny(**over)).trainer.run(tmp_path / "a", full)
+    with pytest.raises(RuntimeError, match="injected failure at step 5"):
+        prepare(tiny(**over, **{"debug.fail_at_step": 5})).trainer.run(tmp_path / "b", Recorder())
+    resumed = Recorder()
+    b = prepare(tiny(**over, **{"debug.fail_at_step": 5}))
+    b.trainer.run(tmp_path / "b", resumed, resume_from=tmp_path / "b" / "checkpoints" / "last.pt")
+    assert ("train/loss", 3) not in resumed.metrics
+    for step in (4, 5, 6):  # cuDNN may pick other kernels: close, not bit-equal
+        assert resumed.metrics[("train/loss", step)] == pytest.approx(
+            full.metrics[("train/loss", step)], rel=1e-2
+        )
+    assert all(p.is_cuda for p in b.trainer.method.parameters())
+
+
 def test_the_honest_number_is_val_at_the_evaluation_best_on_the_tune_split(
     tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -189,7 +189,10 @@ def pseudo_mask_quality(
 
     ``pseudo/mIoU``: the pseudo masks (every pixel) against the truth; ``pseudo/kept_share``:
     share of labeled pixels kept by the threshold; ``pseudo/kept_acc``: accuracy of the kept
-    ones. What one needs to choose a confidence threshold.
+    ones. What one needs to choose a confidence threshold. Measured in eval mode (running
+    batch-norm statistics): a method labelling with its student in train mode (FixMatch or
+    S4MIM without a teacher, as UniMatch does) trains on masks made with the batch's own
+    statistics, so these figures describe its network, not each training batch's exact masks.
 
     Also hands back the first ``hold`` images with their pseudo labels (``image``, ``mask``,
     ``pseudo``, ``conf``, ``keep``; each (hold, ...), cropped to the image), so that a sample
@@ -399,7 +402,10 @@ class Trainer:
         """Continue from ``path`` (a ``last.pt``); a file that is not a whole checkpoint of
         this run's method and model is a one-line ``ConfigError`` naming it."""
         try:
-            state = torch.load(path, map_location=self.numerics.device, weights_only=False)
+            # On the CPU: load_state_dict copies weights and optimizer state onto their
+            # parameters' device, and the RNG states must stay CPU byte tensors
+            # (torch.set_rng_state refuses a CUDA one: every GPU resume failed).
+            state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
             raise ConfigError(
                 f"{path}: not a readable checkpoint ({one_line(exc).split('. ')[0][:200]})"
@@ -432,7 +438,7 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         """Encoder at the scaled lr, everything else (decoder, method heads) at lr x mult."""
         t = self.cfg.train
-        encoder = {id(p) for p in self.method.model.encoder.parameters()}
+        encoder = {id(p) for module in self.method.encoders() for p in module.parameters()}
         params = [p for p in self.method.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if id(p) in encoder], "lr_mult": 1.0},
@@ -503,6 +509,7 @@ class Trainer:
         for index in range(self.progress.stage, len(self.stages)):
             if index != self.progress.stage:  # entering a new stage from the previous one
                 self.progress.stage, self.progress.step = index, 0
+                self._pending_optimizer = None  # a resumed optimizer is its own stage's only
             self._run_stage(self.stages[index], last=index == len(self.stages) - 1)
             if index < len(self.stages) - 1:
                 self.save_stage_weights(self.stages[index])
@@ -525,6 +532,9 @@ class Trainer:
         self.method.begin_stage(stage)
         if stage.steps == 0:  # a stage of pure computation (e.g. writing pseudo masks)
             if not self.progress.step:
+                # No optimizer of its own: the previous stage's would be saved with this stage's
+                # checkpoint and loaded into the next stage's (other parameters) on resume.
+                self.optimizer = None
                 out = self.method.run_stage(stage, self.data)
                 self.progress.step = 1
                 metrics = {f"{prefix}{k}": float(v) for k, v in out.items() if not isinstance(v, np.ndarray)}

@@ -75,6 +75,8 @@ class SegModel(nn.Module):
                 "'tu-<timm model>')"
             ) from None
         self.num_classes = num_classes
+        #: The file the encoder's weights came from (None: randomly initialised).
+        self.encoder_weights = encoder_weights
         if encoder_weights is not None:
             self.load_encoder_weights(encoder_weights)
 
@@ -116,13 +118,6 @@ class SegModel(nn.Module):
         if logits.shape[-2:] != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
-
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        return list(self.net.encoder.parameters())
-
-    def decoder_parameters(self) -> list[nn.Parameter]:
-        enc = {id(p) for p in self.net.encoder.parameters()}
-        return [p for p in self.parameters() if id(p) not in enc]
 
 
 def _decoder_kwargs(arch: str, channels: int | None) -> dict[str, object]:

@@ -108,6 +108,11 @@ class Method(nn.Module):
         """The pipeline; single-loop methods have one stage with the run's step budget."""
         return [Stage("train", train_steps, batch="semi" if self.uses_unlabeled else "labeled")]
 
+    def encoders(self) -> list[nn.Module]:
+        """The encoders of the networks it trains: the trainer gives their parameters the
+        base learning rate and every other parameter ``train.decoder_lr_mult`` times it."""
+        return [self.model.encoder]
+
     def begin_stage(self, stage: Stage) -> None:
         """Called before a stage starts (or resumes): switch heads, freeze parts, etc."""
 

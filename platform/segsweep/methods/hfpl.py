@@ -61,7 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
-from torch import Tensor
+from torch import Tensor, nn
 
 from segsweep.data.loaders import eval_loader, model_image
 from segsweep.data.transforms import pad_to_multiple, unit_rgb
@@ -280,10 +280,12 @@ class HFPL(Method):
         super().__init__(model, knobs, num_classes)
         self.knobs: HFPLKnobs = knobs
         # The CAM classifier: the same architecture, its own weights; C output maps of which
-        # the foreground ones (1..C-1) are the CAMs.
+        # the foreground ones (1..C-1) are the CAMs. A pretrained encoder (model.encoder_weights)
+        # is kept: the paper's CAM network starts from ImageNet weights too.
         self.cam_net = copy.deepcopy(model)
+        kept = set(self.cam_net.encoder.modules()) if model.encoder_weights is not None else set()
         for m in self.cam_net.modules():
-            if hasattr(m, "reset_parameters") and m is not self.cam_net:
+            if hasattr(m, "reset_parameters") and m is not self.cam_net and m not in kept:
                 m.reset_parameters()
         self.stage = "train"
         self.pseudo_masks: dict[str, np.ndarray] = {}
@@ -297,6 +299,9 @@ class HFPL(Method):
             Stage("pseudo", 0, evaluate=False),
             Stage("train", train_steps, batch="labeled"),
         ]
+
+    def encoders(self) -> list[nn.Module]:
+        return [self.model.encoder, self.cam_net.encoder]
 
     def begin_stage(self, stage: Stage) -> None:
         self.stage = stage.name
