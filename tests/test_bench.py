@@ -13,6 +13,7 @@ from segsweep.bench import (
     format_table,
     gpu_idle_share,
     overhead,
+    overlap_rate,
     run_bench,
     speedup,
     steady_seconds_per_trial,
@@ -193,7 +194,9 @@ def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
 
     # the worker default of a GPU run, computed on any machine: one CUDA device is pretended
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
 
     def workers(**data: object) -> int:
         device = data.pop("device", "cpu")
@@ -210,6 +213,10 @@ def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
         assert workers(device="cuda") == 8
     finally:
         torch.set_num_threads(threads)
+    # a run on cuda:1 makes it the current device (pinned memory, events, memory statistics)
+    current.clear()
+    workers(device="cuda:1")
+    assert current == [torch.device("cuda:1")]
 
 
 def test_gpu_rows_take_the_median_of_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,7 +235,9 @@ def test_gpu_rows_take_the_median_of_interleaved_rounds(monkeypatch: pytest.Monk
         return rounds[sum(1 for c in calls if c == key) - 1], None, {"val/mIoU_last": 0.5}
 
     monkeypatch.setattr(bench, "trainer_run", fake_run)
-    monkeypatch.setattr(bench, "_packed_rate", lambda tree, measure, trials: {1: 100.0, 4: 250.0}[trials])
+    monkeypatch.setattr(
+        bench, "_packed_rate", lambda tree, measure, trials: ({1: 100.0, 4: 250.0}[trials], True)
+    )
     report = bench.Report(1, "now", {}, {})
     tree = bench.base_config(True, "cpu")
     bench.gpu_rows(report, tree, 4, lambda _m: None, rounds=3)
@@ -398,3 +407,18 @@ def test_a_tracking_error_against_a_started_server_fails_the_bench(monkeypatch: 
     report = bench.Report(schema=1, date="", machine={}, config={})
     with pytest.raises(TrackingError, match="500"):
         bench.tracking_rows(report, base_config(True, "cpu"), 6, True, lambda _m: None)
+
+
+def test_packed_throughput_counts_only_the_span_all_trials_shared() -> None:
+    # trial A: a step every 1 s from t=0 to 10; trial B starts late (t=3) and steps every 2 s
+    # to t=21. Past their first step, both train in (5, 10]: A ends 5 steps there, B 2
+    a = [float(t) for t in range(0, 11)]
+    b = [float(t) for t in range(3, 22, 2)]
+    rate, shared = overlap_rate([a, b], images_per_step=4, skip=1)
+    assert shared and rate == pytest.approx((5 + 2) * 4 / 5)
+    # a per-trial sum would count B's tail, run alone, as packed: 4/1 + 4/2 = 6 img/s
+    assert rate != pytest.approx(6.0)
+    # one trial alone: its own rate after the skipped steps
+    assert overlap_rate([a], 4, skip=2) == (pytest.approx(4.0), True)
+    # trials that never overlapped: their own rates summed, and said
+    assert overlap_rate([[0.0, 1.0, 2.0], [5.0, 7.0, 9.0]], 2, skip=0) == (pytest.approx(2 + 1), False)

@@ -4,6 +4,7 @@ two-node Ray cluster on loopback, and a sweep submitted to them with --ray-addre
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import urllib.error
@@ -97,9 +98,10 @@ def test_a_sweep_on_the_cluster_lands_in_the_server_and_postgres(
     # the Optuna studies live in PostgreSQL, one per searched cell, with their trials
     from segsweep.studies import counts
 
+    prefix = "cluster@" + json.loads((tmp_path / "sweeps/cluster/sweep.json").read_text())["instance"]
     assert counts(cluster.optuna_storage) == {
-        "cluster:method=fixmatch,ratio=0.25,seed=0": 2,
-        "cluster:method=fixmatch,ratio=0.5,seed=0": 2,
+        f"{prefix}:method=fixmatch,ratio=0.25,seed=0": 2,
+        f"{prefix}:method=fixmatch,ratio=0.5,seed=0": 2,
     }
 
 

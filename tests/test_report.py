@@ -34,28 +34,39 @@ def run(
     dataset: str = "synthetic",
     status: str = "finished",
     at_best_tune: float | None = None,
+    tune_last: float | None = None,
+    parent: str = "",
+    start: int = 0,
+    encoder: str = "",
 ) -> RunRecord:
+    """A run as fetch_runs reads it; a sweep's runs (``phase``) carry their cell, as trials do."""
     tags = {"segsweep.status": status, "segsweep.split_family": family}
     if phase:
         tags["segsweep.phase"] = phase
-    if cell:
-        tags["segsweep.cell"] = cell
+    if phase or cell:
+        tags["segsweep.cell"] = cell or f"method={method},ratio={ratio},seed=0"
+    if parent:
+        tags["mlflow.parentRunId"] = parent
     metrics = {"val/mIoU_last": miou, "tune/mIoU_best": tune, "val/mIoU_best": miou + 0.2}
+    metrics["tune/mIoU_last"] = tune if tune_last is None else tune_last
     if at_best_tune is not None:
         metrics["val/mIoU_at_best_tune"] = at_best_tune
+    params = {
+        "method": method,
+        "label_ratio": str(ratio),
+        "seed": str(seed),
+        "dataset": dataset,
+        "n_labeled": "10",
+    }
+    if encoder:
+        params["model.encoder"] = encoder
     return RunRecord(
-        f"{method}-{ratio}-{seed}-{phase}-{tune}",
+        f"{method}-{ratio}-{seed}-{phase}-{tune}-{parent}-{start}",
         "1",
         "",
         "FINISHED",
-        0,
-        {
-            "method": method,
-            "label_ratio": str(ratio),
-            "seed": str(seed),
-            "dataset": dataset,
-            "n_labeled": "10",
-        },
+        start,
+        params,
         metrics,
         tags,
     )
@@ -186,3 +197,114 @@ def test_published_points_overlay_runs_on_the_published_voc_splits(tmp_path: Pat
     assert summary[0].startswith("method,label_ratio,mean,std,n,published,delta_vs_published")
     # synthetic runs have no published counterpart: nothing is overlaid
     assert build_curve([run("supervised", 0.1, 0, 0.4)]).published == []
+
+
+def test_the_best_trial_is_chosen_by_the_tune_score_of_the_value_rule() -> None:
+    # trial A is best on tune at its last evaluation, B at its best one: the rule decides,
+    # and under "last" the curve agrees with the sweep (which ranks by the last tune/mIoU)
+    runs = [
+        run("fixmatch", 0.1, 0, 0.50, phase="search", tune=0.40, tune_last=0.39, at_best_tune=0.5),
+        run("fixmatch", 0.1, 0, 0.60, phase="search", tune=0.30, tune_last=0.30, at_best_tune=0.6),
+    ]
+    runs[1] = RunRecord(
+        *[getattr(runs[1], f) for f in ("run_id", "experiment_id", "name", "status")],
+        0,
+        runs[1].params,
+        runs[1].metrics,
+        runs[1].tags,
+    )
+    assert [r.mIoU for r in select_rows(runs, "last")] == [0.50]
+    runs[0].metrics["tune/mIoU_last"] = 0.20  # A's last tune score now below B's
+    assert [r.mIoU for r in select_rows(runs, "last")] == [0.60]
+    assert [r.mIoU for r in select_rows(runs, "best_tune")] == [0.5]  # A: best tune 0.40 > 0.30
+
+
+def test_each_sweep_contributes_by_its_own_phases_and_plain_runs_always_count() -> None:
+    runs = [  # sweep P1 has final runs; sweep P2 searched only; two plain runs
+        run("fixmatch", 0.1, 1, 0.52, phase="final", parent="P1"),
+        run("fixmatch", 0.1, 0, 0.50, phase="search", parent="P1", tune=0.9),  # P1 has finals
+        run("supervised", 0.1, 0, 0.41, phase="search", parent="P2", tune=0.2),
+        run("supervised", 0.1, 0, 0.45, phase="search", parent="P2", tune=0.3),  # P2's best
+        run("guidedmix", 0.1, 0, 0.47),
+        run("guidedmix", 0.1, 1, 0.49),
+    ]
+    rows = select_rows(runs)
+    assert sorted((r.method, r.seed, r.mIoU) for r in rows) == [
+        ("fixmatch", 1, 0.52),
+        ("guidedmix", 0, 0.47),
+        ("guidedmix", 1, 0.49),
+        ("supervised", 0, 0.45),
+    ]
+
+
+def test_a_measurement_repeated_by_a_newer_sweep_counts_once_the_newest() -> None:
+    old = [run("fixmatch", 0.1, s, 0.40, phase="final", parent="old", start=1) for s in range(3)]
+    new = [run("fixmatch", 0.1, s, 0.50 + 0.01 * s, phase="final", parent="new", start=2) for s in range(3)]
+    base = [run("supervised", 0.1, s, 0.30, phase="final", parent="new", start=2) for s in range(3)]
+    curve = build_curve(old + new + base)
+    [fix] = [s for s in curve.summary if s.method == "fixmatch"]
+    assert fix.n == 3 and fix.mean == pytest.approx(0.51)  # not n=6, not pooled with the old
+    [diff] = curve.differences
+    assert diff.n == 3 and diff.mean_diff == pytest.approx(0.21)  # the same runs as the table
+    assert any("3 run(s) repeat" in note for note in curve.notes)
+
+
+def test_split_seeds_are_replicates_of_one_arm_and_a_missing_baseline_is_said() -> None:
+    runs = []
+    for split_seed in (0, 1):
+        for method, value in (("supervised", 0.30), ("fixmatch", 0.40)):
+            r = run(
+                method,
+                0.1,
+                0,
+                value + 0.01 * split_seed,
+                cell=f"method={method},ratio=0.1,data.split_seed={split_seed},seed=0",
+            )
+            r.params["data.split_seed"] = str(split_seed)
+            runs.append(r)
+    runs.append(run("fixmatch", 0.5, 0, 0.6, cell="method=fixmatch,ratio=0.5,seed=0"))
+    curve = build_curve(runs)
+    assert {(s.method, s.label_ratio, s.n) for s in curve.summary} == {
+        ("supervised", 0.1, 2),
+        ("fixmatch", 0.1, 2),
+        ("fixmatch", 0.5, 1),
+    }
+    [diff] = curve.differences
+    assert diff.method == "fixmatch" and diff.n == 2 and diff.paired
+    assert curve.notes == ["no supervised runs at ratio 0.5: no differences there"]
+
+
+def test_the_published_point_is_on_the_same_lists_and_prefers_the_runs_backbone() -> None:
+    def cs_runs(method: str, encoder: str) -> list[RunRecord]:
+        family, ratio = "published/cityscapes/1_16", 186 / 2975
+        return [
+            run(method, ratio, s, 0.6, phase="final", family=family, dataset="cityscapes", encoder=encoder)
+            for s in range(2)
+        ]
+
+    table = published_table()
+    # U2PL's own Cityscapes numbers are on other image lists under the same name: never used
+    [r50] = [s for s in build_curve(cs_runs("supervised", "resnet50")).summary]
+    assert (r50.published, r50.published_backbone) == (pytest.approx(0.633), "ResNet-50")
+    assert "UniMatch" in r50.published_source
+    [r101] = [s for s in build_curve(cs_runs("supervised", "tu-resnet101")).summary]
+    assert (r101.published, r101.published_backbone) == (pytest.approx(0.663), "ResNet-101")
+    assert not any("DIFFER" in p["note"] for p in build_curve(cs_runs("u2pl", "resnet101")).published)
+    # a quoted table value (ScaleMatch) before a training-log maximum, whatever the table order
+    logs = [p for p in table if "TRAINING-LOG" in p["note"] and p["split"] == "pascal/u2pl_1_16"]
+    assert logs  # the case exists in the shipped table
+    voc = [
+        run(
+            "unimatch",
+            662 / 10582,
+            s,
+            0.7,
+            phase="final",
+            family="published/pascal/u2pl_1_16",
+            dataset="voc_aug",
+            encoder="resnet101",
+        )
+        for s in range(2)
+    ]
+    [u] = build_curve(voc).summary
+    assert u.published == pytest.approx(0.809) and "ScaleMatch" in u.published_source

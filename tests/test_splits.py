@@ -77,6 +77,17 @@ def test_num_labeled_overrides_the_ratio() -> None:
     assert len(generated_split(pool(100), 0.5, 0, 0, num_labeled=7).labeled) == 7
 
 
+def test_the_logged_ratio_is_what_the_split_holds_when_a_count_overrides_it(tiny) -> None:
+    from segsweep.data import build_data
+    from segsweep.runner import label_ratio_of
+
+    # 96 training images, 8 held out for tuning: 88 left, of which 6 labeled
+    cfg = tiny(**{"data.num_labeled": 6, "data.label_ratio": 0.5})
+    assert label_ratio_of(cfg, build_data(cfg.data)) == pytest.approx(6 / 88)
+    cfg = tiny(**{"data.label_ratio": 0.25})
+    assert label_ratio_of(cfg, build_data(cfg.data)) == 0.25  # the nominal ratio, as configured
+
+
 def fake_source(root: Path) -> Source:
     return Source("voc", root, ["a", "b"], [], [], from_list_line=lambda i, m: Sample(Path(i).stem, i, m))
 

@@ -3,6 +3,7 @@ MLflow and Optuna, a trial retried from its checkpoint, and resume after the dri
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -179,9 +180,11 @@ def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path
     from segsweep.studies import counts
 
     studies = counts(f"sqlite:///{tmp_path / 'sweeps/tiny/optuna.db'}")
+    # named by the sweep's instance: a sweep started anew never continues another's studies
+    prefix = "tiny@" + json.loads((tmp_path / "sweeps/tiny/sweep.json").read_text())["instance"]
     assert studies == {
-        "tiny:method=fixmatch,ratio=0.25,seed=0": 2,
-        "tiny:method=fixmatch,ratio=0.5,seed=0": 2,
+        f"{prefix}:method=fixmatch,ratio=0.25,seed=0": 2,
+        f"{prefix}:method=fixmatch,ratio=0.5,seed=0": 2,
     }
     # curves: the final runs aggregated over their two seeds, logged to the parent run
     curve = segsweep("curve", "--experiment", "tiny", "--out", "report", cwd=tmp_path)

@@ -96,6 +96,10 @@ BAD = {
     "unknown method": ({"grid/method": ["supervised", "mixmatch"]}, "unknown method 'mixmatch'"),
     "empty list": ({"grid/seed": []}, "'seed' must be a non-empty list"),
     "duplicate value": ({"grid/seed": [0, 0]}, "'seed' lists a value twice"),
+    "grid seeds and final seeds": (  # every seed would be run once per grid seed
+        {"final": {"seeds": [0, 1, 2]}},
+        "final: re-runs each cell's best configuration over final.seeds, so the grid takes one seed (it has 2)",
+    ),
     "search for a non-method": ({"search/fixmach": {}}, "'fixmach' is not a method"),
     "searched budget": (
         {"search/fixmatch/train.steps": {"type": "int", "low": 1, "high": 9}},
@@ -274,3 +278,11 @@ def test_outcomes_of_an_interrupted_sweep_skip_trials_that_never_started() -> No
     out, complete = _outcomes_from(Grid([done, never, running]), ctx, "tune/mIoU")
     assert not complete
     assert list(out) == ["a"] and out["a"].status == "finished" and out["a"].val == 0.3
+
+
+def test_a_trial_given_no_gpu_trains_on_the_cpu_unless_its_config_names_a_device() -> None:
+    from segsweep.sweep import trial_device
+
+    assert trial_device("auto", []) == "cpu"  # gpus_per_trial 0: Ray still shows every GPU
+    assert trial_device("auto", ["0"]) == "auto"  # its GPU is the one CUDA shows it
+    assert trial_device("cuda:1", []) == "cuda:1"  # named in the config: kept

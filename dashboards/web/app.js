@@ -61,7 +61,7 @@ async function loadExperiment() {
   const q = `experiment=${encodeURIComponent(name)}&value=${value}`;
   try {
     const curve = await api(`/api/curve?${q}`);
-    $("rule").textContent = `${curve.rule_text}; ${curve.n_runs} runs`;
+    $("rule").textContent = [`${curve.rule_text}; ${curve.n_runs} runs`, ...curve.notes].join(". Note: ");
     $("curve").src = `/api/curve.png?${q}&t=${Date.now()}`;
     const ratios = [...new Set(curve.summary.map((s) => s.label_ratio))].sort((a, b) => a - b);
     const methods = [...new Set(curve.summary.map((s) => s.method))];
@@ -69,7 +69,7 @@ async function loadExperiment() {
     const rows = methods.map((m) => [m, ...ratios.map((r) => {
       const s = curve.summary.find((x) => x.method === m && x.label_ratio === r);
       if (!s) return "-";
-      const pub = s.published === null ? "" : ` [published ${pct(s.published)}]`;
+      const pub = s.published === null ? "" : ` [published ${pct(s.published)}, ${s.published_backbone}]`;
       return `${pct(s.mean)} ± ${pct(s.std)} (n=${s.n})${pub}`;
     })]);
     fillTable($("table"), ["method", ...ratios.map(ratioLabel)], rows);

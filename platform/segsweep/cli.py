@@ -189,6 +189,8 @@ def cmd_curve(args: argparse.Namespace) -> int:
     files = report.write_outputs(curve, out, f"{args.experiment}: mIoU vs label ratio")
     print(report.format_table(curve))
     print(f"({report.RULE_TEXT[curve.rule]}; mIoU in %, mean ± std over seeds)")
+    for note in curve.notes:
+        print(f"note: {note}")
     if curve.differences:
         print(f"\ndifferences to {args.baseline} (95% confidence interval, t test):")
         print(report.format_differences(curve))
@@ -198,7 +200,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
             if s.delta_vs_published is not None:
                 print(
                     f"  {s.method} at {s.label_ratio:g}: {100 * s.mean:.1f} vs {100 * s.published:.1f} "
-                    f"published ({100 * s.delta_vs_published:+.1f})"
+                    f"published, {s.published_backbone} ({100 * s.delta_vs_published:+.1f})"
                 )
     parents = [r for r in runs if r.tags.get("segsweep.kind") == "sweep"]
     if parents and not args.no_log:

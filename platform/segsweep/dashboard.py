@@ -120,6 +120,7 @@ class Dashboard:
                 "dataset": curve.dataset,
                 "family": curve.family,
                 "n_runs": len(curve.rows),
+                "notes": curve.notes,
             }
         )
 

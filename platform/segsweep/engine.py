@@ -73,6 +73,9 @@ def numerics_for(cfg: RunConfig) -> Numerics:
             raise ConfigError(
                 f"train.device: '{t.device}' asked for, but this machine has {have}; use auto or cpu"
             )
+        # The current device too: pinned memory, CUDA events and memory statistics otherwise
+        # go to (and measure) GPU 0 in a cuda:1 run.
+        torch.cuda.set_device(device)
     if t.amp == "auto":
         amp = torch.bfloat16 if device.type == "cuda" else None
     else:
@@ -101,19 +104,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random stream a run draws from; on a GPU, only its own device's: a run resumed
+    with other GPUs visible (or its GPU under another index) restores the stream it used."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["torch"].cpu())  # RNG states are CPU byte tensors, wherever saved
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written before: one state per visible device
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 def to_device(batch: dict[str, Tensor], numerics: Numerics) -> dict[str, Tensor]:
@@ -373,7 +382,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "scaler": self.scaler.state_dict(),
                 "progress": self.progress.__dict__,
-                "rng": rng_state(),
+                "rng": rng_state(self.numerics.device),
                 "config": self.cfg.model_dump(mode="json"),
                 "run_id": self.tracker.run_id,
             },
@@ -555,7 +564,7 @@ class Trainer:
         next_batch = self._streams(stage, self.progress.step)
         rng = getattr(self, "_pending_rng", None)
         if rng is not None:  # after the loaders exist: restore the exact random stream
-            set_rng_state(rng)
+            set_rng_state(rng, self.numerics.device)
             self._pending_rng = None
         base_lr = t.scaled_lr()
         self.method.train()

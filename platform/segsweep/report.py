@@ -8,11 +8,18 @@ The rule for a run's value is stated, printed on the plot and written to the CSV
   best. The best evaluation on the reported split itself (``val/mIoU_best``) is never used:
   picking the epoch on the set one reports flatters every method.
 
-Which runs: a sweep with a ``final`` phase contributes its final runs (the best configuration
-of each cell re-run over seeds). Otherwise each cell contributes its best search trial by
-``tune/mIoU_best`` (a cell without a search space has one trial). Runs made with
-``segsweep run`` count one each. Only runs that finished (not stopped early, failed or
-diverged) count.
+Which runs, sweep by sweep (a sweep is its parent run): a sweep with a ``final`` phase
+contributes its final runs (the best configuration of each cell re-run over seeds); otherwise
+each cell contributes its best search trial by the tuning-split score that goes with the value
+rule (``tune/mIoU_last`` or ``tune/mIoU_best``; a cell without a search space has one trial).
+Runs made with ``segsweep run`` count one each. Only runs that finished (not stopped early,
+failed or diverged) count. One run per measurement: where several runs are the same point
+(arm, label ratio, seed, split seed and family: a sweep started anew under the same experiment,
+a run repeated), the newest counts and the others are named in a note.
+
+Published points: for each (method, split), the published row measured on the same split
+lists (rows noted as superseded or on other image lists are never used), preferring the runs'
+backbone, then table and README values over training-log maxima and low-confidence rows.
 """
 
 from __future__ import annotations
@@ -27,9 +34,12 @@ from statistics import mean, stdev
 
 from segsweep.errors import ConfigError
 from segsweep.files import make_folder, write_atomic
-from segsweep.tracking import RunRecord
+from segsweep.tracking import TAG_PARENT, RunRecord
 
 RULES = {"last": "val/mIoU_last", "best_tune": "val/mIoU_at_best_tune"}
+#: The tuning-split score a cell's best search trial is chosen by, per value rule: the
+#: evaluation the value is read at (the sweep ranks trials by their last tune/mIoU as well).
+SELECT_BY = {"last": "tune/mIoU_last", "best_tune": "tune/mIoU_best"}
 RULE_TEXT = {
     "last": "value: val/mIoU at the last evaluation",
     "best_tune": "value: val/mIoU at the evaluation best on the tuning split",
@@ -51,6 +61,7 @@ class Row:
     split_family: str = ""
     split_seed: int = 0
     run_id: str = ""
+    encoder: str = ""
 
 
 @dataclass
@@ -62,6 +73,8 @@ class Summary:
     n: int
     published: float | None = None
     delta_vs_published: float | None = None
+    published_backbone: str = ""
+    published_source: str = ""
 
 
 @dataclass
@@ -86,6 +99,9 @@ class Curve:
     published: list[dict[str, str]] = field(default_factory=list)
     dataset: str = ""
     family: str = ""
+    #: What a reader must know about the selection: runs left out as repeats, ratios where
+    #: the baseline is missing.
+    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,45 +128,71 @@ def arm_of_cell(cell: str) -> str | None:
     method = next((v for k, _, v in parts if k == "method"), None)
     if method is None:
         return None
+    # Seeds and split seeds are replicates of one point, never separate arms.
     rest = [
-        f"{k.removeprefix(method + '.')}={v}" for k, _, v in parts if k not in ("method", "ratio", "seed")
+        f"{k.removeprefix(method + '.')}={v}"
+        for k, _, v in parts
+        if k not in ("method", "ratio", "seed", "data.split_seed")
     ]
     return f"{method} ({', '.join(rest)})" if rest else method
 
 
-def select_rows(runs: list[RunRecord], rule: str = "last") -> list[Row]:
+def select_rows(runs: list[RunRecord], rule: str = "last", notes: list[str] | None = None) -> list[Row]:
+    """The runs that count (module docstring), one row each; ``notes`` receives a line for
+    runs left out as repeats of a newer one."""
     if rule not in RULES:
         raise ConfigError(f"--value: unknown rule '{rule}'; valid: {', '.join(RULES)}")
-    key = RULES[rule]
-    done = [r for r in runs if _finished(r, key)]
-    finals = [r for r in done if r.tags.get("segsweep.phase") == "final"]
-    if finals:
-        chosen = finals
-    else:
+    key, rank = RULES[rule], SELECT_BY[rule]
+    chosen: list[RunRecord] = []
+    sweeps: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        if not _finished(r, key):
+            continue
+        if r.tags.get("segsweep.cell"):
+            sweeps[r.tags.get(TAG_PARENT, "")].append(r)
+        else:
+            chosen.append(r)  # a plain run counts as it is
+    for members in sweeps.values():
+        finals = [r for r in members if r.tags.get("segsweep.phase") == "final"]
+        if finals:
+            chosen += finals
+            continue
         by_cell: dict[str, RunRecord] = {}
-        for r in done:
-            cell = r.tags.get("segsweep.cell") or r.run_id  # plain runs are cells of their own
-            best = by_cell.get(cell)
-            if best is None or r.metrics.get("tune/mIoU_best", -1) > best.metrics.get("tune/mIoU_best", -1):
-                by_cell[cell] = r
-        chosen = list(by_cell.values())
-    rows = []
-    for r in chosen:
-        p = r.params
-        rows.append(
-            Row(
-                method=arm_of_cell(r.tags.get("segsweep.cell", "")) or p["method"],
-                dataset=p.get("dataset", p.get("data.name", "")),
-                label_ratio=float(p.get("label_ratio", p.get("data.label_ratio", "nan"))),
-                n_labeled=int(p.get("n_labeled", 0)),
-                seed=int(p.get("seed", 0)),
-                mIoU=float(r.metrics[key]),
-                split_family=r.tags.get("segsweep.split_family", ""),
-                split_seed=int(p.get("data.split_seed", 0)),
-                run_id=r.run_id,
-            )
+        for r in members:
+            best = by_cell.get(r.tags["segsweep.cell"])
+            if best is None or r.metrics.get(rank, -1) > best.metrics.get(rank, -1):
+                by_cell[r.tags["segsweep.cell"]] = r
+        chosen += by_cell.values()
+    # One run per measurement, the newest.
+    newest: dict[tuple, tuple[RunRecord, Row]] = {}
+    repeats = 0
+    for r in sorted(chosen, key=lambda r: (r.start_time, r.run_id)):
+        row = _row(r, key)
+        ident = (row.method, row.dataset, row.label_ratio, row.seed, row.split_seed, row.split_family)
+        repeats += ident in newest
+        newest[ident] = (r, row)
+    if repeats and notes is not None:
+        notes.append(
+            f"{repeats} run(s) repeat the method, ratio, seed and split of a newer run and are left "
+            "out (a sweep started anew in the same experiment, or a run repeated): the newest counts"
         )
-    return sorted(rows, key=lambda x: (x.method, x.label_ratio, x.seed))
+    return sorted((row for _, row in newest.values()), key=lambda x: (x.method, x.label_ratio, x.seed))
+
+
+def _row(r: RunRecord, key: str) -> Row:
+    p = r.params
+    return Row(
+        method=arm_of_cell(r.tags.get("segsweep.cell", "")) or p["method"],
+        dataset=p.get("dataset", p.get("data.name", "")),
+        label_ratio=float(p.get("label_ratio", p.get("data.label_ratio", "nan"))),
+        n_labeled=int(p.get("n_labeled", 0)),
+        seed=int(p.get("seed", 0)),
+        mIoU=float(r.metrics[key]),
+        split_family=r.tags.get("segsweep.split_family", ""),
+        split_seed=int(p.get("data.split_seed", 0)),
+        run_id=r.run_id,
+        encoder=p.get("model.encoder", ""),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,16 +284,56 @@ def published_table(path: Path = PUBLISHED) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(fh) if row.get("mIoU")]
 
 
+#: Notes of published rows never overlaid: replaced by a later number, or measured on other
+#: image lists under the same split name.
+UNUSABLE = ("SUPERSEDED", "DIFFER")
+#: Notes of rows used only where nothing better is listed for the method and split, weakest
+#: last: a table quoted by another repository, one read with low confidence, and the best
+#: validation score over training read from a log (the flattering rule these curves refuse).
+WEAKER = ("secondary source", "LOW CONFIDENCE", "TRAINING-LOG")
+
+
+def backbone_key(name: str) -> str:
+    """'tu-resnet101', 'resnet101' and 'ResNet-101' compare equal."""
+    return name.lower().removeprefix("tu-").replace("-", "").replace("_", "")
+
+
 def matching_published(rows: list[Row], table: list[dict[str, str]]) -> tuple[list[dict[str, str]], str, str]:
-    """Published rows for the runs' dataset and published split family (e.g. 'pascal/92'):
-    the split folders are named by their labeled count, so each family is one point."""
+    """Usable published rows for the runs' dataset and published split family (e.g.
+    'pascal/92'): the split folders are named by their labeled count, so each family is one
+    point."""
     families = {r.split_family for r in rows}
     datasets = {r.dataset for r in rows}
     splits = {f.removeprefix("published/") for f in families if f.startswith("published/")}
     if not splits:
         return [], ",".join(sorted(datasets)), ",".join(sorted(families))
-    matched = [p for p in table if p["split"] in splits and p["dataset"] in datasets]
+    matched = [
+        p
+        for p in table
+        if p["split"] in splits
+        and p["dataset"] in datasets
+        and not any(flag in p.get("note", "") for flag in UNUSABLE)
+    ]
     return matched, ",".join(sorted(datasets)), ",".join(sorted(families))
+
+
+def pick_published(
+    matched: list[dict[str, str]], method: str, split: str, encoders: set[str]
+) -> dict[str, str] | None:
+    """The published row to set beside (method, split): the runs' backbone first, then the
+    strongest source (``WEAKER``), then table order."""
+    keys = {backbone_key(e) for e in encoders if e}
+    candidates = [(i, p) for i, p in enumerate(matched) if p["method"] == method and p["split"] == split]
+    if not candidates:
+        return None
+    return min(
+        candidates,
+        key=lambda ip: (
+            backbone_key(ip[1].get("backbone", "")) not in keys,
+            max((n + 1 for n, flag in enumerate(WEAKER) if flag in ip[1].get("note", "")), default=0),
+            ip[0],
+        ),
+    )[1]
 
 
 def attach_published(summary: list[Summary], rows: list[Row], matched: list[dict[str, str]]) -> None:
@@ -259,23 +341,37 @@ def attach_published(summary: list[Summary], rows: list[Row], matched: list[dict
     family_of = {(r.method, r.label_ratio): r.split_family.removeprefix("published/") for r in rows}
     for s in summary:
         split = family_of.get((s.method, s.label_ratio))
-        hit = next((p for p in matched if p["method"] == s.method and p["split"] == split), None)
+        encoders = {r.encoder for r in rows if (r.method, r.label_ratio) == (s.method, s.label_ratio)}
+        hit = pick_published(matched, s.method, split or "", encoders)
         if hit is not None:
             s.published = float(hit["mIoU"]) / 100
             s.delta_vs_published = s.mean - s.published
+            s.published_backbone = hit.get("backbone", "")
+            s.published_source = hit.get("source", "")
+
+
+def baseline_notes(rows: list[Row], baseline: str) -> list[str]:
+    """Ratios where other arms ran but the baseline did not: no difference is given there."""
+    if not any(r.method == baseline for r in rows):
+        return []
+    missing = sorted({r.label_ratio for r in rows} - {r.label_ratio for r in rows if r.method == baseline})
+    return [f"no {baseline} runs at ratio {ratio:g}: no differences there" for ratio in missing]
 
 
 def build_curve(
     runs: list[RunRecord], rule: str = "last", baseline: str = "supervised", experiment: str | None = None
 ) -> Curve:
-    rows = select_rows(runs, rule)
+    notes: list[str] = []
+    rows = select_rows(runs, rule, notes)
     if not rows:
         where = f"experiment '{experiment}'" if experiment else "this experiment"
         raise ConfigError(f"no finished runs with a val/mIoU summary in {where}")
     summary = summarise(rows)
     matched, dataset, family = matching_published(rows, published_table())
     attach_published(summary, rows, matched)
-    return Curve(rule, rows, summary, paired_differences(rows, baseline), matched, dataset, family)
+    notes += baseline_notes(rows, baseline)
+    differences = paired_differences(rows, baseline)
+    return Curve(rule, rows, summary, differences, matched, dataset, family, notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,11 +425,12 @@ def plot(curve: Curve, path: Path, title: str, baseline: str = "supervised") -> 
                 ax.plot([s.label_ratio], [100 * s.published], marker="D", mfc="none", color=c, ms=8)
     # Published points of methods this experiment did not run, in grey, named.
     x_of = {r.split_family.removeprefix("published/"): r.label_ratio for r in curve.rows}
-    seen: set[tuple[str, str]] = set()
-    for p in curve.published:
-        if p["method"] in methods or p["split"] not in x_of or (p["method"], p["split"]) in seen:
+    encoders = {r.encoder for r in curve.rows}
+    others = {(p["method"], p["split"]) for p in curve.published if p["method"] not in methods}
+    for method, split in sorted(others):
+        p = pick_published(curve.published, method, split, encoders)
+        if p is None or split not in x_of:
             continue
-        seen.add((p["method"], p["split"]))
         ax.plot([x_of[p["split"]]], [float(p["mIoU"])], marker="D", mfc="none", color="gray", ms=6)
         ax.annotate(
             p["method"],
@@ -344,7 +441,7 @@ def plot(curve: Curve, path: Path, title: str, baseline: str = "supervised") -> 
             color="gray",
         )
     if curve.published:
-        ax.plot([], [], "D", mfc="none", color="gray", label="published (first source in the table)")
+        ax.plot([], [], "D", mfc="none", color="gray", label="published (the runs' backbone where listed)")
     ax.set_xscale("log", base=2)
     ticks = sorted({s.label_ratio for s in curve.summary})
     ax.set_xticks(ticks, [ratio_label(r) for r in ticks])

@@ -64,18 +64,24 @@ def require_images_for(cfg: RunConfig, data: Data, stages: list[Stage]) -> None:
         raise ConfigError(f"data: the {cfg.data.name} dataset has no validation images to evaluate on")
 
 
+def label_ratio_of(cfg: RunConfig, data: Data) -> float:
+    """The ratio curves place a run at. A published split list or ``data.num_labeled``
+    overrides ``data.label_ratio``: then it is what the split holds (of the images left after
+    the tuning hold-out for a generated split, as ``label_ratio`` is; of all for a list)."""
+    s = data.split
+    if cfg.data.split is not None:
+        return len(s.labeled) / max(1, len(s.labeled) + len(s.unlabeled) + len(s.tune))
+    if cfg.data.num_labeled is not None:
+        return len(s.labeled) / max(1, len(s.labeled) + len(s.unlabeled))
+    return cfg.data.label_ratio
+
+
 def run_params(cfg: RunConfig, data: Data) -> dict[str, object]:
     """What a run is, as MLflow params: the flat config plus the names the UI groups by."""
     return {
         **cfg.flat(),
         "dataset": cfg.data.name,
-        # With a published split list the ratio is what the list holds, not the config's.
-        "label_ratio": (
-            cfg.data.label_ratio
-            if cfg.data.split is None
-            else len(data.split.labeled)
-            / max(1, len(data.split.labeled) + len(data.split.unlabeled) + len(data.split.tune))
-        ),
+        "label_ratio": label_ratio_of(cfg, data),
         "n_labeled": len(data.split.labeled),
         "n_unlabeled": len(data.split.unlabeled),
         "n_tune": len(data.split.tune),

@@ -82,8 +82,17 @@ def trial_key(ctx_name: str, config: dict[str, Any]) -> str:
     return f"{ctx_name}/search/{cell}/{config['sample']}"
 
 
+def trial_device(device: str, gpu_ids: list[Any]) -> str:
+    """The device a trial trains on. Ray shows a trial given no GPU (``gpus_per_trial: 0``)
+    every GPU of its node: ``auto`` would put it on cuda:0, unseen by Ray's accounting, beside
+    as many such trials as there are CPUs. Such a trial runs on the CPU; a device named in the
+    config is kept."""
+    return "cpu" if device == "auto" and not gpu_ids else device
+
+
 def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
     """One trial, inside a Ray worker: build the run, resume from Ray's checkpoint, train."""
+    import ray
     import torch
     from ray import tune
 
@@ -94,6 +103,7 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
     cell = ctx.cells[config["cell"]]
     cfg = run_config_of(cell, config["params"], config.get("seed"))
     cfg.tracking.uri = ctx.tracking_uri  # never the trial folder's own store
+    cfg.train.device = trial_device(cfg.train.device, ray.get_gpu_ids())
     key = trial_key(ctx.key_prefix, config)
     run_dir = Path(ctx.sweep_dir) / "trials" / key.split("/", 1)[1]
     done = finished_run(ctx.tracking_uri, ctx.experiment, key)
@@ -266,6 +276,7 @@ def _stable_seed(text: str) -> int:
 
 
 def study_name(sweep: str, cell: Cell) -> str:
+    """``sweep`` is the sweep's key prefix, ``<name>@<instance>``."""
     return f"{sweep}:{cell.id}"
 
 
@@ -934,7 +945,9 @@ def run_sweep(
     for sig in previous:
         signal.signal(sig, _interrupt)
     try:
-        searcher = CellSearcher(plan, storage_url, spec.name, es.metric, es.mode)
+        # Studies are named by the instance: on a shared Optuna storage (the cluster's PostgreSQL)
+        # a sweep started anew under an old name must not continue the old sweep's studies.
+        searcher = CellSearcher(plan, storage_url, key_prefix, es.metric, es.mode)
         scheduler = CellScheduler(
             {c.id: run_config_of(c, {}).train.steps for c in plan.cells},
             es.metric,
@@ -1144,7 +1157,10 @@ def _summarise(
         parent.log_metrics(
             {f"importance/{_short(c)}/{k}": v for c, imp in importances.items() for k, v in imp.items()}, 0
         )
-    finals = [o for o in outcomes.values() if o.phase == "final" and o.val is not None]
+    # Finished ones only: a failed trial's val is its last intermediate report's.
+    finals = [
+        o for o in outcomes.values() if o.phase == "final" and o.status == "finished" and o.val is not None
+    ]
     if finals:
         echo("")
         echo("final runs, val/mIoU (last evaluation) over seeds:")

@@ -176,6 +176,17 @@ class SweepSpec(Section):
                 raise ValueError(
                     f"variants.{i}: unknown method '{variant['method']}'; valid methods: {', '.join(METHODS)}"
                 )
+        seeds = {
+            json.dumps(v)
+            for v in [*self.grid.get("seed", []), *(v["seed"] for v in self.variants if "seed" in v)]
+        }
+        if self.final and len(seeds) > 1:
+            # Each cell is re-run over final.seeds: cells differing only in their seed would
+            # each run every final seed, and a curve would count each seed several times.
+            raise ValueError(
+                f"final: re-runs each cell's best configuration over final.seeds, so the grid takes "
+                f"one seed (it has {len(seeds)}); search with one seed, or drop final"
+            )
         return self
 
     @field_validator("search", mode="before")
