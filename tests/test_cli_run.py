@@ -72,8 +72,8 @@ def test_resume_continues_the_same_mlflow_run(cache_dir: Path, tmp_path: Path) -
         cache_dir,
         **{
             "tracking.enabled": True,
-            "train.steps": 4,
-            "debug.fail_at_step": 3,
+            "train.steps": 6,
+            "debug.fail_at_step": 4,
             "output_dir": str(tmp_path / "runs"),
         },
     )
@@ -81,21 +81,27 @@ def test_resume_continues_the_same_mlflow_run(cache_dir: Path, tmp_path: Path) -
     first = segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
     assert first.returncode == 1 and "Traceback" not in first.stderr
     [line] = [x for x in first.stderr.splitlines() if x.startswith("error: ")]
-    assert "injected failure at step 3" in line and "segsweep run --resume" in line
+    assert "injected failure at step 4" in line and "segsweep run --resume" in line
     [run] = runs_in(uri)
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED" and "injected failure" in run.data.tags["segsweep.error"]
     [run_dir] = (tmp_path / "runs").iterdir()
     again = segsweep("run", "--resume", str(run_dir), "--tracking-uri", uri, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     [run] = runs_in(uri)
-    assert run.info.status == "FINISHED"
-    history = {
-        h.step
-        for h in __import__("mlflow")
-        .tracking.MlflowClient(uri)
-        .get_metric_history(run.info.run_id, "val/mIoU")
-    }
-    assert history == {2, 4}
+    assert run.info.status == "FINISHED" and run.data.tags["segsweep.status"] == "finished"
+    assert "segsweep.error" not in run.data.tags  # the earlier attempt's failure no longer holds
+    client = __import__("mlflow").tracking.MlflowClient(uri)
+    assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "val/mIoU")) == [2, 4, 6]
+    # step 3 was trained (and logged) before the failure and again after the checkpoint at 2:
+    # one point per step, as an uninterrupted run has
+    assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "train/loss")) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
 
 
 BAD_CASES = {

@@ -115,3 +115,21 @@ def test_masked_mean_averages_features_over_a_region() -> None:
     region = torch.zeros(1, 4, 4, dtype=torch.bool)
     region[0, :2, :2] = True
     assert masked_mean(feats, region).item() == (0 + 1 + 4 + 5) / 4
+
+
+def test_semantic_mim_predicts_masked_cells_from_context_and_trains_the_mask_token(tiny) -> None:
+    from segsweep.engine import build_method
+
+    for arch in ("unet", "deeplabv3plus"):
+        method = build_method(tiny(method="s4mim", **{"model.arch": arch}), 4)
+        x = torch.randn(2, 3, 64, 64)
+        feats = method.model.forward_features(x)
+        cells = torch.ones(2, *feats.encoder[-1].shape[-2:], dtype=torch.bool)  # every deep cell masked
+        logits = method.semantic_mim_logits(feats.encoder, cells, x.shape[-2:])
+        # Not one constant (the head's bias, as masking the decoder's output gave): the
+        # decoder reads the context it has left, so the prediction varies across the image.
+        assert logits.std(dim=(2, 3)).min() > 1e-4, arch
+        # the token is learned (with some cells masked: batch norm erases a constant map)
+        cells[:, ::2] = False
+        method.semantic_mim_logits(feats.encoder, cells, x.shape[-2:]).logsumexp(1).mean().backward()
+        assert method.mask_token.grad is not None and method.mask_token.grad.abs().sum() > 0, arch

@@ -344,6 +344,71 @@ def test_an_unwritable_artifact_store_fails_the_run_and_keeps_the_checkpoint(
     assert run.info.status == "FAILED"
 
 
+def tracked_run(cache_dir: Path, tmp_path: Path):
+    """A tiny run tracked in a SQLite store of its own: (prepared, tracker)."""
+    from segsweep.config import validate_run_config
+    from segsweep.runner import make_tracker, prepare
+
+    tree = tiny_tree(
+        cache_dir,
+        **{
+            "tracking.enabled": True,
+            "tracking.uri": f"sqlite:///{tmp_path / 'x.db'}",
+            "output_dir": str(tmp_path),
+        },
+    )
+    prepared = prepare(validate_run_config(tree, "t"))
+    return prepared, make_tracker(prepared.cfg, prepared.data, run_key="k1")
+
+
+def test_checkpoints_that_cannot_be_uploaded_end_the_run_failed_and_say_why(
+    cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segsweep.runner import execute
+    from segsweep.tracking import TrackingError
+
+    prepared, tracker = tracked_run(cache_dir, tmp_path)
+    upload = tracker.client.log_artifact
+
+    def full_disk(run_id: str, path: str, artifact_path: str | None = None) -> None:
+        if path.endswith(".pt"):  # the last writes, flushed as the run ends
+            raise OSError(28, "No space left on device")
+        upload(run_id, path, artifact_path)
+
+    monkeypatch.setattr(tracker.client, "log_artifact", full_disk)
+    with pytest.raises(TrackingError, match="No space left"):
+        execute(prepared, tracker, tmp_path / "k1")
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["segsweep.status"] == "failed"  # not "finished" beside FAILED
+    assert "No space left" in run.data.tags["segsweep.error"]
+
+
+def test_a_ctrl_c_while_a_run_ends_still_ends_it(
+    cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import _thread
+
+    from segsweep.runner import execute
+
+    prepared, tracker = tracked_run(cache_dir, tmp_path)
+    write = type(tracker)._write
+
+    def interrupted(self: RunTracker, kind: str, payload: object) -> None:
+        if kind == "artifact" and not getattr(interrupted, "done", False):
+            interrupted.done = True  # type: ignore[attr-defined]
+            _thread.interrupt_main()  # Ctrl+C while the checkpoints upload
+            time.sleep(1)
+        write(self, kind, payload)
+
+    monkeypatch.setattr(type(tracker), "_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        execute(prepared, tracker, tmp_path / "k1")
+    run = tracker.client.get_run(tracker.run_id)
+    assert (run.info.status, run.data.tags["segsweep.status"]) == ("KILLED", "killed")  # never left RUNNING
+    assert run.info.end_time
+
+
 # -- corrupt data -----------------------------------------------------------------------------
 
 

@@ -112,6 +112,11 @@ class SegModel(nn.Module):
         logits = self.head(dec, x.shape[-2:])
         return Features(encoder=enc, decoder=dec, logits=logits)
 
+    def decode(self, encoder_features: list[Tensor], size: tuple[int, int] | torch.Size) -> Tensor:
+        """Encoder pyramid (as ``forward_features`` gives it, possibly edited) -> logits at
+        ``size``: lets methods decode edited encoder features."""
+        return self.head(self.net.decoder(encoder_features), size)
+
     def head(self, decoder_features: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
         """Decoder map (B, D, h, w) -> logits at ``size``: lets methods classify edited features."""
         logits = self.net.segmentation_head(decoder_features)

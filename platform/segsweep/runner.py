@@ -19,7 +19,14 @@ from segsweep.data.check import require_files, require_valid
 from segsweep.engine import Reporter, RunResult, Trainer
 from segsweep.errors import ConfigError, Diverged, Stopped, UserError, one_line
 from segsweep.methods import Stage
-from segsweep.tracking import STATUS_INTERRUPTED, TAG_STATUS, NullTracker, RunTracker, TrackingError
+from segsweep.tracking import (
+    STATUS_INTERRUPTED,
+    TAG_ERROR,
+    TAG_STATUS,
+    NullTracker,
+    RunTracker,
+    TrackingError,
+)
 
 
 @dataclass
@@ -143,7 +150,7 @@ def execute(
                 tracker.log_artifact(path, "checkpoints")
         tracker.finish("FINISHED", "finished")
     except Diverged as exc:
-        tracker.set_tags({"segsweep.error": str(exc)})
+        tracker.set_tags({TAG_ERROR: str(exc)})
         tracker.finish("FAILED", "diverged")
         if reporter is not None:
             reporter(
@@ -174,7 +181,7 @@ def execute(
         raise TrackingError(f"{one_line(exc)}{kept}") from None
     except BaseException as exc:
         message = one_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        tracker.set_tags({"segsweep.error": message[:5000]})
+        tracker.set_tags({TAG_ERROR: message[:5000]})
         try:
             tracker.finish("FAILED", "failed")
         except UserError:

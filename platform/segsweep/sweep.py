@@ -42,6 +42,7 @@ from segsweep.tracking import (
     TAG_KEY,
     TAG_PARENT,
     TAG_STATUS,
+    TAG_STOPPED_AT,
     RunTracker,
     existing_store,
     finished_run,
@@ -459,7 +460,7 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
             # The trial was killed after its last report: its run is closed here (and again,
             # if this fails, when the sweep ends: _close_orphans).
             try:
-                step = {"segsweep.stopped_at_step": str(result.get("step", ""))}
+                step = {TAG_STOPPED_AT: str(result.get("step", ""))}
                 _end_run(self.client, run_id, "FINISHED", "stopped_early", CALLBACK_RETRY_S, tags=step)
             except UserError as exc:  # a tracking hiccup must not stop the sweep
                 self.echo(f"  warning: could not close run {run_id}: {exc}")

@@ -50,6 +50,8 @@ CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFL
 # Tags segsweep sets on its runs (the MLflow UI can filter and group on them).
 TAG_KEY = "segsweep.run_key"  # a stable key: a resumed trial finds its run instead of duplicating
 TAG_STATUS = "segsweep.status"  # finished | failed | diverged | stopped_early | killed | interrupted
+TAG_ERROR = "segsweep.error"  # why a run failed, diverged or was cut short, in one line
+TAG_STOPPED_AT = "segsweep.stopped_at_step"  # where a sweep's scheduler stopped a trial
 #: The status the sweep driver gives the runs of trials an interrupt cut short.
 STATUS_INTERRUPTED = "interrupted"
 TAG_PARENT = "mlflow.parentRunId"
@@ -500,17 +502,12 @@ class RunTracker:
             all_tags[TAG_PARENT] = parent_run_id
         if run_key:
             all_tags[TAG_KEY] = run_key
+        #: Per metric, the last step an earlier attempt of this run logged (read when needed).
+        self._logged_through: dict[str, int] = {}
         existing = self._find(run_key) if run_key else None
         if existing is not None:
             self.run_id = existing
-            with_retries(
-                lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen run", retry_budget_s
-            )
-            # The previous ending's status tag (e.g. "interrupted") no longer holds; left in
-            # place it would also stop this attempt's ``finish(unless_marked=...)`` from closing.
-            with_retries(
-                lambda: self.client.set_tag(self.run_id, TAG_STATUS, "running"), "reopen run", retry_budget_s
-            )
+            self._reopen(all_tags)
             self.resumed = True
         else:
             run = with_retries(
@@ -536,6 +533,31 @@ class RunTracker:
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="segsweep-tracker", daemon=True)
         self._thread.start()
+
+    def _reopen(self, tags: dict[str, Any]) -> None:
+        """Continue a run an earlier attempt left (resumed from its checkpoint)."""
+        c, rid, budget = self.client, self.run_id, self.retry_budget_s
+        with_retries(lambda: c.update_run(rid, status="RUNNING"), "reopen run", budget)
+        # The previous ending no longer holds: its status tag (left in place it would also stop
+        # this attempt's ``finish(unless_marked=...)`` from closing), its error, the step a
+        # scheduler stopped it at. The code state is this attempt's.
+        old = with_retries(lambda: c.get_run(rid), "reopen run", budget).data.tags
+        for key in (TAG_ERROR, TAG_STOPPED_AT):
+            if key in old:
+                with_retries(lambda k=key: c.delete_tag(rid, k), "reopen run", budget)
+        fresh = {k: redact(str(v)) for k, v in tags.items() if k not in (TAG_PARENT, TAG_KEY)}
+        self._write("tags", {**fresh, TAG_STATUS: "running"})
+
+    def _not_logged_before(self, metrics: list[Any]) -> list[Any]:
+        """A resumed run trains again the steps between its last checkpoint and where the
+        earlier attempt stopped, which had logged them: those points stay, the new ones at
+        the same steps are dropped, so each metric has one point per step, as an
+        uninterrupted run has. (Its own later points are above every earlier step.)"""
+        c, rid, budget = self.client, self.run_id, self.retry_budget_s
+        for key in {m.key for m in metrics} - self._logged_through.keys():
+            history = with_retries(lambda k=key: c.get_metric_history(rid, k), "read metric", budget)
+            self._logged_through[key] = max((h.step for h in history), default=-1)
+        return [m for m in metrics if m.step > self._logged_through[m.key]]
 
     def _find(self, run_key: str) -> str | None:
         runs = runs_tagged(self.client, self.experiment_id, TAG_KEY, run_key, self.retry_budget_s, limit=5)
@@ -603,24 +625,28 @@ class RunTracker:
         if self._closed:
             return
         self._closed = True
-        flush_error: BaseException | None = None
         try:
             self.flush()
-        except TrackingError as exc:
-            flush_error = exc
-            status = "FAILED"
+        except TrackingError as exc:  # what was queued is not all written: the run failed
+            self._end("FAILED", {TAG_STATUS: "failed", TAG_ERROR: first_line(exc)})
+            raise
+        except BaseException:  # Ctrl+C (or an exit) mid-flush: the run still ends, then it goes on
+            self._end("KILLED", {TAG_STATUS: "killed"})
+            raise
+        self._end(status, {TAG_STATUS: segsweep_status} if segsweep_status else {}, unless_marked)
+
+    def _end(self, status: str, tags: dict[str, str], unless_marked: str | None = None) -> None:
+        """Stop the writer, then tag and terminate the run from this thread."""
         self._send("stop", None)
         self._thread.join(timeout=60)
         c, rid, budget = self.client, self.run_id, self.retry_budget_s
-        if unless_marked is not None and flush_error is None:
+        if unless_marked is not None:
             run = with_retries(lambda: c.get_run(rid), "read run", budget)
             if run.data.tags.get(TAG_STATUS) == unless_marked:
                 return
-        if segsweep_status:  # the writer thread has stopped: its own write, from here
-            self._write("tags", {TAG_STATUS: segsweep_status})
+        if tags:  # the writer thread has stopped: its own write, from here
+            self._write("tags", tags)
         with_retries(lambda: c.set_terminated(rid, status=status), "end run", budget)
-        if flush_error is not None:
-            raise flush_error
 
     # -- consumer side (background thread) -----------------------------------------------------
     def _work(self) -> None:
@@ -679,7 +705,12 @@ class RunTracker:
     def _write(self, kind: str, payload: Any) -> None:
         c, rid, budget = self.client, self.run_id, self.retry_budget_s
         if kind == "metrics":
-            with_retries(lambda: c.log_batch(rid, metrics=payload, synchronous=True), "log metrics", budget)
+            if self.resumed:
+                payload = self._not_logged_before(payload)
+            if payload:
+                with_retries(
+                    lambda: c.log_batch(rid, metrics=payload, synchronous=True), "log metrics", budget
+                )
         elif kind == "params":
             from mlflow.entities import Param
 

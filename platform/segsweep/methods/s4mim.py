@@ -15,12 +15,16 @@ The three components of the abstract, on the weak-to-strong FixMatch base of thi
 * **Feature aggregation**: decoder features of the masked part of class c are pulled
   towards those of its visible part (cosine distance of their means; the visible side is the
   target, stop-gradient).
-* **MIM in semantic space**: patches of the decoder feature map (``sem_mask_ratio``) are
-  zeroed and the segmentation head must still predict the labels (ground truth / pseudo
-  masks) there, a masked-feature consistency regularizer.
+* **MIM in semantic space**: patches (``sem_mask_ratio``) of the encoder's deepest, most
+  semantic feature map are replaced by a learned mask token, and the decoder and head must
+  still predict the labels (ground truth / confident pseudo masks) of the masked pixels from
+  the context around them (and the shallow skip features): masked modeling of semantics
+  rather than of pixels. Cross-entropy averaged over the masked labelled pixels.
+  (Masking the decoder's output instead leaves the head, a 1x1 or 3x3 conv, nothing to
+  predict from: its logits there are its bias.)
 
 Shapes: images (N, 3, H, W), labels (N, H, W) with 255 = ignore, decoder features
-(N, D, h, w), masks (N, H, W) bool.
+(N, D, h, w), deepest encoder features (N, E, h', w'), masks (N, H, W) bool.
 
 Departures (README, "Methods"): the paper body and code were unavailable, so loss forms,
 the reconstruction decoder and the feature-space masking are our reading of the abstract;
@@ -146,6 +150,20 @@ class S4MIM(FixMatch):
         super().__init__(model, knobs, num_classes)
         self.knobs: S4MIMKnobs = knobs
         self.recon = ReconstructionHead(model.decoder_channels) if knobs.mim else None
+        # What a masked cell of the deepest encoder map holds (learned, as MAE's mask token).
+        self.mask_token = (
+            nn.Parameter(torch.zeros(model.encoder_channels[-1])) if knobs.semantic_mim else None
+        )
+
+    def semantic_mim_logits(
+        self, encoder: list[Tensor], cells: Tensor, size: tuple[int, int] | torch.Size
+    ) -> Tensor:
+        """Logits (N, C, H, W) with the deepest encoder map's ``cells`` (N, h', w') bool
+        replaced by the mask token; the other pyramid levels as they are."""
+        assert self.mask_token is not None
+        deep = encoder[-1]
+        token = self.mask_token.to(deep.dtype).view(1, -1, 1, 1)
+        return self.model.decode([*encoder[:-1], torch.where(cells.unsqueeze(1), token, deep)], size)
 
     def _generator(self, step: int) -> torch.Generator:
         # Masks come from the global RNG state (checkpointed): exact resume, seed-deterministic.
@@ -198,17 +216,19 @@ class S4MIM(FixMatch):
                 logs["loss_aggregation"] = loss_agg
             logs["mim_target_share"] = target.float().mean()
 
-        # MIM in semantic space: zero patches of the decoder features, predict labels anyway.
-        if k.semantic_mim:
-            dec = feats.decoder
+        # MIM in semantic space: mask patches of the deepest encoder features, predict the
+        # labels there from context.
+        if self.mask_token is not None:
+            deep = feats.encoder[-1]
             g = self._generator(step + 1)
-            h, w = dec.shape[-2:]
+            h, w = deep.shape[-2:]
             patch = max(1, round(k.patch_size * h / x_l.shape[-2]))
-            fmask = patch_mask(dec.shape[0], h, w, patch, k.sem_mask_ratio, g, dec.device)
-            logits_m = self.model.head(dec * (~fmask).unsqueeze(1), x_l.shape[-2:])
-            pix = F.interpolate(fmask.unsqueeze(1).float(), size=x_l.shape[-2:], mode="nearest")[:, 0]
+            cells = patch_mask(deep.shape[0], h, w, patch, k.sem_mask_ratio, g, deep.device)
+            logits_m = self.semantic_mim_logits(feats.encoder, cells, x_l.shape[-2:])
+            pix = F.interpolate(cells.unsqueeze(1).float(), size=x_l.shape[-2:], mode="nearest")[:, 0] > 0
             targets = torch.cat([y_l, pseudo])
-            weights = torch.cat([torch.ones_like(y_l, dtype=torch.float), keep.float()]) * pix
+            targets = torch.where(pix, targets, torch.full_like(targets, IGNORE))  # masked pixels only
+            weights = torch.cat([torch.ones_like(y_l, dtype=torch.float), keep.float()])
             loss_sem = masked_cross_entropy(logits_m, targets, weight=weights)
             loss = loss + k.sem_weight * loss_sem
             logs["loss_semantic_mim"] = loss_sem
