@@ -31,6 +31,9 @@ def test_a_short_run_leaves_a_finished_mlflow_run_with_metrics_and_artifacts(
     assert p["method"] == "fixmatch" and p["dataset"] == "synthetic"
     assert float(p["label_ratio"]) == 0.25 and p["seed"] == "0" and p["n_labeled"] == "22"
     assert p["fixmatch.ema_teacher"] == "True" and "supervised" not in " ".join(p)
+    # what "auto" became here: a CPU run, full precision, no loader workers
+    assert (p["train.device"], p["resolved.device"], p["resolved.amp"]) == ("auto", "cpu", "off")
+    assert p["resolved.channels_last"] == "False" and p["resolved.num_workers"] == "0"
     assert tags["segsweep.split_family"] == "generated/seed0"
     assert tags["segsweep.eval_mode"] == "whole" and tags["segsweep.status"] == "finished"
     for key in (
@@ -94,14 +97,18 @@ def test_resume_continues_the_same_mlflow_run(cache_dir: Path, tmp_path: Path) -
     assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "val/mIoU")) == [2, 4, 6]
     # step 3 was trained (and logged) before the failure and again after the checkpoint at 2:
     # one point per step, as an uninterrupted run has
-    assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "train/loss")) == [
-        1,
-        2,
-        3,
-        4,
-        5,
-        6,
-    ]
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(h.step for h in losses) == [1, 2, 3, 4, 5, 6]
+    assert "segsweep.resumed_with" not in run.data.tags  # resumed as it was configured
+    # extended on resume: MLflow keeps a param's first value, the tag says what ran instead
+    longer = segsweep(
+        "run", "--resume", str(run_dir), "--tracking-uri", uri, "--set", "train.steps=8", cwd=tmp_path
+    )
+    assert longer.returncode == 0, longer.stderr
+    [run] = runs_in(uri)
+    assert run.data.params["train.steps"] == "6"
+    assert run.data.tags["segsweep.resumed_with"] == "train.steps: 6 -> 8"
+    assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "val/mIoU")) == [2, 4, 6, 8]
 
 
 BAD_CASES = {
@@ -246,3 +253,52 @@ def test_report_and_server_commands_name_their_bad_flag(tmp_path: Path) -> None:
     )
     assert_user_error(segsweep("dashboard", "--port", "99999", cwd=tmp_path), "--port", "from 0 to 65535")
     assert_user_error(segsweep("check-data", "--max", "-1", cwd=tmp_path), "--max", "at least 1")
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_sigterm_ends_a_run_killed_with_one_line(cache_dir: Path, tmp_path: Path, checkpointed: bool) -> None:
+    """A scheduler's or ``timeout``'s SIGTERM ends a run as Ctrl+C does: never left RUNNING."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    every = 2 if checkpointed else 100_000
+    tree = tiny_tree(
+        cache_dir,
+        **{
+            "tracking.enabled": True,
+            "train.steps": 100_000,
+            "train.eval_every": every,
+            "output_dir": str(tmp_path / "runs"),
+        },
+    )
+    cfg = write_config(tmp_path / "run.yaml", tree)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segsweep.cli", "run", str(cfg), "--tracking-uri", uri],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # training has begun (and, if asked, checkpointed)
+            ready = list((tmp_path / "runs").glob("*/checkpoints/last.pt")) if checkpointed else []
+            if (ready or not checkpointed) and proc.stdout.readline().strip().startswith("step 3/"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    [run] = runs_in(uri)
+    assert (run.info.status, run.data.tags["segsweep.status"]) == ("KILLED", "killed")
+    if checkpointed:
+        [run_dir] = (tmp_path / "runs").iterdir()
+        assert line == f"error: run interrupted; continue it with: segsweep run --resume {run_dir}"
+    else:  # nothing to resume: no folder suggests otherwise
+        assert line.startswith("error: run interrupted before its first checkpoint: nothing was kept")
+        assert not (tmp_path / "runs").exists()  # made by this run, removed with it

@@ -308,3 +308,14 @@ def test_the_published_point_is_on_the_same_lists_and_prefers_the_runs_backbone(
     ]
     [u] = build_curve(voc).summary
     assert u.published == pytest.approx(0.809) and "ScaleMatch" in u.published_source
+
+
+def test_runs_of_unequal_budgets_are_said() -> None:
+    a, b = run("supervised", 0.1, 0, 0.4), run("fixmatch", 0.1, 0, 0.5)
+    assert build_curve([a, b]).notes == []
+    a.params["train.steps"], b.params["train.steps"] = "60", "80"
+    a.params["train.batch_size"] = b.params["train.batch_size"] = "16"
+    assert build_curve([a, b]).notes == [
+        "the runs differ in budget (train.steps x train.batch_size: 60x16, 80x16): "
+        "their differences compare unequal training"
+    ]

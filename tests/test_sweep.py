@@ -371,6 +371,22 @@ def test_the_live_view_closes_the_runs_of_stopped_and_killed_trials(tmp_path: Pa
     )
     assert (b.info.status, b.data.tags[TAG_STATUS]) == ("FAILED", "failed")
     assert cb.outcomes["a"].status == "stopped_early" and cb.outcomes["b"].status == "failed"
+    # a later Ctrl+C cuts short only what was still going: "b" failed for good by itself
+    from segsweep.sweep import INTERRUPT
+
+    cb.ended_before = set()
+    waiting = trial("d", "x")
+    try:
+        INTERRUPT.set()
+        cb.on_trial_error(0, [], trial("e", "no-such-run"))  # failed as the signal reached it
+    finally:
+        INTERRUPT.clear()
+    lines.clear()
+    names = [
+        t.trial_id
+        for t in cb.interrupted_trials([trial("a", stopped), trial("b", died), waiting, trial("e", "-")])
+    ]
+    assert names == ["d", "e"]
 
     cb.on_trial_complete(0, [], trial("c", "no-such-run", step=5))
     warnings = [line for line in lines if "warning" in line]

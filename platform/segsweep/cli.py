@@ -8,16 +8,19 @@ kept for bugs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import math
+import signal
 import sys
+import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from segsweep.errors import ConfigError, InjectedFailure, UserError, one_line, user_message
+from segsweep.errors import ConfigError, InjectedFailure, Interrupted, UserError, one_line, user_message
 from segsweep.files import new_folder, require_writable_file, unmake_folder, write_atomic
 
 #: errno values meaning the machine, not segsweep, refused a file operation.
@@ -46,6 +49,24 @@ def _echo(quiet: bool) -> Callable[[str], None]:
 
 # ---------------------------------------------------------------------------------------------
 # segsweep run
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (a scheduler's, ``timeout``'s) ends a run as Ctrl+C does, its MLflow run closed
+    KILLED, rather than killing it silently and leaving the run RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -84,13 +105,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Read and applied before its MLflow run is touched: a corrupt or foreign checkpoint
         # is a one-line error that leaves the run (and its status) as it was.
         prepared.trainer.load_checkpoint(resume_ckpt)
-    with new_folder(run_dir, "output_dir") as made:  # nothing of this run stays if it fails
-        tracker = make_tracker(cfg, prepared.data, run_key=run_key)
-    from segsweep.config import dump_yaml
-
-    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    tracker, made = None, None
     try:
-        result = execute(prepared, tracker, run_dir)  # a resumed trainer already holds its state
+        with sigterm_as_ctrl_c():
+            with new_folder(run_dir, "output_dir") as made:  # nothing of this run stays if it fails
+                tracker = make_tracker(cfg, prepared.data, run_key=run_key)
+            from segsweep.config import dump_yaml
+
+            write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+            result = execute(prepared, tracker, run_dir)  # a resumed trainer already holds its state
+    except KeyboardInterrupt:
+        if tracker is not None:
+            tracker.finish("KILLED", "killed")  # done already if training had begun
+        if not any((run_dir / "checkpoints").glob("*.pt")):
+            unmake_folder(run_dir, made)
+            raise Interrupted(
+                "run interrupted before its first checkpoint: nothing was kept to resume"
+                + (
+                    f" (MLflow run {tracker.run_id} marked KILLED)"
+                    if tracker is not None and tracker.run_id
+                    else ""
+                )
+            ) from None
+        raise Interrupted(f"run interrupted; continue it with: segsweep run --resume {run_dir}") from None
     except (UserError, RuntimeError) as exc:
         # Bad input met mid-run (an unreadable image past the first): with no checkpoint yet
         # there is nothing to resume, so no folder is left to suggest otherwise. Its MLflow

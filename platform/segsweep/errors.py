@@ -22,6 +22,12 @@ class DataError(UserError):
     """A dataset root, split list, image or mask is missing or unreadable."""
 
 
+class Interrupted(UserError):
+    """Ctrl+C or SIGTERM ended the work; the message says what was kept and how to go on."""
+
+    exit_code = 130
+
+
 class Diverged(Exception):
     """The training loss became NaN or infinite. Not retried: the same seed diverges again."""
 

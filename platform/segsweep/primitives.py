@@ -63,8 +63,10 @@ def cutmix_box(
     """A random CutMix rectangle (Yun et al. 2019) in a ``height`` x ``width`` image, as
     (top, left, height, width); empty, (0, 0, 0, 0), with probability 1 - prob.
 
-    Area is uniform in [area_min, area_max] of the image and aspect ratio log-uniform in
-    [ratio_min, 1 / ratio_min], as in UniMatch's strong view.
+    Area is uniform in [area_min, area_max] of the image, as in UniMatch's strong view, and
+    aspect ratio log-uniform in [ratio_min, 1 / ratio_min]: UniMatch draws it uniform in that
+    range, which makes about three boxes in four taller than wide; log-uniform treats the two
+    orientations alike (a deliberate departure, no effect measured).
     """
     if torch.rand((), generator=generator).item() >= prob:
         return (0, 0, 0, 0)

@@ -176,6 +176,18 @@ def select_rows(runs: list[RunRecord], rule: str = "last", notes: list[str] | No
             f"{repeats} run(s) repeat the method, ratio, seed and split of a newer run and are left "
             "out (a sweep started anew in the same experiment, or a run repeated): the newest counts"
         )
+    # A sweep gives every method one budget; runs made one by one may not have.
+    budgets = sorted(
+        {
+            f"{r.params.get('train.steps', '?')}x{r.params.get('train.batch_size', '?')}"
+            for r, _ in newest.values()
+        }
+    )
+    if len(budgets) > 1 and notes is not None:
+        notes.append(
+            f"the runs differ in budget (train.steps x train.batch_size: {', '.join(budgets)}): "
+            "their differences compare unequal training"
+        )
     return sorted((row for _, row in newest.values()), key=lambda x: (x.method, x.label_ratio, x.seed))
 
 

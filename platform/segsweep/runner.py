@@ -16,7 +16,7 @@ from pathlib import Path
 from segsweep.config import RunConfig, dump_yaml
 from segsweep.data import Data, build_data
 from segsweep.data.check import require_files, require_valid
-from segsweep.engine import Reporter, RunResult, Trainer
+from segsweep.engine import Numerics, Reporter, RunResult, Trainer
 from segsweep.errors import ConfigError, Diverged, Stopped, UserError, one_line
 from segsweep.methods import Stage
 from segsweep.tracking import (
@@ -96,6 +96,17 @@ def run_params(cfg: RunConfig, data: Data) -> dict[str, object]:
     }
 
 
+def resolved_params(numerics: Numerics) -> dict[str, object]:
+    """What ``auto`` and unset settings became on this machine (``train.device: auto`` is a
+    GPU run with bf16 and loader workers on one machine, a CPU run on another)."""
+    return {
+        "resolved.device": str(numerics.device),
+        "resolved.amp": str(numerics.amp_dtype).removeprefix("torch.") if numerics.amp_dtype else "off",
+        "resolved.channels_last": numerics.channels_last,
+        "resolved.num_workers": numerics.workers,
+    }
+
+
 def run_tags(cfg: RunConfig, data: Data) -> dict[str, str]:
     """Tags that decide whether two runs are comparable: same split family, same evaluation."""
     return {
@@ -116,7 +127,7 @@ def make_tracker(
     t = cfg.tracking
     if not t.enabled:
         return NullTracker()
-    name = t.run_name or f"{cfg.method}-r{cfg.data.label_ratio:g}-s{cfg.seed}"
+    name = t.run_name or f"{cfg.method}-r{label_ratio_of(cfg, data):.4g}-s{cfg.seed}"
     return RunTracker(
         t.uri,
         t.experiment,
@@ -139,10 +150,13 @@ def execute(
     ``segsweep.status=diverged``, and return normally (a retry would diverge again)."""
     cfg, data, trainer = prepared.cfg, prepared.data, prepared.trainer
     started = time.time()
+    params = {**run_params(cfg, data), **resolved_params(trainer.numerics)}
     try:
         if not tracker.resumed:
-            tracker.log_params(run_params(cfg, data))
+            tracker.log_params(params)
             tracker.log_text(dump_yaml(cfg), "config.yaml")
+        else:  # settings changed on resume are tagged (a param keeps its first value)
+            tracker.log_resumed_params(params)
         result = trainer.run(run_dir, tracker, reporter, resume_from, should_stop)
         tracker.log_metrics({**result.metrics, "time/run_seconds": time.time() - started}, cfg.train.steps)
         if cfg.tracking.log_checkpoints:

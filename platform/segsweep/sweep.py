@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segsweep.errors import ConfigError, UserError, one_line
+from segsweep.errors import ConfigError, Interrupted, UserError, one_line
 from segsweep.files import new_folder, require_writable_file, write_atomic
 from segsweep.sweepspec import Cell, Plan, run_config_of
 from segsweep.tracking import (
@@ -409,7 +409,7 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
         self.last_view = time.time() - 20  # the first view comes ~10 s in
         self.ended_here = 0  # trials this driver saw end (the ETA's rate; not restored ones)
         self.ended_before: set[str] | None = None  # trials that had ended when it restored them
-        self.completed: set[str] = set()  # trials this driver saw end normally
+        self.completed: set[str] = set()  # trials this driver saw end, by themselves
         self.forwarded = False
         self._client = None
 
@@ -469,6 +469,8 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ended_here += 1
+        if not INTERRUPT.is_set():  # failed for good on its own: not one an interrupt cut short
+            self.completed.add(trial.trial_id)
         self._record(trial, "failed", trial.last_result or {})
         self._line(trial, "failed", trial.last_result or {})
         run_id = (trial.last_result or {}).get("mlflow_run_id")
@@ -1077,9 +1079,7 @@ def _fit(
     return {}, False
 
 
-class SweepInterrupted(UserError):
-    exit_code = 130
-
+class SweepInterrupted(Interrupted):
     def __init__(self, name: str) -> None:
         super().__init__(f"sweep '{name}' interrupted; continue it with --resume")
 

@@ -52,6 +52,7 @@ TAG_KEY = "segsweep.run_key"  # a stable key: a resumed trial finds its run inst
 TAG_STATUS = "segsweep.status"  # finished | failed | diverged | stopped_early | killed | interrupted
 TAG_ERROR = "segsweep.error"  # why a run failed, diverged or was cut short, in one line
 TAG_STOPPED_AT = "segsweep.stopped_at_step"  # where a sweep's scheduler stopped a trial
+TAG_RESUMED_WITH = "segsweep.resumed_with"  # settings a resume changed: "key: logged -> used; ..."
 #: The status the sweep driver gives the runs of trials an interrupt cut short.
 STATUS_INTERRUPTED = "interrupted"
 TAG_PARENT = "mlflow.parentRunId"
@@ -571,6 +572,11 @@ class RunTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         self._send("params", safe_params(params))
 
+    def log_resumed_params(self, params: dict[str, Any]) -> None:
+        """A resumed run's params. MLflow keeps a param's first value; where this attempt
+        runs with another (``--set`` on resume), the tag ``segsweep.resumed_with`` says so."""
+        self._send("resumed_params", safe_params(params))
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._send("tags", {k: redact(str(v)) for k, v in tags.items()})
 
@@ -720,6 +726,16 @@ class RunTracker:
                 with_retries(
                     lambda ch=chunk: c.log_batch(rid, params=ch, synchronous=True), "log params", budget
                 )
+        elif kind == "resumed_params":
+            logged = with_retries(lambda: c.get_run(rid), "read run", budget).data.params
+            added = {k: v for k, v in payload.items() if k not in logged}
+            changed = [
+                f"{k}: {logged[k]} -> {v}" for k, v in payload.items() if k in logged and logged[k] != v
+            ]
+            if added:
+                self._write("params", added)
+            if changed:
+                self._write("tags", {TAG_RESUMED_WITH: "; ".join(changed)[:5000]})
         elif kind == "tags":
             from mlflow.entities import RunTag
 
@@ -763,6 +779,7 @@ class NullTracker:
     writer_cpu_s = 0.0
 
     def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_resumed_params(self, params: dict[str, Any]) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image: np.ndarray | Callable[[], np.ndarray], key: str, step: int) -> None: ...
