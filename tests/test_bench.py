@@ -195,8 +195,8 @@ def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
     # the worker default of a GPU run, computed on any machine: one CUDA device is pretended
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    current: list[torch.device] = []
-    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    current: list[int] = []  # below torch.cuda.set_device: its own argument checks run
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", current.append)
 
     def workers(**data: object) -> int:
         device = data.pop("device", "cpu")
@@ -213,10 +213,13 @@ def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
         assert workers(device="cuda") == 8
     finally:
         torch.set_num_threads(threads)
-    # a run on cuda:1 makes it the current device (pinned memory, events, memory statistics)
+    # a run on cuda:1 makes it the current device (pinned memory, events, memory statistics);
+    # "cuda" and "auto" leave the current one
     current.clear()
     workers(device="cuda:1")
-    assert current == [torch.device("cuda:1")]
+    assert current == [1]
+    current.clear()
+    assert workers(device="cuda") == workers(device="auto") and current == []
 
 
 def test_gpu_rows_take_the_median_of_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -387,7 +387,7 @@ def test_checkpoints_that_cannot_be_uploaded_end_the_run_failed_and_say_why(
 def test_a_ctrl_c_while_a_run_ends_still_ends_it(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import _thread
+    import signal
 
     from segsweep.runner import execute
 
@@ -397,7 +397,7 @@ def test_a_ctrl_c_while_a_run_ends_still_ends_it(
     def interrupted(self: RunTracker, kind: str, payload: object) -> None:
         if kind == "artifact" and not getattr(interrupted, "done", False):
             interrupted.done = True  # type: ignore[attr-defined]
-            _thread.interrupt_main()  # Ctrl+C while the checkpoints upload
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C while the checkpoints upload
             time.sleep(1)
         write(self, kind, payload)
 

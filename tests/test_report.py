@@ -319,3 +319,12 @@ def test_runs_of_unequal_budgets_are_said() -> None:
         "the runs differ in budget (train.steps x train.batch_size: 60x16, 80x16): "
         "their differences compare unequal training"
     ]
+
+
+def test_runs_on_other_backbones_are_not_repeats_of_each_other() -> None:
+    runs = [
+        run("supervised", 0.1, 0, 0.40, encoder="resnet50"),
+        run("supervised", 0.1, 0, 0.45, encoder="resnet101"),
+    ]
+    curve = build_curve(runs)
+    assert len(curve.rows) == 2 and not any("repeat" in note for note in curve.notes)

@@ -98,7 +98,8 @@ BAD = {
     "duplicate value": ({"grid/seed": [0, 0]}, "'seed' lists a value twice"),
     "grid seeds and final seeds": (  # every seed would be run once per grid seed
         {"final": {"seeds": [0, 1, 2]}},
-        "final: re-runs each cell's best configuration over final.seeds, so the grid takes one seed (it has 2)",
+        "final: re-runs each cell's best configuration over final.seeds, so a cell takes one seed "
+        "(method=supervised,ratio=0.25 has 2)",
     ),
     "search for a non-method": ({"search/fixmach": {}}, "'fixmach' is not a method"),
     "searched budget": (
@@ -286,3 +287,12 @@ def test_a_trial_given_no_gpu_trains_on_the_cpu_unless_its_config_names_a_device
     assert trial_device("auto", []) == "cpu"  # gpus_per_trial 0: Ray still shows every GPU
     assert trial_device("auto", ["0"]) == "auto"  # its GPU is the one CUDA shows it
     assert trial_device("cuda:1", []) == "cuda:1"  # named in the config: kept
+
+
+def test_final_takes_one_seed_per_cell_whichever_key_sets_it(tmp_path: Path, cache_dir: Path) -> None:
+    # variants replace the grid's seed: each arm still has one seed, so final is fine
+    tree = spec(final={"seeds": [0, 1]})
+    tree["grid"]["seed"] = [0]
+    tree["variants"] = [{"method": "supervised", "seed": 1}, {"method": "fixmatch", "seed": 2}]
+    plan = plan_of(tmp_path, tree)
+    assert sorted(c.values["seed"] for c in plan.cells) == [1, 1, 2, 2]

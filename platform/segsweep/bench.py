@@ -956,7 +956,7 @@ def _packed_rate(tree: dict[str, Any], measure: int, trials: int) -> tuple[float
     ends = [queue.get(timeout=3600) for _ in procs]
     for p in procs:
         p.join()
-    return overlap_rate(ends, tree["train"]["batch_size"], len(ends[0]) - measure - 1)
+    return overlap_rate(ends, tree["train"]["batch_size"], max(0, len(ends[0]) - measure - 1))
 
 
 def overlap_rate(step_ends: list[list[float]], images_per_step: int, skip: int) -> tuple[float, bool]:
@@ -970,7 +970,7 @@ def overlap_rate(step_ends: list[list[float]], images_per_step: int, skip: int) 
     if hi > lo:
         steps = sum(sum(lo < t <= hi for t in ends) for ends in step_ends)
         return steps * images_per_step / (hi - lo), True
-    rates = [(len(e) - 1 - skip) * images_per_step / (e[-1] - e[skip]) for e in step_ends]
+    rates = [(len(e) - 1 - skip) * images_per_step / max(e[-1] - e[skip], 1e-9) for e in step_ends]
     return sum(rates), False
 
 

@@ -74,8 +74,9 @@ def numerics_for(cfg: RunConfig) -> Numerics:
                 f"train.device: '{t.device}' asked for, but this machine has {have}; use auto or cpu"
             )
         # The current device too: pinned memory, CUDA events and memory statistics otherwise
-        # go to (and measure) GPU 0 in a cuda:1 run.
-        torch.cuda.set_device(device)
+        # go to (and measure) GPU 0 in a cuda:1 run. "cuda" alone is the current device.
+        if device.index is not None:
+            torch.cuda.set_device(device)
     if t.amp == "auto":
         amp = torch.bfloat16 if device.type == "cuda" else None
     else:

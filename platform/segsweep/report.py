@@ -168,7 +168,15 @@ def select_rows(runs: list[RunRecord], rule: str = "last", notes: list[str] | No
     repeats = 0
     for r in sorted(chosen, key=lambda r: (r.start_time, r.run_id)):
         row = _row(r, key)
-        ident = (row.method, row.dataset, row.label_ratio, row.seed, row.split_seed, row.split_family)
+        ident = (
+            row.method,
+            row.dataset,
+            row.encoder,
+            row.label_ratio,
+            row.seed,
+            row.split_seed,
+            row.split_family,
+        )
         repeats += ident in newest
         newest[ident] = (r, row)
     if repeats and notes is not None:

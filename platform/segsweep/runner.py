@@ -135,6 +135,7 @@ def make_tracker(
         tags={**run_tags(cfg, data), **(extra_tags or {})},
         parent_run_id=parent_run_id,
         run_key=run_key,
+        steps_once=True,
     )
 
 

@@ -277,7 +277,8 @@ def _stable_seed(text: str) -> int:
 
 
 def study_name(sweep: str, cell: Cell) -> str:
-    """``sweep`` is the sweep's key prefix, ``<name>@<instance>``."""
+    """``sweep``: ``<name>@<instance>`` (a sweep started before studies were named by
+    instance: ``<name>``, as recorded in its ``sweep.json``)."""
     return f"{sweep}:{cell.id}"
 
 
@@ -843,6 +844,10 @@ def run_sweep(
         state = {"instance": uuid.uuid4().hex[:8]}
     # Sweeps started before instance ids existed keep their plain-name keys.
     key_prefix = f"{spec.name}@{state['instance']}" if state.get("instance") else spec.name
+    # Optuna studies are named by the instance too: on a shared storage a sweep started anew
+    # under an old name must not continue the old sweep's studies. Sweeps started before
+    # that keep the plain name they began with, and so their studies' history.
+    study_prefix = state.get("study_prefix", key_prefix if not resume else spec.name)
 
     # Check every distinct dataset and model once, before anything is started or written.
     # On a cluster the trials run on the workers: the driver may have no GPU of its own, so it
@@ -906,6 +911,7 @@ def run_sweep(
             {
                 "fingerprint": fingerprint,
                 "instance": state.get("instance", ""),
+                "study_prefix": study_prefix,
                 "parent_run_id": parent.run_id,
                 "tracking_uri": uri,
                 "experiment": plan.experiment,
@@ -948,9 +954,7 @@ def run_sweep(
     for sig in previous:
         signal.signal(sig, _interrupt)
     try:
-        # Studies are named by the instance: on a shared Optuna storage (the cluster's PostgreSQL)
-        # a sweep started anew under an old name must not continue the old sweep's studies.
-        searcher = CellSearcher(plan, storage_url, key_prefix, es.metric, es.mode)
+        searcher = CellSearcher(plan, storage_url, study_prefix, es.metric, es.mode)
         scheduler = CellScheduler(
             {c.id: run_config_of(c, {}).train.steps for c in plan.cells},
             es.metric,

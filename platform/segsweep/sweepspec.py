@@ -176,17 +176,6 @@ class SweepSpec(Section):
                 raise ValueError(
                     f"variants.{i}: unknown method '{variant['method']}'; valid methods: {', '.join(METHODS)}"
                 )
-        seeds = {
-            json.dumps(v)
-            for v in [*self.grid.get("seed", []), *(v["seed"] for v in self.variants if "seed" in v)]
-        }
-        if self.final and len(seeds) > 1:
-            # Each cell is re-run over final.seeds: cells differing only in their seed would
-            # each run every final seed, and a curve would count each seed several times.
-            raise ValueError(
-                f"final: re-runs each cell's best configuration over final.seeds, so the grid takes "
-                f"one seed (it has {len(seeds)}); search with one seed, or drop final"
-            )
         return self
 
     @field_validator("search", mode="before")
@@ -384,6 +373,19 @@ def plan_sweep(
         seen_ids.add(cid)
         # Relative paths are resolved against the folder the sweep was started from.
         planned.append(Cell(cid, values, _resolve_paths(tree, cwd), space))
+    if spec.final:
+        # Each cell is re-run over final.seeds: cells differing only in their seed would each
+        # run every final seed, and a curve would count each seed several times.
+        by_arm: dict[str, list[Any]] = {}
+        for values in cells:
+            arm = cell_id({k: v for k, v in values.items() if k != "seed"})
+            by_arm.setdefault(arm, []).append(values["seed"])
+        several = next(((arm, seeds) for arm, seeds in by_arm.items() if len(seeds) > 1), None)
+        if several is not None:
+            raise ConfigError(
+                f"{path}: final: re-runs each cell's best configuration over final.seeds, so a cell "
+                f"takes one seed ({several[0]} has {len(several[1])}); search with one seed, or drop final"
+            )
     # A search kept for a method the grid leaves out (narrowed for a quick run) is not an
     # error, but the user is told that it does nothing.
     notes = [

@@ -485,7 +485,10 @@ class RunTracker:
         parent_run_id: str | None = None,
         run_key: str | None = None,
         retry_budget_s: float = 120.0,
+        steps_once: bool = False,
     ) -> None:
+        """``steps_once``: a training run, whose steps a resumed attempt trains again from its
+        checkpoint; metric points at steps an earlier attempt logged are not logged twice."""
         from mlflow.entities import Metric, RunStatus
 
         self._Metric, self._RunStatus = Metric, RunStatus
@@ -505,6 +508,7 @@ class RunTracker:
             all_tags[TAG_KEY] = run_key
         #: Per metric, the last step an earlier attempt of this run logged (read when needed).
         self._logged_through: dict[str, int] = {}
+        self.steps_once = steps_once
         existing = self._find(run_key) if run_key else None
         if existing is not None:
             self.run_id = existing
@@ -541,9 +545,10 @@ class RunTracker:
         with_retries(lambda: c.update_run(rid, status="RUNNING"), "reopen run", budget)
         # The previous ending no longer holds: its status tag (left in place it would also stop
         # this attempt's ``finish(unless_marked=...)`` from closing), its error, the step a
-        # scheduler stopped it at. The code state is this attempt's.
+        # scheduler stopped it at, the settings it was resumed with (this attempt tags its own).
+        # The code state is this attempt's.
         old = with_retries(lambda: c.get_run(rid), "reopen run", budget).data.tags
-        for key in (TAG_ERROR, TAG_STOPPED_AT):
+        for key in (TAG_ERROR, TAG_STOPPED_AT, TAG_RESUMED_WITH):
             if key in old:
                 with_retries(lambda k=key: c.delete_tag(rid, k), "reopen run", budget)
         fresh = {k: redact(str(v)) for k, v in tags.items() if k not in (TAG_PARENT, TAG_KEY)}
@@ -711,7 +716,7 @@ class RunTracker:
     def _write(self, kind: str, payload: Any) -> None:
         c, rid, budget = self.client, self.run_id, self.retry_budget_s
         if kind == "metrics":
-            if self.resumed:
+            if self.resumed and self.steps_once:
                 payload = self._not_logged_before(payload)
             if payload:
                 with_retries(

@@ -1,7 +1,9 @@
-"""Waiting for something outside the process: a server to answer, a store to accept a write.
+"""Waiting for something outside the process to answer: a server, a Ray head, a store.
 
-One loop, so every wait backs off, keeps its deadline and says why it gave up in the same way;
-the callers differ only in what they ask (a TCP connect, an HTTP ``/health``, an MLflow call).
+One loop for those waits, so each backs off, keeps its deadline and says why it gave up in the
+same way; the callers differ only in what they ask (a TCP connect, an HTTP ``/health``, an
+MLflow call). Grace periods for processes to end (``tracking.stop_session``, the sweep's wait
+for trials to close) are plain deadlines and stay where they are.
 """
 
 from __future__ import annotations
