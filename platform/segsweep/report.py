@@ -34,7 +34,7 @@ from statistics import mean, stdev
 
 from segsweep.errors import ConfigError
 from segsweep.files import make_folder, write_atomic
-from segsweep.tracking import TAG_PARENT, RunRecord
+from segsweep.tracking import TAG_PARENT, TAG_STATUS, RunRecord
 
 RULES = {"last": "val/mIoU_last", "best_tune": "val/mIoU_at_best_tune"}
 #: The tuning-split score a cell's best search trial is chosen by, per value rule: the
@@ -111,7 +111,7 @@ class Curve:
 def _finished(run: RunRecord, key: str) -> bool:
     return (
         run.status == "FINISHED"
-        and run.tags.get("segsweep.status", "finished") == "finished"
+        and run.tags.get(TAG_STATUS, "finished") == "finished"
         and run.tags.get("segsweep.kind") != "sweep"
         and key in run.metrics
         and "method" in run.params
