@@ -88,3 +88,43 @@ class Recorder(NullTracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.metrics.update({(k, step): v for k, v in metrics.items()})
+
+
+def store_with_two_sweeps_named_alike(uri: str, experiment: str) -> tuple[str, str]:
+    """Two sweeps "s" in ``experiment`` (the second started anew), final runs of seeds 0-2 at
+    ratio 0.1: the old one's fixmatch scores 0.40, the new one's 0.50 + 0.01 * seed,
+    supervised 0.30 in both. Returns the parents' run ids, old then new."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from segsweep.tracking import client_for, ensure_experiment
+
+    client = client_for(uri)
+    exp = ensure_experiment(client, experiment, uri)
+    ids = []
+    for start, fix in ((1, lambda s: 0.40), (2, lambda s: 0.50 + 0.01 * s)):
+        parent = client.create_run(exp, run_name="s", tags={"segsweep.kind": "sweep"}, start_time=start)
+        ids.append(parent.info.run_id)
+        for method, score in (("fixmatch", fix), ("supervised", lambda s: 0.30)):
+            for seed in range(3):
+                kid = client.create_run(
+                    exp,
+                    start_time=start,
+                    tags={
+                        "mlflow.parentRunId": parent.info.run_id,
+                        "segsweep.phase": "final",
+                        "segsweep.cell": f"method={method},ratio=0.1,seed=0",
+                        "segsweep.status": "finished",
+                    },
+                )
+                client.log_batch(
+                    kid.info.run_id,
+                    metrics=[Metric("val/mIoU_last", score(seed), 0, 1)],
+                    params=[
+                        Param(k, str(v))
+                        for k, v in {"method": method, "label_ratio": 0.1, "seed": seed}.items()
+                    ],
+                    tags=[RunTag("x", "y")],
+                )
+                client.set_terminated(kid.info.run_id, "FINISHED")
+        client.set_terminated(parent.info.run_id, "FINISHED")
+    return ids[0], ids[1]

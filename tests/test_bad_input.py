@@ -20,7 +20,7 @@ from segsweep.data.synthetic import cache_key
 from segsweep.files import first_missing, make_folder, unmake_folder
 
 from .conftest import tiny_tree
-from .helpers import tiny_spec, write_config, write_spec
+from .helpers import runs_in, tiny_spec, write_config, write_spec
 
 
 def one_error(capsys: pytest.CaptureFixture, code: int, *fragments: str, expect: int = 2) -> str:
@@ -211,6 +211,45 @@ def test_resume_refuses_a_checkpoint_of_another_method(
     capsys.readouterr()
     one_error(capsys, main(["run", "--resume", str(run_dir)]), "last.pt", "supervised", "fixmatch")
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("device_error", ["cpu", "cuda"])
+def test_a_run_out_of_memory_names_the_settings_that_size_it(
+    cache_dir: Path, tmp_path: Path, monkeypatch, capsys, device_error: str
+) -> None:
+    """A batch that does not fit: one line naming the batch and crop settings and the size
+    asked for, exit 2, the run FAILED with the line as its error. The CPU case is torch's own
+    refusal of a too-large allocation; the CUDA one is torch's error type with CUDA's text."""
+    import torch
+
+    from segsweep.methods import METHODS
+    from segsweep.tracking import TAG_ERROR
+
+    real_step = METHODS["supervised"].training_step
+
+    def step_that_does_not_fit(self, batch, step):
+        if step == 2:
+            if device_error == "cpu":
+                torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB: refused at once, nothing held
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
+        return real_step(self, batch, step)
+
+    monkeypatch.setattr(METHODS["supervised"], "training_step", step_that_does_not_fit)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tree = tiny_tree(cache_dir, **{"train.steps": 3, "train.batch_size": 4, "tracking.enabled": True})
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    size = "1048576.00 GiB" if device_error == "cpu" else "2.00 GiB"
+    line = one_error(
+        capsys,
+        main(["run", str(cfg), "--tracking-uri", uri, "--quiet"]),
+        "out of memory on cpu in stage 'train' at step 2",
+        f"({size} more did not fit)",
+        "train.batch_size (4)",
+        "data.crop_size (",
+    )
+    [run] = runs_in(uri, "tests")
+    assert run.info.status == "FAILED" and run.data.tags[TAG_ERROR] == line.removeprefix("error: ")
 
 
 def test_a_sweep_waits_for_a_ray_head_that_is_starting(capsys: pytest.CaptureFixture) -> None:

@@ -13,6 +13,8 @@ from segsweep.dashboard import Dashboard, serve
 from segsweep.errors import ConfigError
 from segsweep.tracking import RunTracker
 
+from .helpers import store_with_two_sweeps_named_alike
+
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"
 
 
@@ -49,6 +51,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
                 )
                 t.finish("FINISHED", "finished")
     parent.finish("FINISHED", "finished")
+    store_with_two_sweeps_named_alike(uri, "twice")
     return uri
 
 
@@ -69,6 +72,24 @@ def test_api_builds_the_curve_table_and_run_views(store: str) -> None:
     with pytest.raises(ConfigError):
         app.artifact(fm["id"], "../../mlflow.db")
     assert app.curve_png("dash", "last")[:4] == b"\x89PNG"
+
+
+def test_api_draws_one_sweep_of_an_experiment_that_holds_several(store: str) -> None:
+    app = Dashboard(store, None)
+    sweeps = app.runs("twice")["sweeps"]
+    assert [s["name"] for s in sweeps] == ["s", "s"]  # newest first
+    new, old = (s["id"] for s in sweeps)
+
+    def fixmatch(curve: dict) -> dict:
+        return next(s for s in curve["summary"] if s["method"] == "fixmatch")
+
+    assert fixmatch(app.curve("twice", "last", old))["mean"] == pytest.approx(0.40)
+    assert fixmatch(app.curve("twice", "last", new))["mean"] == pytest.approx(0.51)
+    assert fixmatch(app.curve("twice", "last"))["mean"] == pytest.approx(0.51)  # every sweep, newest counts
+    assert len(app.runs("twice", old)["runs"]) == 6 and len(app.runs("twice")["runs"]) == 12
+    with pytest.raises(ConfigError, match="2 sweeps of experiment 'twice' are named 's'"):
+        app.curve("twice", "last", "s")
+    assert len(app.runs("dash")["sweeps"]) == 1
 
 
 def chrome():
@@ -140,6 +161,26 @@ def test_dashboard_in_a_real_browser(store: str, tmp_path: Path) -> None:
         links = [a.get_attribute("href") for a in driver.find_elements(By.LINK_TEXT, "MLflow")]
         assert links and all(link.startswith("http://127.0.0.1:5000/#/experiments/") for link in links)
         driver.save_screenshot(str(tmp_path / "dashboard.png"))
+        assert not driver.find_element(By.ID, "sweep-label").is_displayed()  # one sweep: no choice
+
+        # an experiment holding two sweeps: all count, or the one chosen
+        from selenium.webdriver.support.ui import Select
+
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/?experiment=twice")
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "sweep-label").is_displayed())
+        choice = Select(driver.find_element(By.ID, "sweep"))
+        assert [o.text.split(",")[0] for o in choice.options] == ["all 2 sweeps", "s", "s"]
+        assert "51.0" in driver.find_element(By.ID, "table").text
+        choice.select_by_index(2)  # the older sweep
+        WebDriverWait(driver, 30).until(lambda d: "40.0" in d.find_element(By.ID, "table").text)
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#runs tr.clickable")) == 6
+        Select(driver.find_element(By.ID, "value")).select_by_value("best_tune")  # keeps the sweep
+        WebDriverWait(driver, 30).until(
+            lambda d: "best_tune" in d.find_element(By.TAG_NAME, "body").get_attribute("data-shown")
+        )
+        shown = driver.find_element(By.TAG_NAME, "body").get_attribute("data-shown")
+        assert "&sweep=" in shown and len(driver.find_elements(By.CSS_SELECTOR, "#runs tr.clickable")) == 6
+        assert Select(driver.find_element(By.ID, "sweep")).first_selected_option == choice.options[2]
     finally:
         driver.quit()
         server.shutdown()

@@ -20,6 +20,8 @@ from segsweep.report import (
 )
 from segsweep.tracking import RunRecord
 
+from .helpers import store_with_two_sweeps_named_alike
+
 
 def run(
     method: str,
@@ -328,3 +330,41 @@ def test_runs_on_other_backbones_are_not_repeats_of_each_other() -> None:
     ]
     curve = build_curve(runs)
     assert len(curve.rows) == 2 and not any("repeat" in note for note in curve.notes)
+
+
+def test_curve_of_one_sweep_of_an_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--sweep picks one sweep by run id (a name two sweeps share is refused, naming both),
+    and the outputs are logged to that sweep's parent; without it, every sweep counts."""
+    import csv
+
+    from segsweep.cli import main
+    from segsweep.tracking import client_for
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    old, new = store_with_two_sweeps_named_alike(uri, "e")
+
+    def fixmatch_row(out: str) -> dict:
+        with open(tmp_path / out / "summary.csv") as f:
+            return next(r for r in csv.DictReader(f) if r["method"] == "fixmatch")
+
+    common = ["curve", "--experiment", "e", "--tracking-uri", uri]
+    assert main([*common, "--sweep", old, "--out", str(tmp_path / "old")]) == 0
+    assert float(fixmatch_row("old")["mean"]) == pytest.approx(0.40)  # the old sweep alone
+    out = capsys.readouterr().out
+    assert f"logged to the sweep's parent run {old}" in out and "covers the" not in out
+    client = client_for(uri)
+    assert [f.path for f in client.list_artifacts(old, "curve")] and not client.list_artifacts(new, "curve")
+
+    assert main([*common, "--out", str(tmp_path / "all")]) == 0  # both: the newest run counts
+    assert float(fixmatch_row("all")["mean"]) == pytest.approx(0.51)
+    out = capsys.readouterr().out
+    assert "note: the curve covers the 2 sweeps of experiment 'e'" in out
+    assert f"logged to the newest sweep's parent run {new}" in out
+
+    assert main([*common, "--sweep", "s"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 sweeps of experiment 'e' are named 's'" in err[0]
+    assert old in err[0] and new in err[0]
+    assert main([*common, "--sweep", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--sweep: no sweep 'nope' in experiment 'e'; its sweeps: s (" in err

@@ -44,6 +44,23 @@ def test_resumed_run_matches_the_uninterrupted_one(tiny, tmp_path: Path, method:
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_resumed_runs_training_time_counts_its_earlier_attempts(tiny, tmp_path: Path) -> None:
+    """``time/run_seconds`` of a resumed run is what earlier attempts trained up to the
+    checkpoint plus this attempt, not this attempt alone (the checkpoint is edited to say
+    1,000 s were spent before it, which no tiny run takes by itself)."""
+    over: dict[str, object] = {"train.steps": 4, "train.eval_every": 2, "debug.fail_at_step": 3}
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        prepare(tiny(**over)).trainer.run(tmp_path / "r", Recorder())
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    assert 0 < state["progress"]["seconds"] < 1000  # the first attempt's, up to step 2
+    state["progress"]["seconds"] = 1000.0
+    torch.save(state, last)
+    b = prepare(tiny(**over))
+    b.trainer.run(tmp_path / "r", Recorder(), resume_from=last)
+    assert 1000 < b.trainer.elapsed_seconds() < 1000 + 600
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_gpu_run_resumes(tiny, tmp_path: Path) -> None:
     """A checkpoint read back on a GPU run: its RNG states must stay CPU tensors (a CUDA one is

@@ -263,13 +263,11 @@ def _start_then_signal(
     tmp_path: Path, moment: Callable[[list], bool], how: str
 ) -> tuple[Path, str, list, subprocess.Popen]:
     """Start the "killed" sweep in a subprocess and signal it at ``moment``."""
-    tree = tiny_spec("killed", num_samples=3, final={"seeds": [1]})
-    tree["base"]["train"]["steps"] = 10
-    path = write_spec(tmp_path, tree)
+    path = write_spec(tmp_path, tiny_spec("killed", num_samples=3, final={"seeds": [1]}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "segsweep.cli", "sweep", str(path)],
+    driver = subprocess.Popen(  # started with a --set, which the resume must reuse unasked
+        [sys.executable, "-m", "segsweep.cli", "sweep", str(path), "--set", "train.steps=10"],
         cwd=tmp_path,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -297,6 +295,7 @@ def _resume_and_count(path: Path, uri: str, before: list, tmp_path: Path) -> Non
     finished_before = {k.info.run_id: k.info.end_time for k in before if k.info.status == "FINISHED"}
     proc = segsweep("sweep", str(path), "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "note: resuming with the --set it was started with: train.steps=10" in proc.stdout
     parent, kids = children(uri, "killed")
     assert parent.info.status == "FINISHED"
     search = [k for k in kids if k.data.tags["segsweep.phase"] == "search"]
@@ -304,6 +303,7 @@ def _resume_and_count(path: Path, uri: str, before: list, tmp_path: Path) -> Non
     assert len(search) == 2 + 2 * 3 and len(final) == 4  # every trial exactly once ...
     assert len({k.data.tags["segsweep.run_key"] for k in kids}) == len(kids)  # ... no duplicate
     assert all(k.info.status == "FINISHED" for k in kids)  # ... none left RUNNING
+    assert {k.data.params["train.steps"] for k in kids} == {"10"}  # ... as the sweep was started
     assert {k.data.tags["segsweep.status"] for k in kids} <= {"finished", "stopped_early"}
     after = {k.info.run_id: k.info.end_time for k in kids}
     for run_id, end in finished_before.items():  # finished trials were not run again
@@ -336,6 +336,29 @@ def test_an_interrupted_sweep_says_so_and_resumes(cache_dir: Path, tmp_path: Pat
     cut = [k for k in kids if k.data.tags.get("segsweep.status") == "interrupted"]
     assert cut and all(k.info.status == "KILLED" for k in cut)
     _resume_and_count(path, uri, before, tmp_path)
+
+
+def test_the_live_view_shows_the_best_value_of_trials_that_ended_before_a_resume(tmp_path: Path) -> None:
+    """A trial restored as ended shows its best val/mIoU over training, as a trial seen running
+    does, not its last value (the view is labelled "best so far")."""
+    from types import SimpleNamespace
+
+    from segsweep.sweep import SweepCallback, SweepContext
+
+    lines: list[str] = []
+    ctx = SweepContext("s", "live", f"sqlite:///{tmp_path}/m.db", "parent", {}, 1.0, str(tmp_path))
+    cb = SweepCallback(ctx, "tune/mIoU", "max", "search", 1, 1, lines.append, {})
+    config = {"cell": "method=fixmatch,ratio=0.25,seed=0", "phase": "search", "sample": 0, "params": {}}
+    restored = SimpleNamespace(
+        trial_id="a",
+        status="TERMINATED",
+        config=config,
+        error_file=None,
+        last_result={"val/mIoU": 0.31, "step": 9, "done": True},
+        metric_analysis={"val/mIoU": {"max": 0.35, "last": 0.31}},
+    )
+    cb._view([restored], force=True)
+    assert lines[-1].strip() == "best val/mIoU so far: fixmatch@0.25/s0 0.350", lines
 
 
 def test_the_live_view_closes_the_runs_of_stopped_and_killed_trials(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,38 @@ def test_cli_reports_spec_errors_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_dry_run_lists_the_trials_checks_them_and_writes_nothing(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from segsweep.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec(final={"seeds": [7]}, **{"grid/seed": [0]})))
+    assert main(["sweep", "s.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("sweep t: 4 cells, 8 search trials, then 4 final runs; MLflow experiment 't'")
+    assert [line.split()[0] for line in out[1:3]] == [
+        "method=supervised,ratio=0.25,seed=0",
+        "method=supervised,ratio=0.5,seed=0",
+    ]
+    assert "1 trial(s) x 6 steps" in out[1]
+    fixmatch = next(i for i, line in enumerate(out) if line.startswith("  method=fixmatch,ratio=0.25"))
+    assert "3 trial(s) x 6 steps" in out[fixmatch]
+    assert {" ".join(line.split()) for line in out[fixmatch + 1 : fixmatch + 3]} == {
+        "search fixmatch.conf_threshold: uniform [0.5, 0.95]",
+        "search data.augment.cutmix_prob: one of 0.0, 0.5, 1.0",
+    }
+    assert "final: each cell's best configuration again with seeds [7]" in "\n".join(out)
+    assert "48 training steps in the search at most" in "\n".join(out)  # (2 x 1 + 2 x 3) x 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no store, no sweep folder
+    # a trial's dataset that cannot be built is found by the dry run, in one line
+    broken = spec(**{"base/data": {"name": "folder", "root": "nowhere"}})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(broken))
+    assert main(["sweep", "s.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nowhere" in err[0], err
+
+
 def test_every_shipped_spec_and_declared_search_space_is_valid(tmp_path: Path, cache_dir: Path) -> None:
     from segsweep.methods import METHODS
 
@@ -296,3 +329,56 @@ def test_final_takes_one_seed_per_cell_whichever_key_sets_it(tmp_path: Path, cac
     tree["variants"] = [{"method": "supervised", "seed": 1}, {"method": "fixmatch", "seed": 2}]
     plan = plan_of(tmp_path, tree)
     assert sorted(c.values["seed"] for c in plan.cells) == [1, 1, 2, 2]
+
+
+# -- a resume that would not run the sweep's trials says why --------------------------------------
+
+ELSEWHERE = "sqlite:////elsewhere/m.db"
+
+
+@pytest.mark.parametrize(
+    "first, again, fragments",
+    [
+        # (--set, cwd, --tracking-uri) the sweep was started with, then those of the resume
+        (
+            (["train.steps=4"], ".", None),
+            (["train.steps=5"], ".", None),
+            ["started with --set train.steps=4;", "with no --set to reuse them"],
+        ),
+        ([[], ".", None], (["train.steps=5"], ".", None), ["started with no --set;"]),
+        (
+            ([], ".", ELSEWHERE),
+            ([], ".", None),
+            [f"its runs are in {ELSEWHERE}, and this resume would log to sqlite:///", "--tracking-uri"],
+        ),
+        # a relative output_dir resolves elsewhere
+        ((["output_dir=out"], "a", None), (["output_dir=out"], ".", None), ["started in ", "/a, and"]),
+    ],
+    ids=["other-set", "set-added", "store", "cwd"],
+)
+def test_a_resume_that_differs_says_what_differs(
+    tmp_path: Path, cache_dir: Path, first: tuple, again: tuple, fragments: list[str]
+) -> None:
+    from segsweep.sweep import run_sweep
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec(), sort_keys=False))
+
+    def plan(sets: list[str], cwd: str, uri: str | None):
+        return plan_sweep(path, sets, tracking_uri=uri, cwd=tmp_path / cwd)
+
+    folder = tmp_path / "sweeps" / "t"
+    folder.mkdir(parents=True)
+    started = plan(*first)
+    state = {"fingerprint": started.fingerprint(), "instance": "i", "tracking_uri": started.tracking_uri}
+    (folder / "sweep.json").write_text(json.dumps(state | {"sets": started.sets, "cwd": started.cwd}))
+    with pytest.raises(ConfigError) as err:
+        run_sweep(plan(*again), tmp_path / "sweeps", resume=True)
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+    if first[2] is not None:
+        return
+    # A sweep started before the --set were kept: the general message, with the hint.
+    (folder / "sweep.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"changed since the sweep started.*give the same --set"):
+        run_sweep(plan(*again), tmp_path / "sweeps", resume=True)

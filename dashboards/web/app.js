@@ -52,13 +52,34 @@ function mlflowLink(expId, runId) {
   return a;
 }
 
-async function loadExperiment() {
+// An experiment may hold several sweeps (specs sharing it, or one started anew): all of them
+// count unless one is chosen. The choice is offered only where there is one to make.
+function fillSweeps(sweeps, chosen) {
+  const select = $("sweep");
+  select.replaceChildren();
+  const all = document.createElement("option");
+  all.value = "";
+  all.textContent = `all ${sweeps.length} sweeps`;
+  select.appendChild(all);
+  sweeps.forEach((s) => {
+    const opt = document.createElement("option");
+    opt.value = s.id;
+    opt.textContent = `${s.name}, started ${s.started} (${s.id.slice(0, 8)})`;
+    select.appendChild(opt);
+  });
+  select.value = chosen;
+  $("sweep-label").hidden = sweeps.length < 2;
+}
+
+async function loadExperiment(sameSweep = false) {
   const name = $("experiment").value;
   const value = $("value").value;
   if (!name) return;
   $("error").hidden = true;
   $("run-section").hidden = true;
-  const q = `experiment=${encodeURIComponent(name)}&value=${value}`;
+  const sweep = sameSweep === true ? $("sweep").value : "";
+  const q = `experiment=${encodeURIComponent(name)}&value=${value}` +
+    (sweep ? `&sweep=${encodeURIComponent(sweep)}` : "");
   try {
     const curve = await api(`/api/curve?${q}`);
     $("rule").textContent = [`${curve.rule_text}; ${curve.n_runs} runs`, ...curve.notes].join(". Note: ");
@@ -83,7 +104,9 @@ async function loadExperiment() {
     fillTable($("differences"), [], []);
     $("rule").textContent = String(err.message || err);
   }
-  const runs = await api(`/api/runs?experiment=${encodeURIComponent(name)}`);
+  const runs = await api(`/api/runs?${q}`);
+  fillSweeps(runs.sweeps, sweep);
+  document.body.dataset.shown = q; // what the page now shows (read by the browser test)
   const table = $("runs");
   table.replaceChildren();
   const head = document.createElement("tr");
@@ -191,8 +214,9 @@ async function init() {
     });
     const wanted = new URLSearchParams(location.search).get("experiment");
     if (wanted) select.value = wanted;
-    select.onchange = loadExperiment;
-    $("value").onchange = loadExperiment;
+    select.onchange = () => loadExperiment(false);
+    $("value").onchange = () => loadExperiment(true);
+    $("sweep").onchange = () => loadExperiment(true);
     await loadExperiment();
     document.body.dataset.ready = "1";
   } catch (err) {

@@ -807,14 +807,14 @@ def curve_row(report: Report, count: int, echo: Callable[[str], None]) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     from segsweep import report as curves
-    from segsweep.tracking import client_for, ensure_experiment, fetch_runs
+    from segsweep.tracking import TAG_PHASE, TAG_STATUS, client_for, ensure_experiment, fetch_runs
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         client = client_for(uri)
         exp = ensure_experiment(client, "curve-bench", uri)
         for i in range(count):
-            run = client.create_run(exp, tags={"segsweep.phase": "final"})
+            run = client.create_run(exp, tags={TAG_PHASE: "final"})
             method, ratio, seed = ("supervised", "fixmatch")[i % 2], (0.0625, 0.25, 0.5)[i // 2 % 3], i // 6
             client.log_batch(
                 run.info.run_id,
@@ -825,7 +825,7 @@ def curve_row(report: Report, count: int, echo: Callable[[str], None]) -> None:
                     Param("seed", str(seed)),
                     Param("dataset", "synthetic"),
                 ],
-                tags=[RunTag("segsweep.status", "finished")],
+                tags=[RunTag(TAG_STATUS, "finished")],
             )
             client.set_terminated(run.info.run_id, "FINISHED")
         start = time.perf_counter()
@@ -991,7 +991,7 @@ def sweep_rows(report: Report, quick: bool, echo: Callable[[str], None]) -> None
 
     from segsweep.sweep import run_sweep
     from segsweep.sweepspec import plan_sweep
-    from segsweep.tracking import fetch_runs
+    from segsweep.tracking import TAG_KIND, fetch_runs
 
     n = 8 if quick else 16
     with tempfile.TemporaryDirectory() as tmp:
@@ -1014,7 +1014,7 @@ def sweep_rows(report: Report, quick: bool, echo: Callable[[str], None]) -> None
             plan = plan_sweep(path, tracking_uri=uri)
             began = time.time()
             result = run_sweep(plan, Path(tmp) / "sweeps", echo=lambda _m: None)
-            trials = [r for r in fetch_runs(uri, "bench") if r.tags.get("segsweep.kind") != "sweep"]
+            trials = [r for r in fetch_runs(uri, "bench") if r.tags.get(TAG_KIND) != "sweep"]
             # One trivial trial's own work, untracked and unscheduled, in this process.
             cfg = validate_run_config({**plan.cells[0].tree, "tracking": {"enabled": False}}, "bench")
             start = time.perf_counter()

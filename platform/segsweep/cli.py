@@ -162,13 +162,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from segsweep.sweep import run_sweep, started_sets
     from segsweep.sweepspec import plan_sweep
     from segsweep.tracking import redact
 
-    plan = plan_sweep(Path(args.spec), list(args.set or []), tracking_uri=args.tracking_uri)
+    sets = list(args.set or [])
+    if args.resume and not sets:  # a resume continues the sweep as it was started
+        sets = started_sets(Path(args.spec), Path(args.dir)) or []
+        if sets:
+            print(f"note: resuming with the --set it was started with: {' '.join(sets)}", flush=True)
+    plan = plan_sweep(Path(args.spec), sets, tracking_uri=args.tracking_uri)
     for note in plan.notes:
         print(f"note: {note}", flush=True)
-    from segsweep.sweep import run_sweep
+    if args.dry_run:
+        from segsweep.sweep import check_trials, describe_plan
+
+        check_trials(plan, on_cluster=bool(args.ray_address or plan.spec.ray.address))
+        print("\n".join(describe_plan(plan)))
+        print("dry run: every trial's config, dataset and model checked; nothing started or written")
+        return 0
 
     result = run_sweep(
         plan, Path(args.dir), resume=args.resume, ray_address=args.ray_address, echo=_echo(False)
@@ -216,6 +228,10 @@ def cmd_curve(args: argparse.Namespace) -> int:
     for name in report.OUTPUT_FILES:  # all or none: checked before the first is written
         require_writable_file(out / name, "--out")
     runs = fetch_runs(args.tracking_uri, args.experiment)
+    parents = report.sweep_parents(runs)
+    if args.sweep:
+        parent, runs = report.one_sweep(runs, args.sweep, args.experiment)
+        parents = [parent]
     curve = report.build_curve(runs, args.value, args.baseline, args.experiment)
     methods = sorted({r.method for r in curve.rows})
     if methods and args.baseline not in methods and args.baseline_given:
@@ -239,10 +255,15 @@ def cmd_curve(args: argparse.Namespace) -> int:
                     f"  {s.method} at {s.label_ratio:g}: {100 * s.mean:.1f} vs {100 * s.published:.1f} "
                     f"published, {s.published_backbone} ({100 * s.delta_vs_published:+.1f})"
                 )
-    parents = [r for r in runs if r.tags.get("segsweep.kind") == "sweep"]
-    if parents and not args.no_log:
+    if len(parents) > 1:
+        print(
+            f"note: the curve covers the {len(parents)} sweeps of experiment '{args.experiment}' "
+            "(--sweep NAME_OR_RUN_ID for one)"
+        )
+    if parents and not args.no_log:  # the chosen sweep, or the newest
         log_files(args.tracking_uri, parents[0].run_id, files, "curve")
-        print(f"\nlogged to the sweep's parent run {parents[0].run_id} (artifacts/curve)")
+        newest = " newest" if len(parents) > 1 else ""
+        print(f"\nlogged to the{newest} sweep's parent run {parents[0].run_id} (artifacts/curve)")
     print("written: " + ", ".join(str(f) for f in files))
     return 0
 
@@ -468,6 +489,11 @@ def build_parser() -> Parser:
     )
     p.add_argument("spec", help="sweep spec YAML (e.g. experiments/quickstart.yaml)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the cells and trials and check every config, dataset and model; start nothing",
+    )
     p.add_argument("--ray-address", help="join this Ray cluster (default: start Ray locally)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     p.add_argument(
@@ -500,6 +526,11 @@ def build_parser() -> Parser:
         action=_Given,
         default="supervised",
         help="method the others are compared with (default: supervised)",
+    )
+    p.add_argument(
+        "--sweep",
+        metavar="NAME_OR_RUN_ID",
+        help="only the runs of this sweep (its name or parent run id), where the experiment holds several",
     )
     p.add_argument(
         "--no-log", action="store_true", help="do not attach the outputs to the sweep's parent run"

@@ -34,6 +34,9 @@ from urllib.parse import parse_qs, quote, urlsplit
 from segsweep import report
 from segsweep.errors import ConfigError, UserError
 from segsweep.tracking import (
+    TAG_KIND,
+    TAG_PHASE,
+    TAG_STATUS,
     download_artifact,
     fetch_runs,
     get_run,
@@ -105,11 +108,13 @@ class Dashboard:
             "store": redact(self.uri),
         }
 
-    def _runs(self, experiment: str) -> list:
-        return self._cached(("runs", experiment), lambda: fetch_runs(self.uri, experiment))
+    def _runs(self, experiment: str, sweep: str = "") -> list:
+        """The experiment's runs, or (``sweep``: a parent's run id or name) one sweep's."""
+        runs = self._cached(("runs", experiment), lambda: fetch_runs(self.uri, experiment))
+        return report.one_sweep(runs, sweep, experiment)[1] if sweep else runs
 
-    def curve(self, experiment: str, value: str) -> dict[str, Any]:
-        curve = report.build_curve(self._runs(experiment), value)
+    def curve(self, experiment: str, value: str, sweep: str = "") -> dict[str, Any]:
+        curve = report.build_curve(self._runs(experiment, sweep), value)
         return _clean(
             {
                 "rule": curve.rule,
@@ -124,30 +129,39 @@ class Dashboard:
             }
         )
 
-    def curve_png(self, experiment: str, value: str) -> bytes:
+    def curve_png(self, experiment: str, value: str, sweep: str = "") -> bytes:
         def make() -> bytes:
-            curve = report.build_curve(self._runs(experiment), value)
+            curve = report.build_curve(self._runs(experiment, sweep), value)
             path = report.plot(
                 curve,
-                self._tmp / f"curve-{abs(hash((experiment, value)))}.png",
-                f"{experiment}: mIoU vs label ratio",
+                self._tmp / f"curve-{abs(hash((experiment, value, sweep)))}.png",
+                f"{experiment}{f' ({sweep})' if sweep else ''}: mIoU vs label ratio",
             )
             return path.read_bytes()
 
-        return self._cached(("png", f"{experiment}|{value}"), make)
+        return self._cached(("png", f"{experiment}|{value}|{sweep}"), make)
 
-    def runs(self, experiment: str) -> dict[str, Any]:
+    def runs(self, experiment: str, sweep: str = "") -> dict[str, Any]:
+        """The runs table, and the experiment's sweeps (to choose one where it has several)."""
+        sweeps = [
+            {
+                "id": p.run_id,
+                "name": p.name,
+                "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(p.start_time / 1000)),
+            }
+            for p in report.sweep_parents(self._runs(experiment))
+        ]
         rows = []
-        for r in self._runs(experiment):
-            if r.tags.get("segsweep.kind") == "sweep":
+        for r in self._runs(experiment, sweep):
+            if r.tags.get(TAG_KIND) == "sweep":
                 continue
             rows.append(
                 {
                     "id": r.run_id,
                     "name": r.name,
                     "status": r.status,
-                    "segsweep_status": r.tags.get("segsweep.status", ""),
-                    "phase": r.tags.get("segsweep.phase", ""),
+                    "segsweep_status": r.tags.get(TAG_STATUS, ""),
+                    "phase": r.tags.get(TAG_PHASE, ""),
                     "method": r.params.get("method", ""),
                     "label_ratio": r.params.get("label_ratio", ""),
                     "seed": r.params.get("seed", ""),
@@ -157,7 +171,7 @@ class Dashboard:
                 }
             )
         rows.sort(key=lambda x: (x["method"], x["label_ratio"], x["seed"], x["name"]))
-        return _clean({"runs": rows, "mlflow_url": self.mlflow_url})
+        return _clean({"runs": rows, "sweeps": sweeps, "mlflow_url": self.mlflow_url})
 
     def run(self, run_id: str) -> dict[str, Any]:
         r = get_run(self.uri, run_id)
@@ -218,14 +232,14 @@ def make_handler(app: Dashboard, root: Path) -> type[BaseHTTPRequestHandler]:
             try:
                 if parts.path == "/api/experiments":
                     return self._json(200, app.experiments())
+                sweep = q.get("sweep", "")
                 if parts.path == "/api/curve":
-                    return self._json(200, app.curve(q["experiment"], q.get("value", "last")))
+                    return self._json(200, app.curve(q["experiment"], q.get("value", "last"), sweep))
                 if parts.path == "/api/curve.png":
-                    return self._send(
-                        200, app.curve_png(q["experiment"], q.get("value", "last")), "image/png"
-                    )
+                    png = app.curve_png(q["experiment"], q.get("value", "last"), sweep)
+                    return self._send(200, png, "image/png")
                 if parts.path == "/api/runs":
-                    return self._json(200, app.runs(q["experiment"]))
+                    return self._json(200, app.runs(q["experiment"], sweep))
                 if parts.path == "/api/run":
                     return self._json(200, app.run(q["id"]))
                 if parts.path == "/api/artifact":

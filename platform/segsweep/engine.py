@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from segsweep.data import Data
 from segsweep.data.loaders import eval_loader, hash_seed, stream_loader, to_model
 from segsweep.data.sources import Sample
 from segsweep.data.transforms import pad_to_multiple
-from segsweep.errors import ConfigError, Diverged, InjectedFailure, Stopped, one_line
+from segsweep.errors import ConfigError, Diverged, InjectedFailure, OutOfMemory, Stopped, first_line, one_line
 from segsweep.files import remove_leftovers, write_atomic
 from segsweep.methods import Method, Stage, get_method
 from segsweep.models import build_model
@@ -297,6 +298,15 @@ class Progress:
     val_at_best_tune: float = float("nan")
     last: dict[str, float] = field(default_factory=dict)
     resumed: bool = False
+    seconds: float = 0.0  # wall seconds of training up to this checkpoint, over every attempt
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA allocation that failed, or a CPU one the kernel refused outright (a process
+    that grows past the machine's memory is killed by the kernel instead: nothing to catch)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +352,9 @@ class Trainer:
                 f"its stages: {', '.join(names)}"
             )
         self.progress = Progress()
+        # This attempt's start, and what earlier attempts spent up to the checkpoint it
+        # resumes from (steps redone after a resume are counted once).
+        self._attempt_started, self._seconds_before = time.time(), 0.0
         self.timing = Timing()
         self.final_report: dict[str, Any] = {}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -375,8 +388,30 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def _out_of_memory(self, exc: RuntimeError) -> str:
+        """What did not fit, and the settings that size it (a user's fix, not a bug)."""
+        cfg, stage = self.cfg, self.stages[self.progress.stage]
+        # torch's own text is long (the CPU's starts with an assertion): the size asked for.
+        asked = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB|\d+ bytes)", str(exc))
+        size = asked.group(1) if asked else ""
+        if size.endswith(" bytes"):
+            size = f"{int(size.split()[0]) / 2**30:.2f} GiB"
+        what = f"{size} more did not fit" if size else first_line(exc, 160)
+        return (
+            f"out of memory on {self.numerics.device} in stage '{stage.name}' at step "
+            f"{self.progress.step} ({what}): lower train.batch_size "
+            f"({cfg.train.batch_size}), train.unlabeled_batch_size, eval.batch_size "
+            f"({cfg.eval.batch_size}) or data.crop_size ({cfg.data.crop_size}); `segsweep bench` "
+            "reports the peak memory of a run"
+        )
+
+    def elapsed_seconds(self) -> float:
+        """Wall seconds this run has trained, over every attempt (``time/run_seconds``)."""
+        return self._seconds_before + time.time() - self._attempt_started
+
     def save_checkpoint(self, name: str) -> Path:
         path = self.checkpoint_dir / name
+        self.progress.seconds = self.elapsed_seconds()
         atomic_save(
             {
                 "method": self.method.state_dict(),
@@ -511,18 +546,24 @@ class Trainer:
         self.reporter = reporter
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        self._attempt_started, self._seconds_before = time.time(), self.progress.seconds
         self.echo(
             f"run {self.tracker.run_id or '(untracked)'}: {self.cfg.method} on "
             f"{self.data.source.name}, {len(self.data.split.labeled)} labeled / "
             f"{len(self.data.split.unlabeled)} unlabeled images, device {self.numerics.device}"
         )
-        for index in range(self.progress.stage, len(self.stages)):
-            if index != self.progress.stage:  # entering a new stage from the previous one
-                self.progress.stage, self.progress.step = index, 0
-                self._pending_optimizer = None  # a resumed optimizer is its own stage's only
-            self._run_stage(self.stages[index], last=index == len(self.stages) - 1)
-            if index < len(self.stages) - 1:
-                self.save_stage_weights(self.stages[index])
+        try:
+            for index in range(self.progress.stage, len(self.stages)):
+                if index != self.progress.stage:  # entering a new stage from the previous one
+                    self.progress.stage, self.progress.step = index, 0
+                    self._pending_optimizer = None  # a resumed optimizer is its own stage's only
+                self._run_stage(self.stages[index], last=index == len(self.stages) - 1)
+                if index < len(self.stages) - 1:
+                    self.save_stage_weights(self.stages[index])
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(exc):
+                raise
+            raise OutOfMemory(self._out_of_memory(exc)) from None
         # Built from the checkpointed progress, so a run resumed at its very end reports too.
         self.final_report = {
             **{k: v for k, v in self.progress.last.items() if "/iou/" not in k},

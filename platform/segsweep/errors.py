@@ -22,6 +22,10 @@ class DataError(UserError):
     """A dataset root, split list, image or mask is missing or unreadable."""
 
 
+class OutOfMemory(UserError):
+    """A run's batches do not fit in its device's memory: the message names the settings."""
+
+
 class Interrupted(UserError):
     """Ctrl+C or SIGTERM ended the work; the message says what was kept and how to go on."""
 

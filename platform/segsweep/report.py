@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,15 @@ from statistics import mean, stdev
 
 from segsweep.errors import ConfigError
 from segsweep.files import make_folder, write_atomic
-from segsweep.tracking import TAG_PARENT, TAG_STATUS, RunRecord
+from segsweep.tracking import (
+    TAG_CELL,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_PHASE,
+    TAG_SPLIT_FAMILY,
+    TAG_STATUS,
+    RunRecord,
+)
 
 RULES = {"last": "val/mIoU_last", "best_tune": "val/mIoU_at_best_tune"}
 #: The tuning-split score a cell's best search trial is chosen by, per value rule: the
@@ -112,7 +121,7 @@ def _finished(run: RunRecord, key: str) -> bool:
     return (
         run.status == "FINISHED"
         and run.tags.get(TAG_STATUS, "finished") == "finished"
-        and run.tags.get("segsweep.kind") != "sweep"
+        and run.tags.get(TAG_KIND) != "sweep"
         and key in run.metrics
         and "method" in run.params
     )
@@ -137,6 +146,32 @@ def arm_of_cell(cell: str) -> str | None:
     return f"{method} ({', '.join(rest)})" if rest else method
 
 
+def sweep_parents(runs: list[RunRecord]) -> list[RunRecord]:
+    """The parent runs of the sweeps among ``runs``, newest first."""
+    return sorted((r for r in runs if r.tags.get(TAG_KIND) == "sweep"), key=lambda r: -r.start_time)
+
+
+def one_sweep(runs: list[RunRecord], which: str, experiment: str) -> tuple[RunRecord, list[RunRecord]]:
+    """The parent run named ``which`` (its run id, or its name: the spec's name) and its
+    trials' runs. An experiment can hold several sweeps: one started anew under the same
+    name, or several specs sharing an experiment."""
+    parents = sweep_parents(runs)
+    found = [p for p in parents if which in (p.run_id, p.name)]
+    if not found:
+        known = ", ".join(f"{p.name} ({p.run_id})" for p in parents) or "none"
+        raise ConfigError(f"--sweep: no sweep '{which}' in experiment '{experiment}'; its sweeps: {known}")
+    if len(found) > 1:
+        started = ", ".join(
+            f"{p.run_id} (started {time.strftime('%Y-%m-%d %H:%M', time.localtime(p.start_time / 1000))})"
+            for p in found
+        )
+        raise ConfigError(
+            f"--sweep: {len(found)} sweeps of experiment '{experiment}' are named '{which}'; give its run id: {started}"
+        )
+    parent = found[0]
+    return parent, [r for r in runs if r.tags.get(TAG_PARENT) == parent.run_id]
+
+
 def select_rows(runs: list[RunRecord], rule: str = "last", notes: list[str] | None = None) -> list[Row]:
     """The runs that count (module docstring), one row each; ``notes`` receives a line for
     runs left out as repeats of a newer one."""
@@ -148,20 +183,20 @@ def select_rows(runs: list[RunRecord], rule: str = "last", notes: list[str] | No
     for r in runs:
         if not _finished(r, key):
             continue
-        if r.tags.get("segsweep.cell"):
+        if r.tags.get(TAG_CELL):
             sweeps[r.tags.get(TAG_PARENT, "")].append(r)
         else:
             chosen.append(r)  # a plain run counts as it is
     for members in sweeps.values():
-        finals = [r for r in members if r.tags.get("segsweep.phase") == "final"]
+        finals = [r for r in members if r.tags.get(TAG_PHASE) == "final"]
         if finals:
             chosen += finals
             continue
         by_cell: dict[str, RunRecord] = {}
         for r in members:
-            best = by_cell.get(r.tags["segsweep.cell"])
+            best = by_cell.get(r.tags[TAG_CELL])
             if best is None or r.metrics.get(rank, -1) > best.metrics.get(rank, -1):
-                by_cell[r.tags["segsweep.cell"]] = r
+                by_cell[r.tags[TAG_CELL]] = r
         chosen += by_cell.values()
     # One run per measurement, the newest.
     newest: dict[tuple, tuple[RunRecord, Row]] = {}
@@ -202,13 +237,13 @@ def select_rows(runs: list[RunRecord], rule: str = "last", notes: list[str] | No
 def _row(r: RunRecord, key: str) -> Row:
     p = r.params
     return Row(
-        method=arm_of_cell(r.tags.get("segsweep.cell", "")) or p["method"],
+        method=arm_of_cell(r.tags.get(TAG_CELL, "")) or p["method"],
         dataset=p.get("dataset", p.get("data.name", "")),
         label_ratio=float(p.get("label_ratio", p.get("data.label_ratio", "nan"))),
         n_labeled=int(p.get("n_labeled", 0)),
         seed=int(p.get("seed", 0)),
         mIoU=float(r.metrics[key]),
-        split_family=r.tags.get("segsweep.split_family", ""),
+        split_family=r.tags.get(TAG_SPLIT_FAMILY, ""),
         split_seed=int(p.get("data.split_seed", 0)),
         run_id=r.run_id,
         encoder=p.get("model.encoder", ""),

@@ -8,7 +8,6 @@ the error as a tag and ``segsweep.status``) or KILLED. No run is ever left RUNNI
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from segsweep.methods import Stage
 from segsweep.tracking import (
     STATUS_INTERRUPTED,
     TAG_ERROR,
+    TAG_SPLIT_FAMILY,
     TAG_STATUS,
     NullTracker,
     RunTracker,
@@ -112,7 +112,7 @@ def run_tags(cfg: RunConfig, data: Data) -> dict[str, str]:
     return {
         "segsweep.method": cfg.method,
         "segsweep.dataset": cfg.data.name,
-        "segsweep.split_family": data.split.family,
+        TAG_SPLIT_FAMILY: data.split.family,
         "segsweep.eval_mode": cfg.eval.mode,
     }
 
@@ -150,7 +150,6 @@ def execute(
     """Train and close the run, whatever happens. Diverged runs end FAILED, tagged
     ``segsweep.status=diverged``, and return normally (a retry would diverge again)."""
     cfg, data, trainer = prepared.cfg, prepared.data, prepared.trainer
-    started = time.time()
     params = {**run_params(cfg, data), **resolved_params(trainer.numerics)}
     try:
         if not tracker.resumed:
@@ -159,7 +158,9 @@ def execute(
         else:  # settings changed on resume are tagged (a param keeps its first value)
             tracker.log_resumed_params(params)
         result = trainer.run(run_dir, tracker, reporter, resume_from, should_stop)
-        tracker.log_metrics({**result.metrics, "time/run_seconds": time.time() - started}, cfg.train.steps)
+        tracker.log_metrics(
+            {**result.metrics, "time/run_seconds": trainer.elapsed_seconds()}, cfg.train.steps
+        )
         if cfg.tracking.log_checkpoints:
             for path in sorted(trainer.checkpoint_dir.glob("*.pt")):  # best, last, finished stages
                 tracker.log_artifact(path, "checkpoints")

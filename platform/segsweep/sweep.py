@@ -36,19 +36,24 @@ from typing import Any
 
 from segsweep.errors import ConfigError, Interrupted, UserError, one_line
 from segsweep.files import new_folder, require_writable_file, write_atomic
-from segsweep.sweepspec import Cell, Plan, run_config_of
+from segsweep.sweepspec import Cell, Plan, load_spec, run_config_of
 from segsweep.tracking import (
     STATUS_INTERRUPTED,
+    TAG_CELL,
     TAG_KEY,
+    TAG_KIND,
     TAG_PARENT,
+    TAG_PHASE,
     TAG_STATUS,
     TAG_STOPPED_AT,
     RunTracker,
+    end_run,
     existing_store,
     finished_run,
     redact,
     resolve_uri,
     runs_tagged,
+    tag_run,
     with_retries,
 )
 from segsweep.waiting import poll
@@ -122,8 +127,8 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
     prepared = prepare(cfg)
     tags = {
         "segsweep.sweep": ctx.name,
-        "segsweep.cell": cell.id,
-        "segsweep.phase": config["phase"],
+        TAG_CELL: cell.id,
+        TAG_PHASE: config["phase"],
         "ray.trial_id": tune.get_context().get_trial_id(),
         "ray.node_id": _node_id(),
     }
@@ -537,9 +542,12 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
             if t.trial_id not in self.outcomes and t.status in ("TERMINATED", "ERROR"):
                 result = t.last_result or {}
                 self._record(t, "failed" if t.status == "ERROR" else _ended_status(result), result)
-                if result.get("val/mIoU") is not None:
+                # Its best over training, as for trials seen running (not its last value).
+                seen = (getattr(t, "metric_analysis", None) or {}).get("val/mIoU", {})
+                best = seen.get("max", result.get("val/mIoU"))
+                if best is not None:
                     cell = self._config(t)["cell"]
-                    self.best[cell] = max(self.best.get(cell, 0.0), float(result["val/mIoU"]))
+                    self.best[cell] = max(self.best.get(cell, 0.0), float(best))
         running = sum(t.status == "RUNNING" for t in trials)
         done = [o for o in self.outcomes.values() if o.phase == self.phase]
         elapsed = now - self.started_at
@@ -813,6 +821,78 @@ def read_state(state_file: Path) -> dict[str, Any]:
     return state
 
 
+def check_trials(plan: Plan, on_cluster: bool = False) -> None:
+    """Build every distinct dataset and model of the plan once, before anything is started
+    or written: a broken dataset or model is one line now, not a failed trial later.
+
+    On a cluster the trials run on the workers: the driver may have no GPU of its own, so it
+    builds the models on its CPU (a worker still checks its device when its trial starts)."""
+    from segsweep.runner import prepare
+
+    on_driver = {"train.device": "cpu"} if on_cluster else {}
+    seen: set[str] = set()
+    for cell in plan.cells:
+        cfg = run_config_of(cell, on_driver)
+        key = json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model_dump(mode="json"), cfg.method])
+        if key not in seen:
+            seen.add(key)
+            prepare(cfg)
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    """What a sweep would run, cell by cell (``segsweep sweep --dry-run``)."""
+    spec = plan.spec
+    final = f", then {len(plan.cells) * len(spec.final.seeds)} final runs" if spec.final else ""
+    lines = [
+        f"sweep {spec.name}: {len(plan.cells)} cells, {plan.total_trials} search trials{final}; "
+        f"MLflow experiment '{plan.experiment}' at {redact(plan.tracking_uri)}"
+    ]
+    width = max(len(c.id) for c in plan.cells)
+    for cell in plan.cells:
+        steps = run_config_of(cell, {}).train.steps
+        lines.append(f"  {cell.id:<{width}}  {plan.samples(cell)} trial(s) x {steps} steps")
+        lines += [f"  {'':<{width}}    search {k}: {v.describe()}" for k, v in cell.space.items()]
+    if spec.final:
+        lines.append(f"  final: each cell's best configuration again with seeds {spec.final.seeds}")
+    steps = sum(plan.samples(c) * run_config_of(c, {}).train.steps for c in plan.cells)
+    lines.append(f"{steps} training steps in the search at most (early stopping cuts trials short)")
+    return lines
+
+
+def started_sets(spec_path: Path, sweep_root: Path) -> list[str] | None:
+    """The ``--set`` a sweep was started with, for a resume that gives none.
+
+    None when there is no such sweep yet, or it was started before they were kept.
+    """
+    state_file = (sweep_root / load_spec(spec_path)[0].name).resolve() / "sweep.json"
+    if not state_file.exists():
+        return None
+    sets = read_state(state_file).get("sets")
+    return [str(s) for s in sets] if isinstance(sets, list) else None
+
+
+def _why_not_the_same(state: dict[str, Any], plan: Plan) -> str:
+    """Why a resume would not run the sweep's trials: the likeliest cause first."""
+    started_uri, uri = state.get("tracking_uri"), resolve_uri(plan.tracking_uri)
+    if started_uri and started_uri != uri:
+        return (
+            f"its runs are in {redact(started_uri)}, and this resume would log to {redact(uri)} "
+            f"(from {plan.tracking_origin}); resume with --tracking-uri {redact(started_uri)}"
+        )
+    sets = state.get("sets")
+    if isinstance(sets, list) and sets != plan.sets:
+        given = " ".join(f"--set {s}" for s in sets) or "no --set"
+        return f"it was started with {given}; resume with the same, or with no --set to reuse them"
+    cwd = state.get("cwd")
+    if cwd and cwd != plan.cwd:
+        return f"it was started in {cwd}, and relative paths are resolved there; resume it from there"
+    hint = "" if isinstance(sets, list) else " (give the same --set it was started with, if any)"
+    return (
+        "the spec's grid, search or base config changed since the sweep started; a resumed "
+        f"sweep must run the same trials{hint} (or give the sweep a new name)"
+    )
+
+
 def run_sweep(
     plan: Plan,
     sweep_root: Path,
@@ -820,8 +900,6 @@ def run_sweep(
     ray_address: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> SweepResult:
-    from segsweep.runner import prepare
-
     spec = plan.spec
     sweep_dir = (sweep_root / spec.name).resolve()
     state_file = sweep_dir / "sweep.json"
@@ -834,10 +912,7 @@ def run_sweep(
                 "or give the spec another name"
             )
         if state.get("fingerprint") != fingerprint:
-            raise ConfigError(
-                f"{sweep_dir}: the spec's grid, search or base config changed since the sweep "
-                "started; a resumed sweep must run the same trials (use a new name)"
-            )
+            raise ConfigError(f"{sweep_dir}: {_why_not_the_same(state, plan)}")
     elif resume:
         raise ConfigError(f"--resume: no sweep '{spec.name}' in {sweep_root} to resume")
     else:
@@ -849,22 +924,12 @@ def run_sweep(
     # that keep the plain name they began with, and so their studies' history.
     study_prefix = state.get("study_prefix", key_prefix if not resume else spec.name)
 
-    # Check every distinct dataset and model once, before anything is started or written.
-    # On a cluster the trials run on the workers: the driver may have no GPU of its own, so it
-    # builds the models on its CPU (a worker still checks its device when its trial starts).
     address = ray_address or spec.ray.address
     # Where the sweep writes, checked now rather than after Ray has started; then the head.
     require_writable_file(sweep_dir / "spec.yaml", "--dir")
     existing_store(plan.tracking_uri, must_exist=False, what=plan.tracking_origin)
     await_ray_head(address, named="--ray-address" if ray_address else "ray.address")
-    on_driver = {"train.device": "cpu"} if address else {}
-    seen: set[str] = set()
-    for cell in plan.cells:
-        cfg = run_config_of(cell, on_driver)
-        key = json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model_dump(mode="json"), cfg.method])
-        if key not in seen:
-            seen.add(key)
-            prepare(cfg)
+    check_trials(plan, on_cluster=bool(address))
 
     own_storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
     storage_url = spec.optuna_storage or os.environ.get("SEGSWEEP_OPTUNA_STORAGE") or own_storage
@@ -887,7 +952,7 @@ def run_sweep(
             run_name=spec.name,
             run_key=f"sweep:{key_prefix}",
             tags={
-                "segsweep.kind": "sweep",
+                TAG_KIND: "sweep",
                 "segsweep.sweep": spec.name,
                 "segsweep.optuna_storage": redact(storage_url),
             },
@@ -915,6 +980,9 @@ def run_sweep(
                 "parent_run_id": parent.run_id,
                 "tracking_uri": uri,
                 "experiment": plan.experiment,
+                # How it was started: a resume reuses the --set, and names what differs.
+                "sets": plan.sets,
+                "cwd": plan.cwd,
             },
             indent=2,
         ),
@@ -1122,14 +1190,13 @@ def _end_run(
     end: bool = True,
     tags: dict[str, str] | None = None,
 ) -> None:
-    """Tag a trial's run with how it ended (and ``tags``) and (``end``) end it, from the
-    driver, with retries."""
-    from mlflow.entities import RunTag
-
-    batch = [RunTag(k, v) for k, v in {TAG_STATUS: segsweep_status, **(tags or {})}.items()]
-    with_retries(lambda: client.log_batch(run_id, tags=batch), "tag run", budget)
+    """From the driver: tag a trial's run with how it ended (and ``tags``), and (``end``)
+    end it."""
+    tags = {TAG_STATUS: segsweep_status, **(tags or {})}
     if end:
-        with_retries(lambda: client.set_terminated(run_id, status), "end run", budget)
+        end_run(client, run_id, status, tags, budget)
+    else:
+        tag_run(client, run_id, tags, budget)
 
 
 def _summarise(

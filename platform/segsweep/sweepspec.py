@@ -66,6 +66,14 @@ class SearchParam(Section):
             raise ValueError("int needs whole-number bounds")
         return self
 
+    def describe(self) -> str:
+        """One line, as a reader of the spec would say it: ``uniform [0.5, 0.95]``."""
+        if self.type == "categorical":
+            return "one of " + ", ".join(map(str, self.choices or []))
+        shape = {"float": "uniform", "int": "integer", "logfloat": "log-uniform"}[self.type]
+        step = f" step {_fmt(self.step)}" if self.step else ""
+        return f"{shape} [{_fmt(self.low)}, {_fmt(self.high)}]{step}"
+
     def corner_values(self) -> list[Any]:
         """Values that must validate in the run config (bounds or every choice)."""
         if self.type == "categorical":
@@ -247,6 +255,10 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     #: The flag, field or variable that gave ``tracking_uri`` (named in errors about it).
     tracking_origin: str = "--tracking-uri"
+    #: The ``--set`` overrides of the base config, as given (kept in sweep.json for --resume).
+    sets: list[str] = field(default_factory=list)
+    #: The folder relative paths were resolved against (a resume from elsewhere differs).
+    cwd: str = ""
 
     def samples(self, cell: Cell) -> int:
         return self.spec.num_samples if cell.space else 1
@@ -392,7 +404,17 @@ def plan_sweep(
         f"search.{m} is not used: no cell of the grid runs {m} (its methods: {', '.join(sorted(ran))})"
         for m in sorted(set(spec.search) - ran)
     ]
-    return Plan(spec, path.read_text(encoding="utf-8"), planned, uri, experiment, notes, origin)
+    return Plan(
+        spec,
+        path.read_text(encoding="utf-8"),
+        planned,
+        uri,
+        experiment,
+        notes,
+        origin,
+        list(sets or []),
+        str(cwd),
+    )
 
 
 def run_config_of(cell: Cell, params: dict[str, Any], seed: int | None = None) -> RunConfig:

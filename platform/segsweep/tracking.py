@@ -53,6 +53,11 @@ TAG_STATUS = "segsweep.status"  # finished | failed | diverged | stopped_early |
 TAG_ERROR = "segsweep.error"  # why a run failed, diverged or was cut short, in one line
 TAG_STOPPED_AT = "segsweep.stopped_at_step"  # where a sweep's scheduler stopped a trial
 TAG_RESUMED_WITH = "segsweep.resumed_with"  # settings a resume changed: "key: logged -> used; ..."
+# Written by one module and read by others (reports, dashboards, the bench):
+TAG_KIND = "segsweep.kind"  # "sweep" on a sweep's parent run
+TAG_CELL = "segsweep.cell"  # a sweep trial's cell id, e.g. "method=fixmatch,ratio=0.25,seed=0"
+TAG_PHASE = "segsweep.phase"  # a sweep trial's phase: search | final
+TAG_SPLIT_FAMILY = "segsweep.split_family"  # which published split lists a run's split came from
 #: The status the sweep driver gives the runs of trials an interrupt cut short.
 STATUS_INTERRUPTED = "interrupted"
 TAG_PARENT = "mlflow.parentRunId"
@@ -112,6 +117,29 @@ def safe_params(params: dict[str, Any]) -> dict[str, str]:
         text = redact(str(value))
         out[key] = text if len(text) <= 6000 else text[:5997] + "..."
     return out
+
+
+def safe_tags(tags: dict[str, Any]) -> dict[str, str]:
+    """Tags as MLflow strings, URI passwords hidden (an error line may quote a URI)."""
+    return {key: redact(str(value)) for key, value in tags.items()}
+
+
+def tag_run(client: Any, run_id: str, tags: dict[str, Any], budget_s: float) -> None:
+    """Set a run's tags (passwords hidden), with retries."""
+    from mlflow.entities import RunTag
+
+    batch = [RunTag(k, v) for k, v in safe_tags(tags).items()]
+    with_retries(lambda: client.log_batch(run_id, tags=batch, synchronous=True), "set tags", budget_s)
+
+
+def end_run(client: Any, run_id: str, status: str, tags: dict[str, Any], budget_s: float) -> None:
+    """Tag a run with how it ended, then end it with the MLflow ``status``, with retries.
+
+    The one way a run is ended: by its own tracker, or by a sweep's driver for a trial that
+    could not end its run itself (stopped, killed, orphaned)."""
+    if tags:
+        tag_run(client, run_id, tags, budget_s)
+    with_retries(lambda: client.set_terminated(run_id, status=status), "end run", budget_s)
 
 
 def metric_name(name: str) -> str:
@@ -519,7 +547,7 @@ class RunTracker:
                 lambda: self.client.create_run(
                     self.experiment_id,
                     run_name=run_name,
-                    tags={k: redact(str(v)) for k, v in all_tags.items()},
+                    tags=safe_tags(all_tags),
                 ),
                 "create run",
                 retry_budget_s,
@@ -551,7 +579,7 @@ class RunTracker:
         for key in (TAG_ERROR, TAG_STOPPED_AT, TAG_RESUMED_WITH):
             if key in old:
                 with_retries(lambda k=key: c.delete_tag(rid, k), "reopen run", budget)
-        fresh = {k: redact(str(v)) for k, v in tags.items() if k not in (TAG_PARENT, TAG_KEY)}
+        fresh = {k: v for k, v in tags.items() if k not in (TAG_PARENT, TAG_KEY)}
         self._write("tags", {**fresh, TAG_STATUS: "running"})
 
     def _not_logged_before(self, metrics: list[Any]) -> list[Any]:
@@ -583,7 +611,7 @@ class RunTracker:
         self._send("resumed_params", safe_params(params))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self._send("tags", {k: redact(str(v)) for k, v in tags.items()})
+        self._send("tags", dict(tags))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -655,9 +683,7 @@ class RunTracker:
             run = with_retries(lambda: c.get_run(rid), "read run", budget)
             if run.data.tags.get(TAG_STATUS) == unless_marked:
                 return
-        if tags:  # the writer thread has stopped: its own write, from here
-            self._write("tags", tags)
-        with_retries(lambda: c.set_terminated(rid, status=status), "end run", budget)
+        end_run(c, rid, status, tags, budget)  # the writer thread has stopped: from here
 
     # -- consumer side (background thread) -----------------------------------------------------
     def _work(self) -> None:
@@ -742,10 +768,7 @@ class RunTracker:
             if changed:
                 self._write("tags", {TAG_RESUMED_WITH: "; ".join(changed)[:5000]})
         elif kind == "tags":
-            from mlflow.entities import RunTag
-
-            tags = [RunTag(k, v) for k, v in payload.items()]
-            with_retries(lambda: c.log_batch(rid, tags=tags, synchronous=True), "set tags", budget)
+            tag_run(c, rid, payload, budget)
         elif kind == "image":
             image, key, step, timestamp = payload
             with tempfile.TemporaryDirectory(prefix="segsweep-image-") as folder:
