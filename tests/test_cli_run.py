@@ -90,6 +90,7 @@ def test_resume_continues_the_same_mlflow_run(cache_dir: Path, tmp_path: Path) -
     [run_dir] = (tmp_path / "runs").iterdir()
     again = segsweep("run", "--resume", str(run_dir), "--tracking-uri", uri, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
+    assert "note: resuming" not in again.stdout  # nothing changed
     [run] = runs_in(uri)
     assert run.info.status == "FINISHED" and run.data.tags["segsweep.status"] == "finished"
     assert "segsweep.error" not in run.data.tags  # the earlier attempt's failure no longer holds
@@ -105,6 +106,10 @@ def test_resume_continues_the_same_mlflow_run(cache_dir: Path, tmp_path: Path) -
         "run", "--resume", str(run_dir), "--tracking-uri", uri, "--set", "train.steps=8", cwd=tmp_path
     )
     assert longer.returncode == 0, longer.stderr
+    assert (
+        "note: resuming with settings changed since its last attempt: train.steps: 6 -> 8; the "
+        "learning-rate schedule follows the new train.steps from the checkpoint on"
+    ) in longer.stdout
     [run] = runs_in(uri)
     assert run.data.params["train.steps"] == "6"
     assert run.data.tags["segsweep.resumed_with"] == "train.steps: 6 -> 8"

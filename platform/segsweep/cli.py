@@ -18,10 +18,13 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segsweep.errors import ConfigError, InjectedFailure, Interrupted, UserError, one_line, user_message
 from segsweep.files import new_folder, require_writable_file, unmake_folder, write_atomic
+
+if TYPE_CHECKING:
+    from segsweep.config import RunConfig
 
 #: errno values meaning the machine, not segsweep, refused a file operation.
 MACHINE_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -69,6 +72,25 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _resumed_with(started: RunConfig, now: RunConfig) -> str:
+    """A note naming the settings a resume changes (MLflow keeps a param's first value, so
+    the run's tag ``segsweep.resumed_with`` records them too); "" when there are none."""
+    from segsweep.tracking import safe_params
+
+    was, will = safe_params(started.flat()), safe_params(now.flat())  # no secret is printed
+    changed = [
+        f"{k}: {was.get(k)} -> {will.get(k)}"
+        for k in sorted(set(was) | set(will))
+        if was.get(k) != will.get(k)
+    ]
+    if not changed:
+        return ""
+    lr = "; the learning-rate schedule follows the new train.steps from the checkpoint on" * (
+        was.get("train.steps") != will.get("train.steps")
+    )
+    return f"note: resuming with settings changed since its last attempt: {'; '.join(changed)}{lr}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from segsweep.config import apply_overrides, load_run_config, read_yaml, validate_run_config
     from segsweep.runner import execute, make_tracker, prepare
@@ -87,6 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = Path(args.config) if args.config else saved
         cfg = validate_run_config(apply_overrides(read_yaml(source), sets), str(source))
         run_key = run_dir.name
+        with contextlib.suppress(ConfigError):  # a config saved by an older segsweep: no note
+            note = _resumed_with(validate_run_config(read_yaml(saved), str(saved)), cfg)
+            if note:
+                print(note, flush=True)
     else:
         if not args.config:
             raise ConfigError("segsweep run: give a CONFIG file (or --resume RUN_DIR)")
