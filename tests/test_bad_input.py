@@ -213,6 +213,15 @@ def test_resume_refuses_a_checkpoint_of_another_method(
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
 
 
+def test_an_error_line_never_shows_a_uri_password(capsys: pytest.CaptureFixture) -> None:
+    line = one_error(
+        capsys,
+        main(["curve", "--experiment", "x", "--tracking-uri", "ftp://alice:hunter2@host/x"]),
+        "unsupported scheme 'ftp' in 'ftp://alice:***@host/x'",
+    )
+    assert "hunter2" not in line
+
+
 @pytest.mark.parametrize("device_error", ["cpu", "cuda"])
 def test_a_run_out_of_memory_names_the_settings_that_size_it(
     cache_dir: Path, tmp_path: Path, monkeypatch, capsys, device_error: str

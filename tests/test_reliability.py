@@ -641,6 +641,31 @@ def test_secrets_never_become_params_and_uris_are_redacted() -> None:
         redact("postgresql+psycopg2://u:p4ss@db:5432/optuna") == "postgresql+psycopg2://u:***@db:5432/optuna"
     )
     assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    # quoted in a message; a raw "@" in the password; an empty user; no password at all
+    assert redact("error: http://a:pw@m:5000 did not answer") == "error: http://a:***@m:5000 did not answer"
+    assert redact("http://u:p@ss@host:5000/x") == "http://u:***@host:5000/x"
+    assert redact("redis://:pw@cache:6379") == "redis://:***@cache:6379"
+    for plain in ("http://user@host/x", "https://host:5000/a@b", "see http://host:5000 or a@b"):
+        assert redact(plain) == plain
+
+
+def test_no_tag_holds_a_uri_password(tmp_path: Path) -> None:
+    """Tags a run starts with, tags set later (an error line may quote a URI), and tags the
+    sweep's driver writes when it ends a trial's run: every one redacted."""
+    from segsweep.tracking import RunTracker, client_for, end_run
+
+    uri, secret = f"sqlite:///{tmp_path / 'm.db'}", "http://alice:hunter2-long@mlflow:5000"
+    tracker = RunTracker(uri, "x", run_name="r", tags={"origin": secret})
+    tracker.set_tags({"segsweep.error": f"tracking store: {secret} did not answer"})
+    tracker.finish("FAILED", "failed")
+    client = client_for(uri)
+    other = client.create_run(tracker.experiment_id).info.run_id
+    end_run(client, other, "KILLED", {"segsweep.error": secret}, 5.0)
+    for run_id in (tracker.run_id, other):
+        tags = client.get_run(run_id).data.tags
+        assert not [v for v in tags.values() if "hunter2" in v], tags
+    assert client.get_run(tracker.run_id).data.tags["origin"] == "http://alice:***@mlflow:5000"
+    assert client.get_run(other).info.status == "KILLED"
 
 
 def test_services_listen_on_loopback_by_default() -> None:

@@ -20,7 +20,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segsweep.errors import ConfigError, InjectedFailure, Interrupted, UserError, one_line, user_message
+from segsweep.errors import (
+    ConfigError,
+    InjectedFailure,
+    Interrupted,
+    UserError,
+    one_line,
+    redact,
+    user_message,
+)
 from segsweep.files import new_folder, require_writable_file, unmake_folder, write_atomic
 
 if TYPE_CHECKING:
@@ -655,8 +663,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+    except UserError as exc:  # a message may quote a URI: its password never reaches the terminal
+        print(f"error: {redact(one_line(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -249,7 +249,7 @@ def make_handler(app: Dashboard, root: Path) -> type[BaseHTTPRequestHandler]:
             except KeyError as exc:
                 return self._json(400, {"error": f"missing query parameter {exc}"})
             except UserError as exc:
-                return self._json(404, {"error": str(exc)})
+                return self._json(404, {"error": redact(str(exc))})
 
         def _static(self, path: str) -> None:
             name = "index.html" if path in ("", "/") else path.lstrip("/")

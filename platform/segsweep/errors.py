@@ -7,6 +7,8 @@ no traceback is shown. Everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """An input the user can fix. The message names the file or field at fault."""
@@ -82,3 +84,13 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and ("DataError: " in text or "ConfigError: " in text):
         return one_line(exc).split("Error: ", 1)[-1]
     return None
+
+
+#: ``scheme://user:`` then the password, up to the netloc's last "@" (a raw "@" may be in it).
+_URI_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*:)[^\s/]*@")
+
+
+def redact(value: str) -> str:
+    """Hide the password of every URI in ``value`` (``http://user:pw@host`` ->
+    ``http://user:***@host``), a URI alone or quoted in a message (an error line)."""
+    return _URI_PASSWORD.sub(r"\1***@", value)

@@ -579,7 +579,7 @@ def _error_line(trial: Any) -> str:
     except OSError:
         text = ""
     lines = [ln for ln in (text or "").splitlines() if ln.strip()]
-    last = lines[-1] if lines else "error"
+    last = redact(lines[-1] if lines else "error")  # shown on the terminal: no URI password
     return last.split("Error: ", 1)[-1][:200] if "Error: " in last else last[:200]
 
 

@@ -32,11 +32,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from segsweep.errors import ConfigError, UserError, first_line
+from segsweep.errors import ConfigError, UserError, first_line, redact
 from segsweep.files import require_writable_file
 from segsweep.waiting import poll
 
@@ -89,18 +89,6 @@ def resolve_uri(uri: str | None) -> str:
             "use sqlite:///path/mlflow.db or an http(s):// server"
         )
     raise ConfigError(f"{field}: unsupported scheme '{scheme}' in '{uri}'")
-
-
-def redact(value: str) -> str:
-    """Hide the password in a URI (``http://user:pw@host`` -> ``http://user:***@host``)."""
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return value
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return value
 
 
 def is_secret_key(name: str) -> bool:
