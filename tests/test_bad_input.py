@@ -261,6 +261,46 @@ def test_a_run_out_of_memory_names_the_settings_that_size_it(
     assert run.info.status == "FAILED" and run.data.tags[TAG_ERROR] == line.removeprefix("error: ")
 
 
+def test_a_model_too_big_for_its_device_is_one_line(
+    cache_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import torch
+
+    from segsweep.methods import METHODS
+
+    def does_not_fit(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has ...")
+
+    monkeypatch.setattr(METHODS["supervised"], "to", does_not_fit)
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", tiny_tree(cache_dir, **{"train.steps": 2}))
+    one_error(
+        capsys,
+        main(["run", str(cfg), "--quiet"]),
+        "out of memory on cpu placing the model (",
+        "; 20.00 MiB more did not fit): choose a smaller model or another device",
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_out_of_memory_sizes_read_in_their_unit() -> None:
+    from segsweep.engine import allocation
+
+    def cpu(n: int) -> RuntimeError:  # the CPU allocator's text, as torch 2.14 words it
+        return RuntimeError(
+            f"[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+            f"allocate memory: you tried to allocate {n} bytes. Error code 12"
+        )
+
+    assert allocation(cpu(3 * 2**20)) == "3.00 MiB more did not fit"
+    assert allocation(cpu(5 * 2**30 + 2**29)) == "5.50 GiB more did not fit"
+    assert allocation(cpu(512)) == "512 bytes more did not fit"
+    assert allocation(RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0")) == (
+        "1.50 GiB more did not fit"
+    )
+    assert allocation(RuntimeError("CUDA error: out of memory\nmore")) == "CUDA error: out of memory"
+
+
 def test_a_sweep_waits_for_a_ray_head_that_is_starting(capsys: pytest.CaptureFixture) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

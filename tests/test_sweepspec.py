@@ -247,6 +247,16 @@ def test_a_dry_run_lists_the_trials_checks_them_and_writes_nothing(
     assert main(["sweep", "s.yaml", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "nowhere" in err[0], err
+    # with --resume: whether the sweep it would continue accepts it
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec()))
+    assert main(["sweep", "s.yaml", "--dry-run", "--resume"]) == 2
+    assert "--resume: no sweep 't' in sweeps to resume" in capsys.readouterr().err
+    (tmp_path / "sweeps" / "t").mkdir(parents=True)
+    (tmp_path / "sweeps" / "t" / "sweep.json").write_text(json.dumps({"fingerprint": "0", "sets": []}))
+    assert main(["sweep", "s.yaml", "--dry-run"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["sweep", "s.yaml", "--dry-run", "--resume"]) == 2
+    assert "changed since the sweep started" in capsys.readouterr().err
 
 
 def test_every_shipped_spec_and_declared_search_space_is_valid(tmp_path: Path, cache_dir: Path) -> None:
@@ -343,18 +353,28 @@ ELSEWHERE = "sqlite:////elsewhere/m.db"
         (
             (["train.steps=4"], ".", None),
             (["train.steps=5"], ".", None),
-            ["started with --set train.steps=4;", "with no --set to reuse them"],
+            ["(train.steps: 4 -> 5)", "started with --set train.steps=4: resume with the same, or with no"],
         ),
-        ([[], ".", None], (["train.steps=5"], ".", None), ["started with no --set;"]),
+        (([], ".", None), (["train.steps=5"], ".", None), ["(train.steps: 6 -> 5)", "started with no --set"]),
         (
             ([], ".", ELSEWHERE),
             ([], ".", None),
-            [f"its runs are in {ELSEWHERE}, and this resume would log to sqlite:///", "--tracking-uri"],
+            [f'(tracking.uri: "{ELSEWHERE}" -> "sqlite:///', f"resume with --tracking-uri {ELSEWHERE}"],
         ),
         # a relative output_dir resolves elsewhere
-        ((["output_dir=out"], "a", None), (["output_dir=out"], ".", None), ["started in ", "/a, and"]),
+        (
+            (["output_dir=out"], "a", None),
+            (["output_dir=out"], ".", None),
+            ['/a/out" -> ', "/a, where relative"],
+        ),
+        # the same --set in another order: not the cause (here, the store is)
+        (
+            (["train.steps=5", "train.lr=0.01"], ".", ELSEWHERE),
+            (["train.lr=0.01", "train.steps=5"], ".", None),
+            [f"resume with --tracking-uri {ELSEWHERE}"],
+        ),
     ],
-    ids=["other-set", "set-added", "store", "cwd"],
+    ids=["other-set", "set-added", "store", "cwd", "set-order"],
 )
 def test_a_resume_that_differs_says_what_differs(
     tmp_path: Path, cache_dir: Path, first: tuple, again: tuple, fragments: list[str]
@@ -371,14 +391,69 @@ def test_a_resume_that_differs_says_what_differs(
     folder.mkdir(parents=True)
     started = plan(*first)
     state = {"fingerprint": started.fingerprint(), "instance": "i", "tracking_uri": started.tracking_uri}
-    (folder / "sweep.json").write_text(json.dumps(state | {"sets": started.sets, "cwd": started.cwd}))
+    kept = {"sets": started.sets, "cwd": started.cwd, "trials": started.trial_settings()}
+    (folder / "sweep.json").write_text(json.dumps(state | kept))
     with pytest.raises(ConfigError) as err:
         run_sweep(plan(*again), tmp_path / "sweeps", resume=True)
     for fragment in fragments:
         assert fragment in str(err.value), (fragment, str(err.value))
-    if first[2] is not None:
-        return
-    # A sweep started before the --set were kept: the general message, with the hint.
+    # A sweep started before its trials' settings were kept: the general message, with a hint.
     (folder / "sweep.json").write_text(json.dumps(state))
     with pytest.raises(ConfigError, match=r"changed since the sweep started.*give the same --set"):
         run_sweep(plan(*again), tmp_path / "sweeps", resume=True)
+
+
+def test_a_resume_names_cells_and_settings_the_spec_no_longer_has(tmp_path: Path, cache_dir: Path) -> None:
+    from segsweep.sweep import resumable_state
+
+    path = tmp_path / "spec.yaml"
+
+    def started(tree: dict) -> None:
+        path.write_text(yaml.safe_dump(tree, sort_keys=False))
+        plan = plan_sweep(path, cwd=tmp_path)
+        folder = tmp_path / "sweeps" / "t"
+        folder.mkdir(parents=True, exist_ok=True)
+        kept = {
+            "fingerprint": plan.fingerprint(),
+            "sets": [],
+            "cwd": plan.cwd,
+            "trials": plan.trial_settings(),
+        }
+        (folder / "sweep.json").write_text(json.dumps(kept | {"tracking_uri": plan.tracking_uri}))
+
+    def refused(tree: dict) -> str:
+        path.write_text(yaml.safe_dump(tree, sort_keys=False))
+        with pytest.raises(ConfigError) as err:
+            resumable_state(plan_sweep(path, cwd=tmp_path), tmp_path / "sweeps", resume=True)
+        return str(err.value)
+
+    started(spec())
+    message = refused(spec(**{"grid/seed": [0, 1, 2]}))
+    assert "would change its cells (added method=supervised,ratio=0.25,seed=2, " in message
+    assert "and 1 more)" in message
+    # the environment: the synthetic cache moved (another user, machine or SEGSWEEP_CACHE)
+    message = refused(spec(**{"base/data/root": str(tmp_path / "cache2")}))
+    assert (
+        "(data.root: " in message and "cache2" in message and "environment (e.g. SEGSWEEP_CACHE)" in message
+    )
+    # a searched range: named as the search key
+    space = {"type": "float", "low": 0.6, "high": 0.95}
+    message = refused(spec(**{"search/fixmatch/fixmatch.conf_threshold": space}))
+    assert "search.fixmatch.conf_threshold: " in message
+
+
+def test_a_sweep_resumed_after_its_stores_password_changed_is_the_same_sweep(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec(), sort_keys=False))
+    old, new = (
+        plan_sweep(path, tracking_uri=f"http://alice:{pw}@mlflow:5000", cwd=tmp_path)
+        for pw in ("pw-old-9x", "pw-new-9x")
+    )
+    assert old.fingerprint() == new.fingerprint()
+    assert (
+        "pw-old-9x" not in json.dumps(old.trial_settings()) and old.trial_settings() == new.trial_settings()
+    )
+    other = plan_sweep(path, tracking_uri="http://alice:old@mlflow2:5000", cwd=tmp_path)
+    assert other.fingerprint() != old.fingerprint()

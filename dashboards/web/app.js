@@ -104,7 +104,12 @@ async function loadExperiment(sameSweep = false) {
     fillTable($("differences"), [], []);
     $("rule").textContent = String(err.message || err);
   }
-  const runs = await api(`/api/runs?${q}`);
+  let runs = { runs: [], sweeps: [] };
+  try {
+    runs = await api(`/api/runs?${q}`);
+  } catch (err) { // e.g. the store went away: said, and nothing of the last experiment stays
+    showError(err);
+  }
   fillSweeps(runs.sweeps, sweep);
   document.body.dataset.shown = q; // what the page now shows (read by the browser test)
   const table = $("runs");

@@ -198,19 +198,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from segsweep.sweep import run_sweep, started_sets
     from segsweep.sweepspec import plan_sweep
-    from segsweep.tracking import redact
 
     sets = list(args.set or [])
     if args.resume and not sets:  # a resume continues the sweep as it was started
         sets = started_sets(Path(args.spec), Path(args.dir)) or []
         if sets:
-            print(f"note: resuming with the --set it was started with: {' '.join(sets)}", flush=True)
+            print(f"note: resuming with the --set it was started with: {redact(' '.join(sets))}", flush=True)
     plan = plan_sweep(Path(args.spec), sets, tracking_uri=args.tracking_uri)
     for note in plan.notes:
         print(f"note: {note}", flush=True)
     if args.dry_run:
-        from segsweep.sweep import check_trials, describe_plan
+        from segsweep.sweep import check_trials, describe_plan, resumable_state
 
+        resumable_state(plan, Path(args.dir), args.resume)  # what the sweep itself would refuse
         check_trials(plan, on_cluster=bool(args.ray_address or plan.spec.ray.address))
         print("\n".join(describe_plan(plan)))
         print("dry run: every trial's config, dataset and model checked; nothing started or written")

@@ -304,9 +304,26 @@ class Progress:
 def is_out_of_memory(exc: BaseException) -> bool:
     """A CUDA allocation that failed, or a CPU one the kernel refused outright (a process
     that grows past the machine's memory is killed by the kernel instead: nothing to catch)."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    text = str(exc) if isinstance(exc, RuntimeError) else ""
+    return isinstance(exc, torch.OutOfMemoryError) or any(
+        sign in text for sign in ("can't allocate memory", "CUDA error: out of memory")
     )
+
+
+def allocation(exc: BaseException) -> str:
+    """What an out-of-memory error asked for, e.g. "2.00 GiB more did not fit" (torch's own text
+    is long, and the CPU allocator's starts with an assertion); its first line otherwise."""
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B|\d+ bytes)", str(exc))
+    if asked is None:
+        return first_line(exc, 160)
+    size = asked.group(1)
+    if size.endswith(" bytes"):
+        n = int(size.split()[0])
+        for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+            if n >= 2**power:
+                size = f"{n / 2**power:.2f} {unit}"
+                break
+    return f"{size} more did not fit"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +353,15 @@ class Trainer:
         num_classes = data.source.num_classes
         self.method: Method = build_method(cfg, num_classes)
         model = self.method.model
-        self.method.to(self.numerics.device)
+        try:
+            self.method.to(self.numerics.device)
+        except RuntimeError as exc:  # a model too big for the device: the user's choice to fix
+            if not is_out_of_memory(exc):
+                raise
+            raise OutOfMemory(
+                f"out of memory on {self.numerics.device} placing the model ({cfg.model.arch}, "
+                f"{cfg.model.encoder}; {allocation(exc)}): choose a smaller model or another device"
+            ) from exc
         if self.numerics.channels_last:
             self.method.to(memory_format=torch.channels_last)
         if cfg.train.compile:
@@ -391,15 +416,9 @@ class Trainer:
     def _out_of_memory(self, exc: RuntimeError) -> str:
         """What did not fit, and the settings that size it (a user's fix, not a bug)."""
         cfg, stage = self.cfg, self.stages[self.progress.stage]
-        # torch's own text is long (the CPU's starts with an assertion): the size asked for.
-        asked = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB|\d+ bytes)", str(exc))
-        size = asked.group(1) if asked else ""
-        if size.endswith(" bytes"):
-            size = f"{int(size.split()[0]) / 2**30:.2f} GiB"
-        what = f"{size} more did not fit" if size else first_line(exc, 160)
         return (
             f"out of memory on {self.numerics.device} in stage '{stage.name}' at step "
-            f"{self.progress.step} ({what}): lower train.batch_size "
+            f"{self.progress.step} ({allocation(exc)}): lower train.batch_size "
             f"({cfg.train.batch_size}), train.unlabeled_batch_size, eval.batch_size "
             f"({cfg.eval.batch_size}) or data.crop_size ({cfg.data.crop_size}); `segsweep bench` "
             "reports the peak memory of a run"
@@ -563,7 +582,7 @@ class Trainer:
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(exc):
                 raise
-            raise OutOfMemory(self._out_of_memory(exc)) from None
+            raise OutOfMemory(self._out_of_memory(exc)) from exc
         # Built from the checkpointed progress, so a run resumed at its very end reports too.
         self.final_report = {
             **{k: v for k, v in self.progress.last.items() if "/iou/" not in k},

@@ -872,25 +872,66 @@ def started_sets(spec_path: Path, sweep_root: Path) -> list[str] | None:
 
 
 def _why_not_the_same(state: dict[str, Any], plan: Plan) -> str:
-    """Why a resume would not run the sweep's trials: the likeliest cause first."""
-    started_uri, uri = state.get("tracking_uri"), resolve_uri(plan.tracking_uri)
-    if started_uri and started_uri != uri:
-        return (
-            f"its runs are in {redact(started_uri)}, and this resume would log to {redact(uri)} "
-            f"(from {plan.tracking_origin}); resume with --tracking-uri {redact(started_uri)}"
-        )
+    """What a resume would change in the sweep's trials, and the likeliest cause."""
+    was, now = state.get("trials"), plan.trial_settings()
     sets = state.get("sets")
-    if isinstance(sets, list) and sets != plan.sets:
+    if not isinstance(was, dict):  # started before the trials' settings were kept
+        hint = "" if isinstance(sets, list) else " (give the same --set it was started with, if any)"
+        return (
+            "the spec's grid, search or base config changed since the sweep started; a resumed "
+            f"sweep must run the same trials{hint} (or give the sweep a new name)"
+        )
+    added, removed = [c for c in now if c not in was], [c for c in was if c not in now]
+    if added or removed:
+        change = "; ".join(
+            f"{what} {', '.join(cells[:3])}{f' and {len(cells) - 3} more' if len(cells) > 3 else ''}"
+            for what, cells in (("added", added), ("removed", removed))
+            if cells
+        )
+        return f"this resume would change its cells ({change}); a resumed sweep runs the same cells (or give the sweep a new name)"
+    changed: dict[str, tuple[str, str]] = {}
+    for cell, settings in now.items():
+        for key in sorted(set(settings) | set(was[cell])):
+            before, after = was[cell].get(key, "unset"), settings.get(key, "unset")
+            if before != after:
+                changed.setdefault(key, (before, after))
+    shown = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in list(changed.items())[:3])
+    shown += f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    started_in = state.get("cwd")
+    if started_in and started_in != plan.cwd and any(started_in in a for a, _ in changed.values()):
+        cause = f"it was started in {started_in}, where relative paths resolve: resume it from there"
+    elif "tracking.uri" in changed:
+        uri = redact(str(state.get("tracking_uri") or changed["tracking.uri"][0]))
+        cause = f"its runs are in {uri}: resume with --tracking-uri {uri}"
+    elif isinstance(sets, list) and sorted(sets) != sorted(plan.sets):
         given = " ".join(f"--set {s}" for s in sets) or "no --set"
-        return f"it was started with {given}; resume with the same, or with no --set to reuse them"
-    cwd = state.get("cwd")
-    if cwd and cwd != plan.cwd:
-        return f"it was started in {cwd}, and relative paths are resolved there; resume it from there"
-    hint = "" if isinstance(sets, list) else " (give the same --set it was started with, if any)"
-    return (
-        "the spec's grid, search or base config changed since the sweep started; a resumed "
-        f"sweep must run the same trials{hint} (or give the sweep a new name)"
-    )
+        cause = f"it was started with {redact(given)}: resume with the same, or with no --set to reuse them"
+    else:
+        cause = (
+            "the spec, its base config or the environment (e.g. SEGSWEEP_CACHE) changed since it "
+            "started: restore them, or give the sweep a new name"
+        )
+    return f"this resume would change its trials ({shown}); {cause}"
+
+
+def resumable_state(plan: Plan, sweep_root: Path, resume: bool) -> dict[str, Any] | None:
+    """The state of the sweep a ``--resume`` continues (None for a new sweep), or a one-line
+    error: a sweep that exists but is not resumed, none to resume, other trials."""
+    sweep_dir = (sweep_root / plan.spec.name).resolve()
+    state_file = sweep_dir / "sweep.json"
+    if not state_file.exists():
+        if resume:
+            raise ConfigError(f"--resume: no sweep '{plan.spec.name}' in {sweep_root} to resume")
+        return None
+    state = read_state(state_file)
+    if not resume:
+        raise ConfigError(
+            f"sweep '{plan.spec.name}' already exists in {sweep_dir}: add --resume to continue it, "
+            "or give the spec another name"
+        )
+    if state.get("fingerprint") != plan.fingerprint():
+        raise ConfigError(f"{sweep_dir}: {_why_not_the_same(state, plan)}")
+    return state
 
 
 def run_sweep(
@@ -904,19 +945,7 @@ def run_sweep(
     sweep_dir = (sweep_root / spec.name).resolve()
     state_file = sweep_dir / "sweep.json"
     fingerprint = plan.fingerprint()
-    if state_file.exists():
-        state = read_state(state_file)
-        if not resume:
-            raise ConfigError(
-                f"sweep '{spec.name}' already exists in {sweep_dir}: add --resume to continue it, "
-                "or give the spec another name"
-            )
-        if state.get("fingerprint") != fingerprint:
-            raise ConfigError(f"{sweep_dir}: {_why_not_the_same(state, plan)}")
-    elif resume:
-        raise ConfigError(f"--resume: no sweep '{spec.name}' in {sweep_root} to resume")
-    else:
-        state = {"instance": uuid.uuid4().hex[:8]}
+    state = resumable_state(plan, sweep_root, resume) or {"instance": uuid.uuid4().hex[:8]}
     # Sweeps started before instance ids existed keep their plain-name keys.
     key_prefix = f"{spec.name}@{state['instance']}" if state.get("instance") else spec.name
     # Optuna studies are named by the instance too: on a shared storage a sweep started anew
@@ -983,6 +1012,7 @@ def run_sweep(
                 # How it was started: a resume reuses the --set, and names what differs.
                 "sets": plan.sets,
                 "cwd": plan.cwd,
+                "trials": plan.trial_settings(),
             },
             indent=2,
         ),

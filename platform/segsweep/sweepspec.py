@@ -25,12 +25,13 @@ from segsweep.config import (
     Section,
     apply_overrides,
     describe_validation_error,
+    flatten,
     parse_override,
     read_yaml,
     validate_run_config,
 )
 from segsweep.data import default_cache
-from segsweep.errors import ConfigError
+from segsweep.errors import ConfigError, redact
 from segsweep.files import expand_user
 from segsweep.methods import METHODS
 from segsweep.tracking import resolve_uri, uri_origin
@@ -268,13 +269,26 @@ class Plan:
         return sum(self.samples(c) for c in self.cells)
 
     def fingerprint(self) -> str:
-        """Changes when anything that defines the trials changes (checked on --resume)."""
+        """Changes when anything that defines the trials changes (checked on --resume). URI
+        passwords are left out: a sweep resumed after its store's password changed is the
+        same sweep."""
         payload = json.dumps(
             [[c.id, c.tree, {k: v.model_dump() for k, v in c.space.items()}] for c in self.cells],
             sort_keys=True,
             default=str,
         )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return hashlib.sha256(redact(payload).encode()).hexdigest()[:16]
+
+    def trial_settings(self) -> dict[str, dict[str, str]]:
+        """Per cell, what defines its trials as flat strings, URI passwords hidden: kept in
+        sweep.json, so that a resume that would change them can say what changes."""
+        return {
+            c.id: {
+                **{k: redact(json.dumps(v, default=str)) for k, v in flatten(c.tree).items()},
+                **{f"search.{k}": json.dumps(v.model_dump(), sort_keys=True) for k, v in c.space.items()},
+            }
+            for c in self.cells
+        }
 
 
 def _fmt(value: Any) -> str:
