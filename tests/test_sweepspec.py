@@ -457,3 +457,11 @@ def test_a_sweep_resumed_after_its_stores_password_changed_is_the_same_sweep(
     )
     other = plan_sweep(path, tracking_uri="http://alice:old@mlflow2:5000", cwd=tmp_path)
     assert other.fingerprint() != old.fingerprint()
+    # a sweep fingerprinted with its password (started before they were left out) resumes
+    from segsweep.sweep import resumable_state
+
+    (tmp_path / "sweeps" / "t").mkdir(parents=True)
+    state = {"fingerprint": old.fingerprint(with_passwords=True), "instance": "i"}
+    (tmp_path / "sweeps" / "t" / "sweep.json").write_text(json.dumps(state))
+    assert old.fingerprint(with_passwords=True) != old.fingerprint()
+    assert resumable_state(old, tmp_path / "sweeps", resume=True)["instance"] == "i"

@@ -929,7 +929,7 @@ def resumable_state(plan: Plan, sweep_root: Path, resume: bool) -> dict[str, Any
             f"sweep '{plan.spec.name}' already exists in {sweep_dir}: add --resume to continue it, "
             "or give the spec another name"
         )
-    if state.get("fingerprint") != plan.fingerprint():
+    if state.get("fingerprint") not in (plan.fingerprint(), plan.fingerprint(with_passwords=True)):
         raise ConfigError(f"{sweep_dir}: {_why_not_the_same(state, plan)}")
     return state
 

@@ -268,16 +268,17 @@ class Plan:
     def total_trials(self) -> int:
         return sum(self.samples(c) for c in self.cells)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, with_passwords: bool = False) -> str:
         """Changes when anything that defines the trials changes (checked on --resume). URI
         passwords are left out: a sweep resumed after its store's password changed is the
-        same sweep."""
+        same sweep (``with_passwords``: as sweeps started before that were fingerprinted)."""
         payload = json.dumps(
             [[c.id, c.tree, {k: v.model_dump() for k, v in c.space.items()}] for c in self.cells],
             sort_keys=True,
             default=str,
         )
-        return hashlib.sha256(redact(payload).encode()).hexdigest()[:16]
+        payload = payload if with_passwords else redact(payload)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def trial_settings(self) -> dict[str, dict[str, str]]:
         """Per cell, what defines its trials as flat strings, URI passwords hidden: kept in
