@@ -332,7 +332,9 @@ def test_runs_on_other_backbones_are_not_repeats_of_each_other() -> None:
     assert len(curve.rows) == 2 and not any("repeat" in note for note in curve.notes)
 
 
-def test_curve_of_one_sweep_of_an_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_curve_of_one_sweep_of_an_experiment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--sweep picks one sweep by run id (a name two sweeps share is refused, naming both),
     and the outputs are logged to that sweep's parent; without it, every sweep counts."""
     import csv
@@ -360,6 +362,12 @@ def test_curve_of_one_sweep_of_an_experiment(tmp_path: Path, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert "note: the curve covers the 2 sweeps of experiment 'e'" in out
     assert f"logged to the newest sweep's parent run {new}" in out
+
+    monkeypatch.chdir(tmp_path)  # by default, one sweep's outputs go beside the experiment's
+    assert main([*common, "--sweep", old, "--no-log"]) == 0 and main([*common, "--no-log"]) == 0
+    assert (tmp_path / "reports" / f"e@{old}" / "summary.csv").is_file()
+    assert (tmp_path / "reports" / "e" / "summary.csv").is_file()
+    capsys.readouterr()
 
     assert main([*common, "--sweep", "s"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -258,7 +258,8 @@ def cmd_curve(args: argparse.Namespace) -> int:
     from segsweep import report
     from segsweep.tracking import fetch_runs, log_files
 
-    out = Path(args.out or Path("reports") / args.experiment)
+    # One sweep's curve beside the experiment's, not over it.
+    out = Path(args.out or Path("reports") / (args.experiment + (f"@{args.sweep}" if args.sweep else "")))
     for name in report.OUTPUT_FILES:  # all or none: checked before the first is written
         require_writable_file(out / name, "--out")
     runs = fetch_runs(args.tracking_uri, args.experiment)
@@ -546,7 +547,9 @@ def build_parser() -> Parser:
         "per run), summary.csv (mean, std, n), differences.csv (each method vs the baseline) and curve.png.",
     )
     p.add_argument("--experiment", required=True, help="MLflow experiment (a sweep's name)")
-    p.add_argument("--out", help="output folder (default: reports/<experiment>)")
+    p.add_argument(
+        "--out", help="output folder (default: reports/<experiment>, or reports/<experiment>@<sweep>)"
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     p.add_argument(
         "--value",
