@@ -166,7 +166,8 @@ def one_sweep(runs: list[RunRecord], which: str, experiment: str) -> tuple[RunRe
             for p in found
         )
         raise ConfigError(
-            f"--sweep: {len(found)} sweeps of experiment '{experiment}' are named '{which}'; give its run id: {started}"
+            f"--sweep: {len(found)} sweeps of experiment '{experiment}' are named '{which}'; "
+            f"give its run id: {started}"
         )
     parent = found[0]
     return parent, [r for r in runs if r.tags.get(TAG_PARENT) == parent.run_id]

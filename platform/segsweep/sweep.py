@@ -888,7 +888,10 @@ def _why_not_the_same(state: dict[str, Any], plan: Plan) -> str:
             for what, cells in (("added", added), ("removed", removed))
             if cells
         )
-        return f"this resume would change its cells ({change}); a resumed sweep runs the same cells (or give the sweep a new name)"
+        return (
+            f"this resume would change its cells ({change}); a resumed sweep runs the same cells "
+            "(or give the sweep a new name)"
+        )
     changed: dict[str, tuple[str, str]] = {}
     for cell, settings in now.items():
         for key in sorted(set(settings) | set(was[cell])):
