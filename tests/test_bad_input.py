@@ -261,6 +261,48 @@ def test_a_run_out_of_memory_names_the_settings_that_size_it(
     assert run.info.status == "FAILED" and run.data.tags[TAG_ERROR] == line.removeprefix("error: ")
 
 
+def test_one_process_at_a_time_resumes_a_run_or_drives_a_sweep(
+    cache_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A second process on a run's or a sweep's folder (another terminal, ``make demo`` twice)
+    is refused in one line naming the first; once that one ends, the folder is free again."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", tiny_tree(cache_dir, **{"train.steps": 2}))
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    [run_dir] = (tmp_path / "runs").iterdir()
+    sweep_dir = tmp_path / "sweeps" / "held"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from segsweep.files import only_writer\n"
+            "with only_writer(Path(sys.argv[1]), 'a'), only_writer(Path(sys.argv[2]), 'b'):\n"
+            "    print('held', flush=True); time.sleep(120)",
+            str(run_dir),
+            str(sweep_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        fragments = ("is in use by another segsweep process on this machine", f"(pid {holder.pid})")
+        one_error(
+            capsys, main(["run", "--resume", str(run_dir), "--quiet"]), f"run folder {run_dir}", *fragments
+        )
+        write_spec(tmp_path, tiny_spec("held"))
+        one_error(capsys, main(["sweep", "held.yaml"]), "sweep folder sweeps/held is in use", *fragments)
+        assert not (tmp_path / "sweeps").exists()  # the refused sweep wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0  # free once the holder is gone
+
+
 def test_a_model_too_big_for_its_device_is_one_line(
     cache_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:

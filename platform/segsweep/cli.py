@@ -29,7 +29,7 @@ from segsweep.errors import (
     redact,
     user_message,
 )
-from segsweep.files import new_folder, require_writable_file, unmake_folder, write_atomic
+from segsweep.files import new_folder, only_writer, require_writable_file, unmake_folder, write_atomic
 
 if TYPE_CHECKING:
     from segsweep.config import RunConfig
@@ -100,6 +100,12 @@ def _resumed_with(started: RunConfig, now: RunConfig) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Two resumes of one run at once would train and write one folder twice.
+    with only_writer(Path(args.resume), "run folder") if args.resume else contextlib.nullcontext():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from segsweep.config import apply_overrides, load_run_config, read_yaml, validate_run_config
     from segsweep.runner import execute, make_tracker, prepare
     from segsweep.tracking import existing_store, uri_origin

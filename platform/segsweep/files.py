@@ -164,3 +164,34 @@ def remove_leftovers(folder: Path) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return leftovers
+
+
+@contextlib.contextmanager
+def only_writer(folder: Path, what: str) -> Iterator[None]:
+    """Hold this machine's lock on ``folder`` (a sweep's or a run's) while the block runs; a
+    second process started on it meanwhile (``make demo`` twice, one ``--resume`` too many)
+    gets a one-line ``ConfigError`` naming the first one, instead of two writers of one state.
+
+    The lock file lives in the temporary folder, keyed by the folder's absolute path, so that
+    nothing is written beside a job that never starts; the kernel drops the lock when the
+    holder exits, however it exits."""
+    import fcntl
+    import hashlib
+
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"segsweep-{key}.lock"
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(
+                f"{what} {folder} is in use by another segsweep process on this machine (pid "
+                f"{holder}): wait for it to end, or stop it, before starting it again"
+            ) from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(handle)  # releases the lock

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from segsweep.errors import ConfigError, Interrupted, UserError, one_line
-from segsweep.files import new_folder, require_writable_file, write_atomic
+from segsweep.files import new_folder, only_writer, require_writable_file, write_atomic
 from segsweep.sweepspec import Cell, Plan, load_spec, run_config_of
 from segsweep.tracking import (
     STATUS_INTERRUPTED,
@@ -943,6 +943,18 @@ def run_sweep(
     resume: bool = False,
     ray_address: str | None = None,
     echo: Callable[[str], None] = print,
+) -> SweepResult:
+    """Run (or ``resume``) the sweep of ``plan`` in ``sweep_root/<name>``: one driver at a time."""
+    with only_writer(sweep_root / plan.spec.name, "sweep folder"):
+        return _run_sweep(plan, sweep_root, resume, ray_address, echo)
+
+
+def _run_sweep(
+    plan: Plan,
+    sweep_root: Path,
+    resume: bool,
+    ray_address: str | None,
+    echo: Callable[[str], None],
 ) -> SweepResult:
     spec = plan.spec
     sweep_dir = (sweep_root / spec.name).resolve()
