@@ -303,6 +303,28 @@ def test_one_process_at_a_time_resumes_a_run_or_drives_a_sweep(
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0  # free once the holder is gone
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_a_real_gpu_out_of_memory_is_one_line(cache_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """CUDA's own out-of-memory error (a 64 TiB request), as torch words it on this GPU."""
+    import torch
+
+    from segsweep.methods import METHODS
+
+    def step_that_does_not_fit(self, batch, step):
+        torch.empty(1 << 46, dtype=torch.uint8, device="cuda")
+
+    monkeypatch.setattr(METHODS["supervised"], "training_step", step_that_does_not_fit)
+    monkeypatch.chdir(tmp_path)
+    tree = tiny_tree(cache_dir, **{"train.steps": 2, "train.device": "cuda"})
+    one_error(
+        capsys,
+        main(["run", str(write_config(tmp_path / "c.yaml", tree)), "--quiet"]),
+        "out of memory on cuda",
+        "in stage 'train' at step 1 (",
+        " more did not fit): lower train.batch_size",
+    )
+
+
 def test_a_model_too_big_for_its_device_is_one_line(
     cache_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
