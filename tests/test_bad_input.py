@@ -302,6 +302,22 @@ def test_one_process_at_a_time_resumes_a_run_or_drives_a_sweep(
         holder.wait()
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0  # free once the holder is gone
 
+    # a run still training holds its folder: its --resume from another terminal is refused
+    long = write_config(tmp_path / "long.yaml", tiny_tree(cache_dir, **{"train.steps": 5000}))
+    training = subprocess.Popen([sys.executable, "-m", "segsweep.cli", "run", str(long), "--quiet"])
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not [
+            p for p in (tmp_path / "runs").glob("*/checkpoints/last.pt") if p.parents[1] != run_dir
+        ]:
+            time.sleep(0.2)
+        [new] = [p for p in (tmp_path / "runs").iterdir() if p != run_dir]
+        capsys.readouterr()
+        one_error(capsys, main(["run", "--resume", str(new), "--quiet"]), "in use", f"(pid {training.pid})")
+    finally:
+        training.kill()
+        training.wait()
+
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_a_real_gpu_out_of_memory_is_one_line(cache_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -641,12 +641,46 @@ def test_secrets_never_become_params_and_uris_are_redacted() -> None:
         redact("postgresql+psycopg2://u:p4ss@db:5432/optuna") == "postgresql+psycopg2://u:***@db:5432/optuna"
     )
     assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
-    # quoted in a message; a raw "@" in the password; an empty user; no password at all
-    assert redact("error: http://a:pw@m:5000 did not answer") == "error: http://a:***@m:5000 did not answer"
-    assert redact("http://u:p@ss@host:5000/x") == "http://u:***@host:5000/x"
-    assert redact("redis://:pw@cache:6379") == "redis://:***@cache:6379"
-    for plain in ("http://user@host/x", "https://host:5000/a@b", "see http://host:5000 or a@b"):
-        assert redact(plain) == plain
+    # quoted in a message; a raw "@" or "/" in the password; an empty user; an IPv6 host; a query
+    hidden = {
+        "error: http://a:pw@m:5000 did not answer": "error: http://a:***@m:5000 did not answer",
+        "http://u:p@ss@host:5000/x": "http://u:***@host:5000/x",
+        "postgresql://bob:Zm9v/YmFy@db.example/mlflow": "postgresql://bob:***@db.example/mlflow",
+        "redis://:pw@cache:6379": "redis://:***@cache:6379",
+        "http://u:pw@[::1]:5000": "http://u:***@[::1]:5000",
+        "postgresql://u:pw@db?options=a@b": "postgresql://u:***@db?options=a@b",
+    }
+    for text, shown in hidden.items():
+        assert redact(text) == shown, text
+    # no password: text after a URI is never taken for one
+    for plain in (
+        "http://user@host/x",
+        "https://host:5000/a@b",
+        "see http://host:5000 or a@b",
+        "http://host:5000,owner=a@b.com",
+        '{"uri":"http://host:5000","mail":"a@b.c"}',
+        "http://[::1]:5000?x=a@b",
+    ):
+        assert redact(plain) == plain, plain
+
+
+def test_a_tracking_stores_error_never_shows_its_password(caplog: pytest.LogCaptureFixture) -> None:
+    """MLflow's own error text quotes the URL it called, userinfo included: the retry
+    warnings and the one-line error both hide it."""
+    from segsweep.tracking import TrackingError, with_retries
+
+    url = "http://bob:s3cret@mlflow:5000/api/2.0/mlflow/runs/get"
+    calls = iter(
+        [ConnectionError(f"API request to {url} failed"), ValueError(f"INVALID_PARAMETER_VALUE: {url}")]
+    )
+
+    def fails() -> None:
+        raise next(calls)  # a retried error, then one that is not retried
+
+    with caplog.at_level("WARNING"), pytest.raises(TrackingError) as err:
+        with_retries(fails, "read run", 5.0)
+    assert "bob:***@mlflow" in str(err.value) and "retrying" in caplog.text
+    assert "s3cret" not in str(err.value) and "s3cret" not in caplog.text
 
 
 def test_no_tag_holds_a_uri_password(tmp_path: Path) -> None:

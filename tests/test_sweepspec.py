@@ -442,6 +442,16 @@ def test_a_resume_names_cells_and_settings_the_spec_no_longer_has(tmp_path: Path
     assert "search.fixmatch.conf_threshold: " in message
 
 
+def test_a_grid_listed_in_another_order_is_the_same_sweep(tmp_path: Path, cache_dir: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    plans = []
+    for ratios in ([0.25, 0.5], [0.5, 0.25]):
+        path.write_text(yaml.safe_dump(spec(**{"grid/data.label_ratio": ratios}), sort_keys=False))
+        plans.append(plan_sweep(path, cwd=tmp_path))
+    assert [c.id for c in plans[0].cells] != [c.id for c in plans[1].cells]
+    assert plans[0].fingerprint() == plans[1].fingerprint()
+
+
 def test_a_sweep_resumed_after_its_stores_password_changed_is_the_same_sweep(
     tmp_path: Path, cache_dir: Path
 ) -> None:

@@ -100,12 +100,11 @@ def _resumed_with(started: RunConfig, now: RunConfig) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # Two resumes of one run at once would train and write one folder twice.
-    with only_writer(Path(args.resume), "run folder") if args.resume else contextlib.nullcontext():
-        return _run(args)
+    with contextlib.ExitStack() as held:  # the run folder's lock, once the folder is known
+        return _run(args, held)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from segsweep.config import apply_overrides, load_run_config, read_yaml, validate_run_config
     from segsweep.runner import execute, make_tracker, prepare
     from segsweep.tracking import existing_store, uri_origin
@@ -134,6 +133,9 @@ def _run(args: argparse.Namespace) -> int:
         run_key = uuid.uuid4().hex[:12]
         run_dir = cfg.output_dir / run_key
 
+    # One process per run folder: a --resume while the run still trains would train and write
+    # it twice.
+    held.enter_context(only_writer(run_dir, "run folder"))
     echo = _echo(args.quiet)
     # Where the run will write, checked before the data and model (minutes with data.verify).
     require_writable_file(run_dir / "config.yaml", "output_dir")
@@ -685,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = user_message(exc)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {redact(message)}", file=sys.stderr)
         return 2
     except OSError as exc:
         # The machine refused a file (disk full, permissions, a read-only mount) where no

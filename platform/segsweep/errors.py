@@ -86,11 +86,22 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
-#: ``scheme://user:`` then the password, up to the netloc's last "@" (a raw "@" may be in it).
-_URI_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*:)[^\s/]*@")
+#: ``scheme://``, a user, ":", then a password up to the last "@" of the token: a raw "@" or
+#: "/" may be in it (SQLAlchemy reads ``postgresql://u:ab/c@db`` so). A token ends at white
+#: space, a quote, a comma, "?" or "#", so text after the URI is never taken for it.
+_URI_USERINFO = re.compile(r"""\b([A-Za-z][A-Za-z0-9+.-]*://)([^\s/@:\[\]"',?#]*):([^\s"',?#]*)@""")
+#: What reads as ``host:port/path`` rather than ``user:password``.
+_PORT_AND_PATH = re.compile(r"\d+(/.*)?")
+
+
+def _hide_password(match: re.Match[str]) -> str:
+    scheme, user, password = match.groups()
+    if _PORT_AND_PATH.fullmatch(password):  # https://host:5000/a@b: no password in it
+        return match.group(0)
+    return f"{scheme}{user}:***@"
 
 
 def redact(value: str) -> str:
     """Hide the password of every URI in ``value`` (``http://user:pw@host`` ->
     ``http://user:***@host``), a URI alone or quoted in a message (an error line)."""
-    return _URI_PASSWORD.sub(r"\1***@", value)
+    return _URI_USERINFO.sub(_hide_password, value)

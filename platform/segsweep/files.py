@@ -166,32 +166,55 @@ def remove_leftovers(folder: Path) -> list[Path]:
     return leftovers
 
 
+def _lock_folder() -> Path:
+    """Where this user's locks live: stable whatever the job's TMPDIR (a scheduler sets one
+    per job), and one user's locks never block another's files."""
+    for folder in (Path.home() / ".cache" / "segsweep" / "locks", Path(tempfile.gettempdir())):
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+    raise ConfigError(f"cannot write a lock file in {Path.home() / '.cache'} or {tempfile.gettempdir()}")
+
+
 @contextlib.contextmanager
 def only_writer(folder: Path, what: str) -> Iterator[None]:
-    """Hold this machine's lock on ``folder`` (a sweep's or a run's) while the block runs; a
-    second process started on it meanwhile (``make demo`` twice, one ``--resume`` too many)
-    gets a one-line ``ConfigError`` naming the first one, instead of two writers of one state.
+    """Hold this user's lock on ``folder`` (a sweep's or a run's) while the block runs; a
+    second process started on it meanwhile (``make demo`` twice, a ``--resume`` of a run still
+    training) gets a one-line ``ConfigError`` naming the first one, instead of two writers of
+    one state.
 
-    The lock file lives in the temporary folder, keyed by the folder's absolute path, so that
-    nothing is written beside a job that never starts; the kernel drops the lock when the
-    holder exits, however it exits."""
+    The lock is a ``flock`` on a file outside ``folder`` (nothing is written beside a job that
+    never starts), keyed by the folder's real path and removed on release. The kernel drops
+    it when its holder exits, however it exits (a forked DataLoader worker shares it until it
+    notices its parent is gone and exits too)."""
     import fcntl
     import hashlib
 
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"segsweep-{key}.lock"
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    path = _lock_folder() / f"segsweep-{os.getuid()}-{key}.lock"
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(handle)
             raise ConfigError(
                 f"{what} {folder} is in use by another segsweep process on this machine (pid "
                 f"{holder}): wait for it to end, or stop it, before starting it again"
             ) from None
+        try:  # the holder before may have removed the file between our open and our lock
+            if os.stat(path).st_ino == os.fstat(handle).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(handle)
+    try:
         os.ftruncate(handle, 0)
         os.pwrite(handle, str(os.getpid()).encode(), 0)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: a process that opened it before retries
         os.close(handle)  # releases the lock

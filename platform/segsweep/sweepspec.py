@@ -270,10 +270,12 @@ class Plan:
 
     def fingerprint(self, with_passwords: bool = False) -> str:
         """Changes when anything that defines the trials changes (checked on --resume). URI
-        passwords are left out: a sweep resumed after its store's password changed is the
-        same sweep (``with_passwords``: as sweeps started before that were fingerprinted)."""
+        passwords and the cells' order are left out: a sweep resumed after its store's
+        password changed, or its grid's values were listed in another order, runs the same
+        trials. ``with_passwords``: as sweeps started before that were fingerprinted."""
+        cells = self.cells if with_passwords else sorted(self.cells, key=lambda c: c.id)
         payload = json.dumps(
-            [[c.id, c.tree, {k: v.model_dump() for k, v in c.space.items()}] for c in self.cells],
+            [[c.id, c.tree, {k: v.model_dump() for k, v in c.space.items()}] for c in cells],
             sort_keys=True,
             default=str,
         )

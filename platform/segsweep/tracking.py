@@ -65,7 +65,12 @@ SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "apikey", "a
 
 
 class TrackingError(UserError):
-    """The tracking store could not be written (after retries): the run fails loudly."""
+    """The tracking store could not be written (after retries): the run fails loudly. Its
+    message often quotes the store's URL (MLflow's own errors do): URI passwords are hidden
+    once, here, wherever it is printed or tagged after."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(str(message)))
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -251,7 +256,7 @@ def with_retries(fn: Callable[[], Any], what: str, budget_s: float) -> Any:
         except Exception as exc:  # noqa: BLE001 - classified here: retried or reported
             if not is_transient(exc):
                 raise TrackingError(f"tracking store: {what} failed: {first_line(exc)}") from None
-            return first_line(exc)
+            return redact(first_line(exc))  # MLflow's text quotes the URL, userinfo included
 
     def note(reason: str, delay: float, _: int) -> None:
         log.warning("tracking store: %s failed (%s); retrying in %.1fs", what, reason, delay)
