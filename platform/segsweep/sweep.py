@@ -876,10 +876,10 @@ def _why_not_the_same(state: dict[str, Any], plan: Plan) -> str:
     was, now = state.get("trials"), plan.trial_settings()
     sets = state.get("sets")
     if not isinstance(was, dict):  # started before the trials' settings were kept
-        hint = "" if isinstance(sets, list) else " (give the same --set it was started with, if any)"
+        hint = "" if isinstance(sets, list) else "give the same --set it was started with, if any, or "
         return (
             "the spec's grid, search or base config changed since the sweep started; a resumed "
-            f"sweep must run the same trials{hint} (or give the sweep a new name)"
+            f"sweep must run the same trials: {hint}give the sweep a new name"
         )
     added, removed = [c for c in now if c not in was], [c for c in was if c not in now]
     if added or removed:
