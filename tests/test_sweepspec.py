@@ -475,3 +475,29 @@ def test_a_sweep_resumed_after_its_stores_password_changed_is_the_same_sweep(
     (tmp_path / "sweeps" / "t" / "sweep.json").write_text(json.dumps(state))
     assert old.fingerprint(with_passwords=True) != old.fingerprint()
     assert resumable_state(old, tmp_path / "sweeps", resume=True)["instance"] == "i"
+
+
+def test_a_dry_run_of_a_resume_says_how_far_the_sweep_got(tmp_path: Path, cache_dir: Path) -> None:
+    from segsweep.sweep import resume_progress
+    from segsweep.tracking import client_for, ensure_experiment
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec(final={"seeds": [7]}, **{"grid/seed": [0]}), sort_keys=False))
+    plan = plan_sweep(path, cwd=tmp_path)
+    assert plan.total_trials == 8  # fixmatch: 2 cells x 3 samples; supervised: 2 cells x 1
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = client_for(uri)
+    experiment = ensure_experiment(client, "t", uri)
+    parent = client.create_run(experiment, tags={"segsweep.kind": "sweep"}).info.run_id
+    ended = ["finished"] * 3 + ["stopped_early", "failed"]
+    for phase, status in [("search", s) for s in [*ended, "interrupted", "running"]] + [
+        ("final", "finished")
+    ]:
+        tags = {"mlflow.parentRunId": parent, "segsweep.phase": phase, "segsweep.status": status}
+        client.create_run(experiment, tags=tags)
+    client.create_run(experiment, tags={"segsweep.phase": "search", "segsweep.status": "finished"})  # not its
+    assert resume_progress(plan, {"tracking_uri": uri, "parent_run_id": parent}) == (
+        "resume: 5 of 8 search trials ended (1 failed, 3 finished, 1 stopped early); 1 of 4 final runs "
+        "ended; 6 left to run (those cut short from their last checkpoint)"
+    )
+    assert "could not be read" in resume_progress(plan, {"tracking_uri": uri, "parent_run_id": "nope"})

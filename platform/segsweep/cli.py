@@ -216,11 +216,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for note in plan.notes:
         print(f"note: {note}", flush=True)
     if args.dry_run:
-        from segsweep.sweep import check_trials, describe_plan, resumable_state
+        from segsweep.sweep import check_trials, describe_plan, resumable_state, resume_progress
 
-        resumable_state(plan, Path(args.dir), args.resume)  # what the sweep itself would refuse
+        state = resumable_state(plan, Path(args.dir), args.resume)  # what the sweep would refuse
         check_trials(plan, on_cluster=bool(args.ray_address or plan.spec.ray.address))
         print("\n".join(describe_plan(plan)))
+        if state is not None:
+            print(resume_progress(plan, state))
         print("dry run: every trial's config, dataset and model checked; nothing started or written")
         return 0
 

@@ -859,6 +859,40 @@ def describe_plan(plan: Plan) -> list[str]:
     return lines
 
 
+def resume_progress(plan: Plan, state: dict[str, Any]) -> str:
+    """For a dry run of a resume: how far the sweep got, read from its trials' runs."""
+    from segsweep.tracking import client_for
+
+    uri, parent = state.get("tracking_uri"), state.get("parent_run_id")
+    if not uri or not parent:
+        return "resume: the sweep had not started its parent run: every trial runs"
+    try:
+        existing_store(uri, what="the sweep's store")
+        client = client_for(uri)
+        experiment = with_retries(lambda: client.get_run(parent), "read run", 30).info.experiment_id
+        kids = runs_tagged(client, experiment, TAG_PARENT, parent, 30)
+    except UserError as exc:
+        return f"resume: its runs could not be read ({one_line(exc)})"
+    ended: dict[str, dict[str, int]] = {"search": {}, "final": {}}
+    for kid in kids:
+        status = kid.data.tags.get(TAG_STATUS, "")
+        if status in ("finished", "stopped_early", "failed", "diverged"):
+            counts = ended.setdefault(kid.data.tags.get(TAG_PHASE, "search"), {})
+            counts[status] = counts.get(status, 0) + 1
+    search = ended["search"]
+    done = sum(search.values())
+    text = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in sorted(search.items()))
+    line = f"resume: {done} of {plan.total_trials} search trials ended{f' ({text})' if text else ''}"
+    left = plan.total_trials - done
+    if plan.spec.final:
+        planned, finals = len(plan.cells) * len(plan.spec.final.seeds), sum(ended["final"].values())
+        line += f"; {finals} of {planned} final runs ended"
+        left += planned - finals
+    if left <= 0:
+        return line + "; nothing is left to run"
+    return line + f"; {left} left to run (those cut short from their last checkpoint)"
+
+
 def started_sets(spec_path: Path, sweep_root: Path) -> list[str] | None:
     """The ``--set`` a sweep was started with, for a resume that gives none.
 
