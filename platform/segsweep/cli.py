@@ -533,11 +533,17 @@ def build_parser() -> Parser:
         "through Ray Tune, with an Optuna search per cell and per-cell ASHA.",
     )
     p.add_argument("spec", help="sweep spec YAML (e.g. experiments/quickstart.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep of the same name (with the --set it was started with, "
+        "unless others are given)",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="list the cells and trials and check every config, dataset and model; start nothing",
+        help="list the cells and trials and check every config, dataset and model; start nothing "
+        "(with --resume: whether it would be accepted, and how far the sweep got)",
     )
     p.add_argument("--ray-address", help="join this Ray cluster (default: start Ray locally)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
