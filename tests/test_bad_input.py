@@ -341,6 +341,31 @@ def test_a_real_gpu_out_of_memory_is_one_line(cache_dir: Path, tmp_path: Path, m
     )
 
 
+def test_a_lock_released_late_never_frees_the_next_holders_lock(tmp_path: Path) -> None:
+    """A holds; its lock file is removed (a clean-up of the cache); B takes a new one; A's
+    release must leave B's file alone, so that C is still refused while B holds."""
+    from segsweep.errors import ConfigError
+    from segsweep.files import lock_path, only_writer
+
+    folder = tmp_path / "sweep"
+    a = only_writer(folder, "sweep folder")
+    a.__enter__()
+    lock_path(folder).unlink()
+    b = only_writer(folder, "sweep folder")
+    b.__enter__()
+    a.__exit__(None, None, None)
+    try:
+        assert lock_path(folder).exists()
+        with pytest.raises(ConfigError, match="is in use by another segsweep process"):
+            with only_writer(folder, "sweep folder"):
+                pass
+    finally:
+        b.__exit__(None, None, None)
+    assert not lock_path(folder).exists()  # removed by its last holder
+    with only_writer(folder, "sweep folder"):  # and free
+        pass
+
+
 def test_a_model_too_big_for_its_device_is_one_line(
     cache_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:

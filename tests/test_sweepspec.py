@@ -496,8 +496,10 @@ def test_a_dry_run_of_a_resume_says_how_far_the_sweep_got(tmp_path: Path, cache_
         tags = {"mlflow.parentRunId": parent, "segsweep.phase": phase, "segsweep.status": status}
         client.create_run(experiment, tags=tags)
     client.create_run(experiment, tags={"segsweep.phase": "search", "segsweep.status": "finished"})  # not its
-    assert resume_progress(plan, {"tracking_uri": uri, "parent_run_id": parent}) == (
-        "resume: 5 of 8 search trials ended (1 failed, 3 finished, 1 stopped early); 1 of 4 final runs "
-        "ended; 6 left to run (those cut short from their last checkpoint)"
+    plan = plan_sweep(path, tracking_uri=uri, cwd=tmp_path)  # the store the resume would use
+    # a failed trial runs again (Ray resumes errored trials), as does one cut short
+    assert resume_progress(plan, {"parent_run_id": parent}) == (
+        "resume: 4 of 8 search trials done (3 finished, 1 stopped early), 4 to run (those failed or "
+        "cut short again, from their last checkpoint); final runs: 1 of up to 4 done"
     )
-    assert "could not be read" in resume_progress(plan, {"tracking_uri": uri, "parent_run_id": "nope"})
+    assert "could not be read" in resume_progress(plan, {"parent_run_id": "nope"})

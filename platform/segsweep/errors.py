@@ -86,22 +86,14 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
-#: ``scheme://``, a user, ":", then a password up to the last "@" of the token: a raw "@" or
-#: "/" may be in it (SQLAlchemy reads ``postgresql://u:ab/c@db`` so). A token ends at white
-#: space, a quote, a comma, "?" or "#", so text after the URI is never taken for it.
-_URI_USERINFO = re.compile(r"""\b([A-Za-z][A-Za-z0-9+.-]*://)([^\s/@:\[\]"',?#]*):([^\s"',?#]*)@""")
-#: What reads as ``host:port/path`` rather than ``user:password``.
-_PORT_AND_PATH = re.compile(r"\d+(/.*)?")
-
-
-def _hide_password(match: re.Match[str]) -> str:
-    scheme, user, password = match.groups()
-    if _PORT_AND_PATH.fullmatch(password):  # https://host:5000/a@b: no password in it
-        return match.group(0)
-    return f"{scheme}{user}:***@"
+#: ``scheme://``, a user (which may hold "@": Azure's ``bob@server``), ":", then a password
+#: up to the last "@" of the token: SQLAlchemy takes a raw "@", "/", "#", "?" or "," in it, so
+#: only white space, a double quote or "<>" end a token. Where a URL's path or query holds an
+#: "@" (``https://host:5000/a@b``) the part before it is hidden too: shown less, never leaked.
+_URI_USERINFO = re.compile(r"""\b([A-Za-z][A-Za-z0-9+.-]*://)([^\s/:\[\]"<>]*):([^\s"<>]*)@""")
 
 
 def redact(value: str) -> str:
     """Hide the password of every URI in ``value`` (``http://user:pw@host`` ->
     ``http://user:***@host``), a URI alone or quoted in a message (an error line)."""
-    return _URI_USERINFO.sub(_hide_password, value)
+    return _URI_USERINFO.sub(r"\1\2:***@", value)

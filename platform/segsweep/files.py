@@ -169,12 +169,30 @@ def remove_leftovers(folder: Path) -> list[Path]:
 def _lock_folder() -> Path:
     """Where this user's locks live: stable whatever the job's TMPDIR (a scheduler sets one
     per job), and one user's locks never block another's files."""
-    for folder in (Path.home() / ".cache" / "segsweep" / "locks", Path(tempfile.gettempdir())):
+    candidates = [Path("/tmp"), Path(tempfile.gettempdir())]
+    with contextlib.suppress(RuntimeError):  # no home (HOME unset, a uid with no passwd entry)
+        candidates.insert(0, Path.home() / ".cache" / "segsweep" / "locks")
+    for folder in candidates:
         with contextlib.suppress(OSError):
             folder.mkdir(parents=True, exist_ok=True)
             if os.access(folder, os.W_OK):
                 return folder
-    raise ConfigError(f"cannot write a lock file in {Path.home() / '.cache'} or {tempfile.gettempdir()}")
+    raise ConfigError(f"cannot write a lock file in any of {', '.join(map(str, candidates))}")
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock file of ``folder`` (``only_writer``), keyed by its real path."""
+    import hashlib
+
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return _lock_folder() / f"segsweep-{os.getuid()}-{key}.lock"
+
+
+def _same_file(path: Path, handle: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle).st_ino
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -182,17 +200,15 @@ def only_writer(folder: Path, what: str) -> Iterator[None]:
     """Hold this user's lock on ``folder`` (a sweep's or a run's) while the block runs; a
     second process started on it meanwhile (``make demo`` twice, a ``--resume`` of a run still
     training) gets a one-line ``ConfigError`` naming the first one, instead of two writers of
-    one state.
+    one state. Not reentrant: one process takes it once.
 
     The lock is a ``flock`` on a file outside ``folder`` (nothing is written beside a job that
     never starts), keyed by the folder's real path and removed on release. The kernel drops
     it when its holder exits, however it exits (a forked DataLoader worker shares it until it
     notices its parent is gone and exits too)."""
     import fcntl
-    import hashlib
 
-    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    path = _lock_folder() / f"segsweep-{os.getuid()}-{key}.lock"
+    path = lock_path(folder)
     while True:
         handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -204,17 +220,18 @@ def only_writer(folder: Path, what: str) -> Iterator[None]:
                 f"{what} {folder} is in use by another segsweep process on this machine (pid "
                 f"{holder}): wait for it to end, or stop it, before starting it again"
             ) from None
-        try:  # the holder before may have removed the file between our open and our lock
-            if os.stat(path).st_ino == os.fstat(handle).st_ino:
-                break
-        except FileNotFoundError:
-            pass
+        except BaseException:
+            os.close(handle)
+            raise
+        if _same_file(path, handle):  # else the holder before removed it after our open: again
+            break
         os.close(handle)
     try:
         os.ftruncate(handle, 0)
         os.pwrite(handle, str(os.getpid()).encode(), 0)
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # while still held: a process that opened it before retries
+        if _same_file(path, handle):  # still ours: a process that opened it before retries
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         os.close(handle)  # releases the lock

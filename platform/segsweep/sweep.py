@@ -860,37 +860,38 @@ def describe_plan(plan: Plan) -> list[str]:
 
 
 def resume_progress(plan: Plan, state: dict[str, Any]) -> str:
-    """For a dry run of a resume: how far the sweep got, read from its trials' runs."""
+    """For a dry run of a resume: how far the sweep got, read from its trials' runs in the
+    store the resume would use. Trials that failed run again (Ray resumes errored trials), as
+    do those cut short; finished, stopped-early and diverged ones do not."""
     from segsweep.tracking import client_for
 
-    uri, parent = state.get("tracking_uri"), state.get("parent_run_id")
-    if not uri or not parent:
+    parent = state.get("parent_run_id")
+    if not parent:
         return "resume: the sweep had not started its parent run: every trial runs"
+    uri = plan.tracking_uri
     try:
         existing_store(uri, what="the sweep's store")
-        client = client_for(uri)
-        experiment = with_retries(lambda: client.get_run(parent), "read run", 30).info.experiment_id
-        kids = runs_tagged(client, experiment, TAG_PARENT, parent, 30)
+        client = with_retries(lambda: client_for(uri), "connect", 10)
+        experiment = with_retries(lambda: client.get_run(parent), "read run", 10).info.experiment_id
+        kids = runs_tagged(client, experiment, TAG_PARENT, parent, 10)
     except UserError as exc:
         return f"resume: its runs could not be read ({one_line(exc)})"
-    ended: dict[str, dict[str, int]] = {"search": {}, "final": {}}
+    done: dict[str, dict[str, int]] = {"search": {}, "final": {}}
     for kid in kids:
         status = kid.data.tags.get(TAG_STATUS, "")
-        if status in ("finished", "stopped_early", "failed", "diverged"):
-            counts = ended.setdefault(kid.data.tags.get(TAG_PHASE, "search"), {})
+        if status in ("finished", "stopped_early", "diverged"):
+            counts = done.setdefault(kid.data.tags.get(TAG_PHASE, "search"), {})
             counts[status] = counts.get(status, 0) + 1
-    search = ended["search"]
-    done = sum(search.values())
+    search = done["search"]
     text = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in sorted(search.items()))
-    line = f"resume: {done} of {plan.total_trials} search trials ended{f' ({text})' if text else ''}"
-    left = plan.total_trials - done
+    ran = sum(search.values())
+    left = plan.total_trials - ran
+    line = f"resume: {ran} of {plan.total_trials} search trials done{f' ({text})' if text else ''}"
+    line += f", {left} to run (those failed or cut short again, from their last checkpoint)" if left else ""
     if plan.spec.final:
-        planned, finals = len(plan.cells) * len(plan.spec.final.seeds), sum(ended["final"].values())
-        line += f"; {finals} of {planned} final runs ended"
-        left += planned - finals
-    if left <= 0:
-        return line + "; nothing is left to run"
-    return line + f"; {left} left to run (those cut short from their last checkpoint)"
+        planned = len(plan.cells) * len(plan.spec.final.seeds)
+        line += f"; final runs: {sum(done['final'].values())} of up to {planned} done"
+    return line
 
 
 def started_sets(spec_path: Path, sweep_root: Path) -> list[str] | None:
@@ -938,7 +939,7 @@ def _why_not_the_same(state: dict[str, Any], plan: Plan) -> str:
     if started_in and started_in != plan.cwd and any(started_in in a for a, _ in changed.values()):
         cause = f"it was started in {started_in}, where relative paths resolve: resume it from there"
     elif "tracking.uri" in changed:
-        uri = redact(str(state.get("tracking_uri") or changed["tracking.uri"][0]))
+        uri = redact(str(state.get("tracking_uri") or changed["tracking.uri"][0].strip('"')))
         cause = f"its runs are in {uri}: resume with --tracking-uri {uri}"
     elif isinstance(sets, list) and sorted(sets) != sorted(plan.sets):
         given = " ".join(f"--set {s}" for s in sets) or "no --set"
@@ -1056,7 +1057,7 @@ def _run_sweep(
                 "instance": state.get("instance", ""),
                 "study_prefix": study_prefix,
                 "parent_run_id": parent.run_id,
-                "tracking_uri": uri,
+                "tracking_uri": redact(uri),  # where its runs are, as told to the user
                 "experiment": plan.experiment,
                 # How it was started: a resume reuses the --set, and names what differs.
                 "sets": plan.sets,
