@@ -144,11 +144,7 @@ class Dashboard:
     def runs(self, experiment: str, sweep: str = "") -> dict[str, Any]:
         """The runs table, and the experiment's sweeps (to choose one where it has several)."""
         sweeps = [
-            {
-                "id": p.run_id,
-                "name": p.name,
-                "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(p.start_time / 1000)),
-            }
+            {"id": p.run_id, "name": p.name, "started": report.started_at(p)}
             for p in report.sweep_parents(self._runs(experiment))
         ]
         rows = []

@@ -19,7 +19,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,6 +310,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+@contextmanager
+def out_of_memory_said(describe: Callable[[RuntimeError], str]) -> Iterator[None]:
+    """An out-of-memory error in the block becomes ``OutOfMemory(describe(exc))``: one line
+    naming what to change. Anything else passes through untouched."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(exc):
+            raise
+        raise OutOfMemory(describe(exc)) from exc
+
+
 def allocation(exc: BaseException) -> str:
     """What an out-of-memory error asked for, e.g. "2.00 GiB more did not fit" (torch's own text
     is long, and the CPU allocator's starts with an assertion); its first line otherwise."""
@@ -353,15 +365,13 @@ class Trainer:
         num_classes = data.source.num_classes
         self.method: Method = build_method(cfg, num_classes)
         model = self.method.model
-        try:
-            self.method.to(self.numerics.device)
-        except RuntimeError as exc:  # a model too big for the device: the user's choice to fix
-            if not is_out_of_memory(exc):
-                raise
-            raise OutOfMemory(
+        with out_of_memory_said(  # a model too big for the device: the user's choice to fix
+            lambda exc: (
                 f"out of memory on {self.numerics.device} placing the model ({cfg.model.arch}, "
                 f"{cfg.model.encoder}; {allocation(exc)}): choose a smaller model or another device"
-            ) from exc
+            )
+        ):
+            self.method.to(self.numerics.device)
         if self.numerics.channels_last:
             self.method.to(memory_format=torch.channels_last)
         if cfg.train.compile:
@@ -571,7 +581,7 @@ class Trainer:
             f"{self.data.source.name}, {len(self.data.split.labeled)} labeled / "
             f"{len(self.data.split.unlabeled)} unlabeled images, device {self.numerics.device}"
         )
-        try:
+        with out_of_memory_said(self._out_of_memory):
             for index in range(self.progress.stage, len(self.stages)):
                 if index != self.progress.stage:  # entering a new stage from the previous one
                     self.progress.stage, self.progress.step = index, 0
@@ -579,10 +589,6 @@ class Trainer:
                 self._run_stage(self.stages[index], last=index == len(self.stages) - 1)
                 if index < len(self.stages) - 1:
                     self.save_stage_weights(self.stages[index])
-        except RuntimeError as exc:  # torch.OutOfMemoryError is one
-            if not is_out_of_memory(exc):
-                raise
-            raise OutOfMemory(self._out_of_memory(exc)) from exc
         # Built from the checkpointed progress, so a run resumed at its very end reports too.
         self.final_report = {
             **{k: v for k, v in self.progress.last.items() if "/iou/" not in k},

@@ -146,6 +146,11 @@ def arm_of_cell(cell: str) -> str | None:
     return f"{method} ({', '.join(rest)})" if rest else method
 
 
+def started_at(run: RunRecord) -> str:
+    """When a run started, to the minute, local time (to tell apart sweeps of one name)."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(run.start_time / 1000))
+
+
 def sweep_parents(runs: list[RunRecord]) -> list[RunRecord]:
     """The parent runs of the sweeps among ``runs``, newest first."""
     return sorted((r for r in runs if r.tags.get(TAG_KIND) == "sweep"), key=lambda r: -r.start_time)
@@ -161,10 +166,7 @@ def one_sweep(runs: list[RunRecord], which: str, experiment: str) -> tuple[RunRe
         known = ", ".join(f"{p.name} ({p.run_id})" for p in parents) or "none"
         raise ConfigError(f"--sweep: no sweep '{which}' in experiment '{experiment}'; its sweeps: {known}")
     if len(found) > 1:
-        started = ", ".join(
-            f"{p.run_id} (started {time.strftime('%Y-%m-%d %H:%M', time.localtime(p.start_time / 1000))})"
-            for p in found
-        )
+        started = ", ".join(f"{p.run_id} (started {started_at(p)})" for p in found)
         raise ConfigError(
             f"--sweep: {len(found)} sweeps of experiment '{experiment}' are named '{which}'; "
             f"give its run id: {started}"

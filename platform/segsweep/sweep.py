@@ -848,14 +848,15 @@ def describe_plan(plan: Plan) -> list[str]:
         f"MLflow experiment '{plan.experiment}' at {redact(plan.tracking_uri)}"
     ]
     width = max(len(c.id) for c in plan.cells)
+    total = 0
     for cell in plan.cells:
         steps = run_config_of(cell, {}).train.steps
+        total += plan.samples(cell) * steps
         lines.append(f"  {cell.id:<{width}}  {plan.samples(cell)} trial(s) x {steps} steps")
         lines += [f"  {'':<{width}}    search {k}: {v.describe()}" for k, v in cell.space.items()]
     if spec.final:
         lines.append(f"  final: each cell's best configuration again with seeds {spec.final.seeds}")
-    steps = sum(plan.samples(c) * run_config_of(c, {}).train.steps for c in plan.cells)
-    lines.append(f"{steps} training steps in the search at most (early stopping cuts trials short)")
+    lines.append(f"{total} training steps in the search at most (early stopping cuts trials short)")
     return lines
 
 
