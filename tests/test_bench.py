@@ -101,7 +101,10 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     track = rows["overhead/tracking"]
     assert track.ratio == pytest.approx(1 + track.value) and track.passed == (track.value <= 0.02)
     assert rows["overhead/tracking_open_close"].value > 0  # an MLflow run costs something to open
-    assert 0 < rows["overhead/tracking_writer_cpu"].value < 1  # the writer's CPU, per training second
+    # The writer's CPU per training second: about 0.2 here, but a full collection of Python's
+    # garbage that lands in the writer thread counts too (up to a second late in a test
+    # session, over a quick run of about a second), hence the loose bound on a share.
+    assert 0 < rows["overhead/tracking_writer_cpu"].value < 5
     # one pair (quick): the noise-free row adds the training thread's share and the writer's
     thread, writer = (
         rows["overhead/tracking_training_thread"].value,

@@ -44,7 +44,7 @@ def spec(name: str) -> dict:
 
 
 def test_a_sweep_on_the_cluster_lands_in_the_server_and_postgres(
-    cluster: LocalCluster, cache_dir: Path, tmp_path: Path
+    cluster: LocalCluster, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(spec("cluster")))
@@ -70,11 +70,10 @@ def test_a_sweep_on_the_cluster_lands_in_the_server_and_postgres(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert cluster.admin_password not in proc.stdout + proc.stderr  # credentials are never printed
 
-    import os
-
     from mlflow.tracking import MlflowClient
 
-    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # this test's, not later ones'
+        monkeypatch.setenv(key, env[key])
     client = MlflowClient(cluster.tracking_uri)
     exp = client.get_experiment_by_name("cluster")
     runs = client.search_runs([exp.experiment_id])
@@ -122,9 +121,8 @@ def test_the_mlflow_server_refuses_unauthenticated_requests(cluster: LocalCluste
 
 
 def test_trials_ride_out_a_tracking_server_restart(
-    cluster: LocalCluster, cache_dir: Path, tmp_path: Path
+    cluster: LocalCluster, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import os
     import time
 
     from mlflow.tracking import MlflowClient
@@ -134,7 +132,8 @@ def test_trials_ride_out_a_tracking_server_restart(
     path = tmp_path / "restart.yaml"
     path.write_text(yaml.safe_dump(tree))
     env = cluster.env(SEGSWEEP_CACHE=str(cache_dir))
-    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, env[key])
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen(
         [sys.executable, "-m", "segsweep.cli", "sweep", str(path), "--tracking-uri", cluster.tracking_uri],
@@ -166,7 +165,7 @@ def test_trials_ride_out_a_tracking_server_restart(
 
 
 def test_a_run_never_logs_or_prints_the_password_in_its_tracking_uri(
-    cluster: LocalCluster, cache_dir: Path, tmp_path: Path
+    cluster: LocalCluster, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from .conftest import tiny_tree
     from .helpers import write_config
@@ -188,13 +187,10 @@ def test_a_run_never_logs_or_prints_the_password_in_its_tracking_uri(
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert cluster.admin_password not in proc.stdout + proc.stderr
     assert "admin:***@" in proc.stdout
-    import os
-
     from mlflow.tracking import MlflowClient
 
-    os.environ.update(
-        {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": cluster.admin_password}
-    )
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", cluster.admin_password)
     client = MlflowClient(cluster.tracking_uri)
     [run] = client.search_runs([client.get_experiment_by_name("secret").experiment_id])
     logged = " ".join([*run.data.params.values(), *run.data.tags.values()])

@@ -172,7 +172,12 @@ def test_dashboard_in_a_real_browser(store: str, tmp_path: Path) -> None:
         assert [o.text.split(",")[0] for o in choice.options] == ["all 2 sweeps", "s", "s"]
         assert "51.0" in driver.find_element(By.ID, "table").text
         choice.select_by_index(2)  # the older sweep
-        WebDriverWait(driver, 30).until(lambda d: "40.0" in d.find_element(By.ID, "table").text)
+        # The curve's table comes first, then the runs: wait for the page to say it shows the
+        # one sweep (set, with its rows, once the runs came) before counting the rows.
+        WebDriverWait(driver, 30).until(
+            lambda d: "&sweep=" in (d.find_element(By.TAG_NAME, "body").get_attribute("data-shown") or "")
+        )
+        assert "40.0" in driver.find_element(By.ID, "table").text
         assert len(driver.find_elements(By.CSS_SELECTOR, "#runs tr.clickable")) == 6
         Select(driver.find_element(By.ID, "value")).select_by_value("best_tune")  # keeps the sweep
         WebDriverWait(driver, 30).until(

@@ -21,6 +21,7 @@ from segsweep.tracking import RunTracker, redact, safe_params
 from .conftest import tiny_tree
 from .fixtures import write_folder
 from .helpers import assert_user_error, runs_in, segsweep, write_config
+from .writer_process import write_metrics
 
 # -- divergence -------------------------------------------------------------------------------
 
@@ -74,15 +75,6 @@ def test_a_diverging_run_exits_1_with_one_line(cache_dir: Path, tmp_path: Path) 
 
 
 # -- concurrent writers ------------------------------------------------------------------------
-
-
-def _writer(uri: str, index: int, steps: int) -> None:
-    tracker = RunTracker(uri, "concurrent", run_name=f"w{index}")
-    for step in range(steps):
-        tracker.log_metrics({f"m{k}": float(step * 10 + k) for k in range(10)}, step)
-        if step % 25 == 0:
-            tracker.flush()
-    tracker.finish("FINISHED", "finished")
 
 
 def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(tmp_path: Path) -> None:
@@ -154,9 +146,10 @@ def test_a_tracking_server_that_does_not_answer_is_said_at_once_and_fails_in_one
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.monotonic()
-    with caplog.at_level("WARNING"), pytest.raises(TrackingError, match="did not answer within 2s"):
-        await_server(f"http://user:secret@127.0.0.1:{port}", 2.0)
-    assert time.monotonic() - start < 10
+    # (4 s: the note comes only if the first refusal takes under the first wait's 1 s)
+    with caplog.at_level("WARNING"), pytest.raises(TrackingError, match="did not answer within 4s"):
+        await_server(f"http://user:secret@127.0.0.1:{port}", 4.0)
+    assert time.monotonic() - start < 12
     [said] = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
     assert f"127.0.0.1:{port}" in said and "secret" not in said
     await_server("sqlite:///anything.db", 0.0)  # not a server: nothing to wait for
@@ -166,11 +159,17 @@ def test_eight_concurrent_writers_lose_no_metric(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     RunTracker(uri, "concurrent", run_name="init").finish()  # the store exists before the writers
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(uri, i, 100)) for i in range(8)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
+    procs = [ctx.Process(target=write_metrics, args=(uri, i, 100)) for i in range(8)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=300)
+    finally:
+        for p in procs:  # none left behind by a failed check
+            if p.is_alive():
+                p.kill()
+                p.join()
     assert [p.exitcode for p in procs] == [0] * 8  # none failed with "database is locked"
     from mlflow.tracking import MlflowClient
 
@@ -488,6 +487,15 @@ SCALARS = st.one_of(
     st.text(max_size=12),
     st.lists(st.integers(0, 3), max_size=3),
 )
+#: The same examples on every run of one commit (CI included): a rare draw that fails is found
+#: by the session that drew it, not by a later submission. Examples vary as the code does.
+GENERATED = {
+    "max_examples": 40,
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture],
+}
 KEYS = st.sampled_from(
     [
         "method",
@@ -518,15 +526,14 @@ KEYS = st.sampled_from(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(**GENERATED)
 @given(overrides=st.dictionaries(KEYS, SCALARS, min_size=1, max_size=3))
 def test_generated_run_configs_run_or_fail_in_one_line(
     overrides: dict, cache_dir: Path, tmp_path_factory, capsys: pytest.CaptureFixture
 ) -> None:
-    # A generated step count runs for real: 800,000 steps (drawn once) held CI for the whole
-    # test timeout. The point here is bad input, so budgets stay ones a test can train.
-    steps = overrides.get("train.steps")
-    assume(not (isinstance(steps, int | float) and steps > 50))
+    from segsweep.config import load_run_config
+    from segsweep.errors import UserError
+
     tmp = tmp_path_factory.mktemp("gen")
     tree = tiny_tree(
         cache_dir,
@@ -542,6 +549,17 @@ def test_generated_run_configs_run_or_fail_in_one_line(
         f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
         for k, v in overrides.items()
     ]
+    # A valid config runs for real: 800,000 steps (drawn once) held CI for the whole test
+    # timeout, and a decoder 10,000 channels wide would take gigabytes. The point here is bad
+    # input, so what validates must be a run a test can train. Read as the run reads it: a
+    # string "9999999" is a number to pydantic.
+    try:
+        valid = load_run_config(cfg, sets)
+    except UserError:
+        pass
+    else:
+        assume(valid.train.steps <= 50 and valid.data.crop_size <= 128)
+        assume((valid.model.decoder_channels or 0) <= 256 and (valid.data.num_labeled or 0) <= 1000)
     args = ["run", str(cfg), "--quiet", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
     for s in sets:
         args += ["--set", s]
@@ -582,7 +600,7 @@ SPEC_KEYS = st.sampled_from(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(**{**GENERATED, "max_examples": 60})
 @given(
     changes=st.dictionaries(
         SPEC_KEYS, st.one_of(SCALARS, st.dictionaries(st.text(max_size=8), SCALARS, max_size=2)), max_size=2
@@ -837,7 +855,10 @@ def test_a_sigterm_still_stops_the_local_server_and_zombies_are_told_apart(tmp_p
             os.kill(pid, signal.SIGKILL)
 
     # a child that ended and that its parent has not reaped is a zombie of the same session
-    parent = "import subprocess, time\nsubprocess.Popen(['true'])\nprint(1, flush=True)\ntime.sleep(30)"
+    # (the Popen kept: dropped, its finalizer may reap the child before it is seen as a zombie)
+    parent = (
+        "import subprocess, time\nchild = subprocess.Popen(['true'])\nprint(1, flush=True)\ntime.sleep(30)"
+    )
     leader = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, start_new_session=True)
     try:
         assert leader.stdout is not None and leader.stdout.readline().strip() == b"1"

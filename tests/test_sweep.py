@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,17 @@ import pytest
 from .helpers import assert_user_error, runs_in, segsweep, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_they_were(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Ray Tune's ``fit()`` in this process installs its own SIGINT and SIGUSR1 handlers and
+    leaves them: a later test (or the session's Ctrl+C) would find no KeyboardInterrupt."""
+    monkeypatch.setenv("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +109,8 @@ def _slow_to_close(config: dict) -> None:
 @pytest.mark.timeout(300)  # without the fix Ray hangs or fails the next trial
 def test_a_worker_is_reused_after_a_trial_slow_to_close(tmp_path: Path) -> None:
     """Ray waits 2 s for a stopped trial's thread before reusing its worker, and otherwise
-    fails the *next* trial ("Could not re-use actor"); segsweep's Ray start waits longer."""
+    fails the *next* trial ("Could not re-use actor"); segsweep's Ray start waits longer.
+    Started pinned to one CPU (``taskset``, a Slurm job), the local Ray instance has one."""
     from types import SimpleNamespace
 
     import ray
@@ -109,8 +121,14 @@ def test_a_worker_is_reused_after_a_trial_slow_to_close(tmp_path: Path) -> None:
     plan = SimpleNamespace(
         spec=SimpleNamespace(resources=SimpleNamespace(gpus_per_trial=0, cpus_per_trial=1))
     )
-    _ray_init(None, plan)  # type: ignore[arg-type]
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})  # this thread, and the Ray processes it starts
     try:
+        _ray_init(None, plan)  # type: ignore[arg-type]
+    finally:
+        os.sched_setaffinity(0, cpus)
+    try:
+        assert ray.cluster_resources()["CPU"] == 1
         tuner = tune.Tuner(
             _slow_to_close,
             param_space={"i": tune.grid_search([0, 1, 2])},
@@ -260,14 +278,14 @@ KILL_WHEN = {
 
 
 def _start_then_signal(
-    tmp_path: Path, moment: Callable[[list], bool], how: str
+    tmp_path: Path, moment: Callable[[list], bool], how: str, steps: int = 10
 ) -> tuple[Path, str, list, subprocess.Popen]:
     """Start the "killed" sweep in a subprocess and signal it at ``moment``."""
     path = write_spec(tmp_path, tiny_spec("killed", num_samples=3, final={"seeds": [1]}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen(  # started with a --set, which the resume must reuse unasked
-        [sys.executable, "-m", "segsweep.cli", "sweep", str(path), "--set", "train.steps=10"],
+        [sys.executable, "-m", "segsweep.cli", "sweep", str(path), "--set", f"train.steps={steps}"],
         cwd=tmp_path,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -290,12 +308,12 @@ def _start_then_signal(
     return path, uri, _children_now(uri, "killed"), driver
 
 
-def _resume_and_count(path: Path, uri: str, before: list, tmp_path: Path) -> None:
+def _resume_and_count(path: Path, uri: str, before: list, tmp_path: Path, steps: int = 10) -> None:
     """--resume completes the sweep: every trial once, none re-run, none left RUNNING."""
     finished_before = {k.info.run_id: k.info.end_time for k in before if k.info.status == "FINISHED"}
     proc = segsweep("sweep", str(path), "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "note: resuming with the --set it was started with: train.steps=10" in proc.stdout
+    assert f"note: resuming with the --set it was started with: train.steps={steps}" in proc.stdout
     parent, kids = children(uri, "killed")
     assert parent.info.status == "FINISHED"
     search = [k for k in kids if k.data.tags["segsweep.phase"] == "search"]
@@ -303,7 +321,7 @@ def _resume_and_count(path: Path, uri: str, before: list, tmp_path: Path) -> Non
     assert len(search) == 2 + 2 * 3 and len(final) == 4  # every trial exactly once ...
     assert len({k.data.tags["segsweep.run_key"] for k in kids}) == len(kids)  # ... no duplicate
     assert all(k.info.status == "FINISHED" for k in kids)  # ... none left RUNNING
-    assert {k.data.params["train.steps"] for k in kids} == {"10"}  # ... as the sweep was started
+    assert {k.data.params["train.steps"] for k in kids} == {str(steps)}  # ... as the sweep was started
     assert {k.data.tags["segsweep.status"] for k in kids} <= {"finished", "stopped_early"}
     after = {k.info.run_id: k.info.end_time for k in kids}
     for run_id, end in finished_before.items():  # finished trials were not run again
@@ -326,7 +344,9 @@ def _mid_sweep_with_a_trial_running(kids: list) -> bool:
 def test_an_interrupted_sweep_says_so_and_resumes(cache_dir: Path, tmp_path: Path, how: str) -> None:
     """Ctrl+C or SIGTERM: exit 130 with one line, running trials end KILLED (not "stopped
     early", which would count them as done), and --resume runs them again."""
-    path, uri, before, driver = _start_then_signal(tmp_path, _mid_sweep_with_a_trial_running, how)
+    # Trials of 30 steps (about 5 s): one seen running must still be running when the signal
+    # lands, else no run is left to mark as cut short (10 steps last about 1.5 s).
+    path, uri, before, driver = _start_then_signal(tmp_path, _mid_sweep_with_a_trial_running, how, steps=30)
     out = (tmp_path / "driver.log").read_text()
     assert driver.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "interrupted; continue it with --resume" in out, out[-3000:]
@@ -335,7 +355,7 @@ def test_an_interrupted_sweep_says_so_and_resumes(cache_dir: Path, tmp_path: Pat
     assert not [k for k in kids if k.info.status == "RUNNING"]
     cut = [k for k in kids if k.data.tags.get("segsweep.status") == "interrupted"]
     assert cut and all(k.info.status == "KILLED" for k in cut)
-    _resume_and_count(path, uri, before, tmp_path)
+    _resume_and_count(path, uri, before, tmp_path, steps=30)
 
 
 def test_the_live_view_shows_the_best_value_of_trials_that_ended_before_a_resume(tmp_path: Path) -> None:

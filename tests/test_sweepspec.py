@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -503,3 +504,33 @@ def test_a_dry_run_of_a_resume_says_how_far_the_sweep_got(tmp_path: Path, cache_
         "cut short again, from their last checkpoint); final runs: 1 of up to 4 done"
     )
     assert "could not be read" in resume_progress(plan, {"parent_run_id": "nope"})
+
+
+def test_the_cpus_a_process_may_use_are_its_affinity_and_its_quota(tmp_path: Path) -> None:
+    """A local sweep starts one trial per usable CPU: a job's or container's share (its
+    affinity, its cgroup's quota), not the host's cores that ``os.cpu_count()`` counts."""
+    from segsweep.engine import cgroup_quotas, cpu_quota, usable_cpus
+
+    assert cpu_quota("max 100000\n") is None and cpu_quota("-1 100000") is None  # no limit
+    assert cpu_quota("400000 100000") == 4 and cpu_quota("150000 100000") == 1  # docker --cpus=1.5
+    assert cpu_quota("5000 100000") == 1  # a twentieth of a CPU still runs one trial
+    # cgroup v2: the job's quota holds for its step, which has none of its own
+    (tmp_path / "v2/job/step").mkdir(parents=True)
+    (tmp_path / "v2/job/step/cpu.max").write_text("max 100000\n")
+    (tmp_path / "v2/job/cpu.max").write_text("300000 100000\n")
+    (tmp_path / "v2.cgroup").write_text("0::/job/step\n")
+    assert list(cgroup_quotas(tmp_path / "v2.cgroup", tmp_path / "v2")) == [None, 3]
+    # cgroup v1 (hybrid), seen from a container without its own namespace: the host's path is
+    # absent, the container's root holds its quota
+    (tmp_path / "v1/cpu").mkdir(parents=True)
+    (tmp_path / "v1/cpu/cpu.cfs_quota_us").write_text("150000\n")
+    (tmp_path / "v1/cpu/cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "v1.cgroup").write_text("5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
+    assert list(cgroup_quotas(tmp_path / "v1.cgroup", tmp_path / "v1")) == [1]
+    cpus = os.sched_getaffinity(0)
+    assert usable_cpus() <= len(cpus)
+    os.sched_setaffinity(0, {min(cpus)})  # taskset -c 0, a one-CPU Slurm job
+    try:
+        assert usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, cpus)

@@ -190,15 +190,22 @@ def test_prefetched_batches_come_in_order_and_errors_reach_the_caller() -> None:
             yield i
             i += 1
 
-    before = threading.active_count()
+    def prefetching() -> int:  # this module's threads only: others may come and go meanwhile
+        return sum(t.name == "segsweep-prefetch" for t in threading.enumerate())
+
+    deadline = time.time() + 5
+    while prefetching() and time.time() < deadline:  # the first stream's ends after its error
+        time.sleep(0.05)
+    assert prefetching() == 0
     streams = [Prefetch(endless()) for _ in range(3)]
     assert [next(s) for s in streams] == [0, 0, 0]
+    assert prefetching() == 3
     del streams
     gc.collect()
     deadline = time.time() + 5
-    while threading.active_count() > before and time.time() < deadline:  # dropped: threads end
+    while prefetching() and time.time() < deadline:  # dropped: threads end
         time.sleep(0.05)
-    assert threading.active_count() == before
+    assert prefetching() == 0
 
 
 def test_a_prefetched_stream_is_the_same_stream(tiny) -> None:

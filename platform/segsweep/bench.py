@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from segsweep.config import RunConfig, set_dotted, validate_run_config
 from segsweep.data.loaders import hash_seed, stream_loader
 from segsweep.data.transforms import strong_views
-from segsweep.engine import numerics_for, seed_everything, to_device
+from segsweep.engine import numerics_for, seed_everything, to_device, usable_cpus
 from segsweep.errors import ConfigError
 from segsweep.models import build_model
 from segsweep.primitives import poly_lr
@@ -126,6 +126,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpus(),  # the share this process may use (affinity, cgroup quota)
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
     }
@@ -949,7 +950,7 @@ def _packed_rate(tree: dict[str, Any], measure: int, trials: int) -> tuple[float
 
     ctx = mp.get_context("spawn")
     queue, start = ctx.Queue(), ctx.Barrier(trials)
-    threads = max(1, (os.cpu_count() or 1) // trials)
+    threads = max(1, usable_cpus() // trials)
     procs = [ctx.Process(target=_trial_steps, args=(tree, threads, start, queue)) for _ in range(trials)]
     for p in procs:
         p.start()
@@ -1026,7 +1027,7 @@ def sweep_rows(report: Report, quick: bool, echo: Callable[[str], None]) -> None
             import ray
 
             ray.shutdown()
-    concurrency = max(1, min(n, int(os.cpu_count() or 1)))
+    concurrency = max(1, min(n, usable_cpus()))
     per_trial = steady_seconds_per_trial([r.end_time / 1000 for r in trials], concurrency)
     cost = per_trial - compute
     first_start = min(r.start_time for r in trials) / 1000 - began - result.seconds["ray_init"]
@@ -1066,9 +1067,11 @@ def sweep_rows(report: Report, quick: bool, echo: Callable[[str], None]) -> None
 
 
 def format_table(report: Report) -> str:
+    m = report.machine
+    usable = m.get("usable_cpus", m["cpu_count"])  # absent from reports before it was kept
+    cpus = f"{m['cpu_count']} CPUs" + (f", {usable} usable" if usable != m["cpu_count"] else "")
     lines = [
-        f"segsweep bench, {report.date}, {report.machine.get('gpu') or report.machine['cpu']} "
-        f"({report.machine['cpu_count']} CPUs), torch {report.machine['torch']}",
+        f"segsweep bench, {report.date}, {m.get('gpu') or m['cpu']} ({cpus}), torch {m['torch']}",
         f"{'row':<34}{'value':>12} {'unit':<16}{'vs':>10}{'target':>16}  ok",
     ]
     for r in report.rows:

@@ -14,6 +14,7 @@ the exact same run.
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import time
@@ -61,6 +62,54 @@ class Numerics:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def cpu_quota(quota_and_period: str) -> int | None:
+    """Whole CPUs a cgroup's CPU quota grants, as cgroup v2's ``cpu.max`` writes it
+    ("150000 100000": 1.5 CPUs, so 1; at least 1), or None for no limit ("max 100000"; v1's
+    ``cfs_quota_us`` says -1)."""
+    quota, period = quota_and_period.split()[:2]
+    return None if quota in ("max", "-1") else max(1, int(quota) // int(period))
+
+
+def cgroup_quotas(
+    membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")
+) -> Iterator[int | None]:
+    """The CPU quota of this process's cgroup and of each one above it (v2, or v1's ``cpu``
+    controller); unreadable ones are skipped. A container without its own cgroup namespace
+    sees the host's path of its group: the walk up reaches the container's own root."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:  # not Linux
+        return
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":  # v2: hierarchy-id 0, no controller named
+            root, files = mount, ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            root, files = mount / "cpu", ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        folder = root / group.strip().lstrip("/")
+        for part in (folder, *folder.parents):
+            try:
+                yield cpu_quota(" ".join((part / f).read_text().strip() for f in files))
+            except (OSError, ValueError, IndexError):
+                pass
+            if part == root:
+                break
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity (``taskset``, a Slurm job, a container's
+    cpuset), capped by its cgroups' CPU quota (``docker --cpus``, Kubernetes limits).
+    ``os.cpu_count()`` counts the host's: a local sweep on a 4-CPU job on a 64-core node
+    would start 64 trials at once."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return min([cpus, *(q for q in cgroup_quotas() if q is not None)])
 
 
 def numerics_for(cfg: RunConfig) -> Numerics:

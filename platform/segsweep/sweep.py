@@ -684,9 +684,11 @@ def _ray_init(address: str | None, plan: Plan) -> None:
     else:
         import torch
 
+        from segsweep.engine import usable_cpus
+
         ray.init(
             address="local",  # a fresh instance, never some cluster left running on this machine
-            num_cpus=os.cpu_count() or 1,
+            num_cpus=usable_cpus(),  # a job's or container's share, not the host's cores
             num_gpus=torch.cuda.device_count(),
             include_dashboard=False,
             **kwargs,
