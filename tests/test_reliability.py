@@ -99,6 +99,9 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(tmp_path: Pat
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     assert target.stat().st_mode == plain.stat().st_mode
+    # ... but a file that may hold a password is the user's alone, replacing a readable one
+    write_atomic(target, '{"sets": ["a=http://u:pw@host"]}', private=True)
+    assert target.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_run_removes_the_temporary_a_killed_save_left_and_keeps_its_checkpoints(

@@ -156,6 +156,8 @@ def children(uri: str, experiment: str) -> tuple[object, list]:
 
 def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path) -> None:
     path = write_spec(tmp_path, tiny_spec("tiny", final={"seeds": [1, 2]}))
+    with path.open("a") as spec_file:  # a password in the spec's text (optuna_storage, say)
+        spec_file.write("# was: postgresql://bob:hunter2@db:5432/optuna\n")
     proc = segsweep("sweep", str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Configuration for experiment" not in proc.stdout  # no raw Ray tables
@@ -194,6 +196,10 @@ def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path
     assert parent.data.metrics["trials/finished"] + parent.data.metrics.get("trials/stopped_early", 0) == 14
     files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"sweep.yaml", "best_per_cell.csv"} <= files
+    logged = Path(client.download_artifacts(parent.info.run_id, "sweep.yaml", str(tmp_path))).read_text()
+    for text in (logged, (tmp_path / "sweeps/tiny/spec.yaml").read_text()):  # the copies keep no password
+        assert "postgresql://bob:***@db:5432/optuna" in text and "hunter2" not in text
+    assert (tmp_path / "sweeps/tiny/sweep.json").stat().st_mode & 0o777 == 0o600  # its --set as given
     # one Optuna study per searched cell, with its trials
     from segsweep.studies import counts
 

@@ -40,7 +40,9 @@ def _typed_path(value: object) -> object:
 UserPath = Annotated[Path, BeforeValidator(_typed_path)]
 
 
-def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]) -> Path:
+def write_atomic(
+    path: Path, content: str | bytes | Callable[[BinaryIO], object], *, private: bool = False
+) -> Path:
     """Write ``content`` (text as UTF-8, bytes, or a function that writes to a binary file) to
     a temporary beside ``path``, then rename it over ``path`` (atomic on one file system).
 
@@ -49,13 +51,19 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
     each renamed file is whole. On any error the temporary is removed and ``path`` is left
     as it was. The data reach the disk before the rename (fsync), so a power loss does not
     leave an empty file under the new name either. Permissions follow the umask, like any
-    other file the user writes. A process killed mid-write (SIGKILL) leaves its temporary:
-    a folder's one writer removes them with ``remove_leftovers``.
+    other file the user writes; ``private``: readable by the user alone from its creation on
+    (a file that may hold a password). A process killed mid-write (SIGKILL) leaves its
+    temporary: a folder's one writer removes them with ``remove_leftovers``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    mode = 0o600 if private else 0o666  # then less the umask, as open() does
+
+    def opener(name: str, flags: int) -> int:
+        return os.open(name, flags, mode)
+
     try:
-        with open(tmp, "xb") as fh:
+        with open(tmp, "xb", opener=opener) as fh:
             if callable(content):
                 content(fh)
             else:

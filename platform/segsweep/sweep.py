@@ -1039,7 +1039,10 @@ def _run_sweep(
                 "segsweep.optuna_storage": redact(storage_url),
             },
         )
-    write_atomic(sweep_dir / "spec.yaml", plan.spec_text)
+    # The spec as run, a password in any URI hidden (optuna_storage: postgresql://user:pw@...):
+    # the copy beside the sweep and the one logged, which every user of the store may read.
+    spec_text = redact(plan.spec_text)
+    write_atomic(sweep_dir / "spec.yaml", spec_text)
     if not parent.resumed:
         parent.log_params(
             {
@@ -1051,7 +1054,7 @@ def _run_sweep(
                 **{f"grid.{k}": v for k, v in spec.grid.items()},
             }
         )
-        parent.log_text(plan.spec_text, "sweep.yaml")
+        parent.log_text(spec_text, "sweep.yaml")
     write_atomic(
         state_file,
         json.dumps(
@@ -1069,6 +1072,7 @@ def _run_sweep(
             },
             indent=2,
         ),
+        private=True,  # the --set as given, which a resume reuses: a password stays in it
     )
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume loses at most ~2 s of scheduling
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our live view instead of Ray's tables
