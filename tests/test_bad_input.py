@@ -438,6 +438,21 @@ def test_a_sweep_refuses_a_ray_address_nobody_answers_on(
     assert files_in(tmp_path) == {"unreachable.yaml"}
 
 
+def test_a_local_sweep_asking_more_cpus_per_trial_than_it_may_use_is_refused_before_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from segsweep.engine import usable_cpus
+
+    monkeypatch.chdir(tmp_path)
+    path = write_spec(tmp_path, tiny_spec("greedy", resources={"cpus_per_trial": usable_cpus() + 1}))
+    one_error(
+        capsys,
+        main(["sweep", str(path)]),
+        f"resources.cpus_per_trial: {usable_cpus() + 1} CPUs per trial, but this process may use {usable_cpus()}",
+    )
+    assert files_in(tmp_path) == {"greedy.yaml"}
+
+
 def test_a_sweep_whose_store_is_a_folder_leaves_no_sweep_folder(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adir.db").mkdir()

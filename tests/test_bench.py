@@ -56,9 +56,19 @@ def test_steady_state_ignores_the_start_up_before_the_first_trial_ends() -> None
 
 
 def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
-    report = run_bench(
-        quick=True, methods=["supervised", "fixmatch"], sweep=False, echo=lambda _m: None, peak_tflops=1.0
-    )
+    import gc
+
+    # Python's collector runs in whichever thread allocates when it is due: late in a test
+    # session one full collection can take a second, and landing in the tracker's writer it
+    # counts as the writer's CPU (bounded below). Not here: the bench runs without it.
+    gc.collect()
+    gc.disable()
+    try:
+        report = run_bench(
+            quick=True, methods=["supervised", "fixmatch"], sweep=False, echo=lambda _m: None, peak_tflops=1.0
+        )
+    finally:
+        gc.enable()
     rows = {r.name: r for r in report.rows}
     for name in (
         "step/bare",
@@ -101,10 +111,7 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     track = rows["overhead/tracking"]
     assert track.ratio == pytest.approx(1 + track.value) and track.passed == (track.value <= 0.02)
     assert rows["overhead/tracking_open_close"].value > 0  # an MLflow run costs something to open
-    # The writer's CPU per training second: about 0.2 here, but a full collection of Python's
-    # garbage that lands in the writer thread counts too (up to a second late in a test
-    # session, over a quick run of about a second), hence the loose bound on a share.
-    assert 0 < rows["overhead/tracking_writer_cpu"].value < 5
+    assert 0 < rows["overhead/tracking_writer_cpu"].value < 1  # the writer's CPU, per training second
     # one pair (quick): the noise-free row adds the training thread's share and the writer's
     thread, writer = (
         rows["overhead/tracking_training_thread"].value,

@@ -197,3 +197,9 @@ def test_a_run_never_logs_or_prints_the_password_in_its_tracking_uri(
     assert cluster.admin_password not in logged and "admin:***@" in run.data.params["tracking.uri"]
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert cluster.admin_password not in Path(config).read_text()
+    # nor the checkpoints, the run folder's and the logged ones (each holds the run's config)
+    client.download_artifacts(run.info.run_id, "checkpoints", str(tmp_path / "logged"))
+    saved = list(tmp_path.rglob("*.pt"))
+    owners = {p.parent.parent.name for p in saved}
+    assert "logged" in owners and len(owners) == 2, saved  # the logged copies and the run's own
+    assert not [p for p in saved if cluster.admin_password.encode() in p.read_bytes()]

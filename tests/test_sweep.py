@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -314,10 +315,12 @@ def _start_then_signal(
     return path, uri, _children_now(uri, "killed"), driver
 
 
-def _resume_and_count(path: Path, uri: str, before: list, tmp_path: Path, steps: int = 10) -> None:
+def _resume_and_count(
+    path: Path, uri: str, before: list, tmp_path: Path, steps: int = 10, env: dict | None = None
+) -> None:
     """--resume completes the sweep: every trial once, none re-run, none left RUNNING."""
     finished_before = {k.info.run_id: k.info.end_time for k in before if k.info.status == "FINISHED"}
-    proc = segsweep("sweep", str(path), "--resume", cwd=tmp_path)
+    proc = segsweep("sweep", str(path), "--resume", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"note: resuming with the --set it was started with: train.steps={steps}" in proc.stdout
     parent, kids = children(uri, "killed")
@@ -339,7 +342,25 @@ def _resume_and_count(path: Path, uri: str, before: list, tmp_path: Path, steps:
 def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path, moment: str) -> None:
     path, uri, before, _ = _start_then_signal(tmp_path, KILL_WHEN[moment], "SIGKILL")
     assert KILL_WHEN[moment](before) or moment == "mid_sweep"
-    _resume_and_count(path, uri, before, tmp_path)
+    if moment != "mid_sweep":
+        _resume_and_count(path, uri, before, tmp_path)
+        return
+    # Mid-sweep, the Optuna database is moved and named by SEGSWEEP_OPTUNA_STORAGE (as a
+    # changed password would be): the resumed search must use it, not the storage Ray pickled
+    # when the sweep started.
+    old = tmp_path / "sweeps/killed/optuna.db"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for part in old.parent.glob("optuna.db*"):  # with its journal, if the kill left one
+        part.rename(moved / part.name)
+    storage = f"sqlite:///{moved / 'optuna.db'}"
+    _resume_and_count(path, uri, before, tmp_path, env={"SEGSWEEP_OPTUNA_STORAGE": storage})
+    assert not old.exists()
+    from segsweep.studies import counts
+
+    studies = counts(storage)
+    assert len(studies) == 2 and all(n >= 3 for n in studies.values()), studies  # num_samples each
+    assert stat.S_IMODE((tmp_path / "sweeps/killed/ray").stat().st_mode) == 0o700  # Ray's pickles
 
 
 def _mid_sweep_with_a_trial_running(kids: list) -> bool:

@@ -514,6 +514,9 @@ def test_the_cpus_a_process_may_use_are_its_affinity_and_its_quota(tmp_path: Pat
     assert cpu_quota("max 100000\n") is None and cpu_quota("-1 100000") is None  # no limit
     assert cpu_quota("400000 100000") == 4 and cpu_quota("150000 100000") == 1  # docker --cpus=1.5
     assert cpu_quota("5000 100000") == 1  # a twentieth of a CPU still runs one trial
+    for odd in ("", "200000 0", "1.5 100000", "x y"):
+        with pytest.raises(ValueError):
+            cpu_quota(odd)
     # cgroup v2: the job's quota holds for its step, which has none of its own
     (tmp_path / "v2/job/step").mkdir(parents=True)
     (tmp_path / "v2/job/step/cpu.max").write_text("max 100000\n")
@@ -527,10 +530,25 @@ def test_the_cpus_a_process_may_use_are_its_affinity_and_its_quota(tmp_path: Pat
     (tmp_path / "v1/cpu/cpu.cfs_period_us").write_text("100000\n")
     (tmp_path / "v1.cgroup").write_text("5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
     assert list(cgroup_quotas(tmp_path / "v1.cgroup", tmp_path / "v1")) == [1]
-    cpus = os.sched_getaffinity(0)
-    assert usable_cpus() <= len(cpus)
+    # ... mounted under its joint name only; and lines no kernel writes are passed over
+    (tmp_path / "v1/cpu").rename(tmp_path / "v1/cpu,cpuacct")
+    (tmp_path / "v1/cpu,cpuacct/cpu.cfs_period_us").write_text("0\n")  # not a quota
+    (tmp_path / "v1/cpu,cpuacct/docker").mkdir()
+    (tmp_path / "v1/cpu,cpuacct/docker/cpu.cfs_quota_us").write_text("200000\n")
+    (tmp_path / "v1/cpu,cpuacct/docker/cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "v1.cgroup").write_text("garbage\n\n4:cpu,cpuacct:/docker/abc\n")
+    assert list(cgroup_quotas(tmp_path / "v1.cgroup", tmp_path / "v1")) == [2]
+    import torch
+
+    from segsweep.config import validate_run_config
+    from segsweep.engine import numerics_for
+
+    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
     os.sched_setaffinity(0, {min(cpus)})  # taskset -c 0, a one-CPU Slurm job
     try:
         assert usable_cpus() == 1
+        numerics_for(validate_run_config({}, "run"))  # a run's training threads: its share too
+        assert torch.get_num_threads() == 1
     finally:
         os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads)

@@ -348,11 +348,18 @@ def load_run_config(path: Path | None, overrides: list[str] | None = None) -> Ru
     return validate_run_config(tree, str(path) if path is not None else "config")
 
 
-def dump_yaml(cfg: BaseModel) -> str:
-    """The config as YAML, a password inside ``tracking.uri`` hidden (it is saved and logged)."""
+def public_tree(cfg: BaseModel) -> dict[str, Any]:
+    """The config as plain data, a password inside ``tracking.uri`` hidden: what is saved
+    (config.yaml, checkpoints) and logged (a checkpoint is an artifact every user of the store
+    may read)."""
     from segsweep.tracking import redact
 
     tree = cfg.model_dump(mode="json")
     if isinstance(tree.get("tracking"), dict) and tree["tracking"].get("uri"):
         tree["tracking"]["uri"] = redact(tree["tracking"]["uri"])
-    return yaml.safe_dump(tree, sort_keys=False)
+    return tree
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    """The config as YAML, a password inside ``tracking.uri`` hidden (``public_tree``)."""
+    return yaml.safe_dump(public_tree(cfg), sort_keys=False)

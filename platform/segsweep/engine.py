@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from segsweep.config import RunConfig
+from segsweep.config import RunConfig, public_tree
 from segsweep.data import Data
 from segsweep.data.loaders import eval_loader, hash_seed, stream_loader, to_model
 from segsweep.data.sources import Sample
@@ -67,34 +67,45 @@ class Numerics:
 def cpu_quota(quota_and_period: str) -> int | None:
     """Whole CPUs a cgroup's CPU quota grants, as cgroup v2's ``cpu.max`` writes it
     ("150000 100000": 1.5 CPUs, so 1; at least 1), or None for no limit ("max 100000"; v1's
-    ``cfs_quota_us`` says -1)."""
-    quota, period = quota_and_period.split()[:2]
-    return None if quota in ("max", "-1") else max(1, int(quota) // int(period))
+    ``cfs_quota_us`` says -1). ValueError for anything else."""
+    quota, period = [*quota_and_period.split(), "", ""][:2]
+    if quota in ("max", "-1"):
+        return None
+    if not (quota.isdigit() and period.isdigit() and int(period) > 0):
+        raise ValueError(f"not a CPU quota: {quota_and_period!r}")
+    return max(1, int(quota) // int(period))
 
 
 def cgroup_quotas(
     membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")
 ) -> Iterator[int | None]:
     """The CPU quota of this process's cgroup and of each one above it (v2, or v1's ``cpu``
-    controller); unreadable ones are skipped. A container without its own cgroup namespace
-    sees the host's path of its group: the walk up reaches the container's own root."""
+    controller, mounted as ``cpu`` or ``cpu,cpuacct``); unreadable ones are skipped. A
+    container without its own cgroup namespace sees the host's path of its group: the walk
+    up reaches the container's own root."""
     try:
-        lines = membership.read_text().splitlines()
+        lines = membership.read_text(errors="replace").splitlines()
     except OSError:  # not Linux
         return
     for line in lines:
-        _, controllers, group = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, group = fields
         if controllers == "":  # v2: hierarchy-id 0, no controller named
-            root, files = mount, ("cpu.max",)
+            roots, files = [mount], ("cpu.max",)
         elif "cpu" in controllers.split(","):
-            root, files = mount / "cpu", ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+            roots, files = [mount / "cpu", mount / controllers], ("cpu.cfs_quota_us", "cpu.cfs_period_us")
         else:
+            continue
+        root = next((r for r in roots if r.is_dir()), None)
+        if root is None:
             continue
         folder = root / group.strip().lstrip("/")
         for part in (folder, *folder.parents):
             try:
                 yield cpu_quota(" ".join((part / f).read_text().strip() for f in files))
-            except (OSError, ValueError, IndexError):
+            except (OSError, ValueError):
                 pass
             if part == root:
                 break
@@ -132,6 +143,10 @@ def numerics_for(cfg: RunConfig) -> Numerics:
     else:
         amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
     channels_last = t.channels_last if t.channels_last is not None else device.type == "cuda"
+    # torch counts the CPUs of its affinity, not its cgroup's quota: in a container held to 2
+    # CPUs on a 64-core host it would run 64 threads on 2 CPUs' time. (A sweep trial has
+    # already set its share, which is smaller.)
+    torch.set_num_threads(min(torch.get_num_threads(), usable_cpus()))
     workers = cfg.data.num_workers
     if workers is None:
         # A sweep trial's torch threads are its CPU share (sweep.py sets them), so packed
@@ -497,7 +512,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "progress": self.progress.__dict__,
                 "rng": rng_state(self.numerics.device),
-                "config": self.cfg.model_dump(mode="json"),
+                "config": public_tree(self.cfg),
                 "run_id": self.tracker.run_id,
             },
             path,
@@ -515,7 +530,7 @@ class Trainer:
             {
                 "method": self.method.state_dict(),
                 "stage": stage.name,
-                "config": self.cfg.model_dump(mode="json"),
+                "config": public_tree(self.cfg),
             },
             path,
         )

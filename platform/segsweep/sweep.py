@@ -686,9 +686,15 @@ def _ray_init(address: str | None, plan: Plan) -> None:
 
         from segsweep.engine import usable_cpus
 
+        cpus = usable_cpus()  # a job's or container's share, not the host's cores
+        if plan.spec.resources.cpus_per_trial > cpus:  # said before Ray takes seconds to start
+            raise ConfigError(
+                f"resources.cpus_per_trial: {plan.spec.resources.cpus_per_trial:g} CPUs per trial, but "
+                f"this process may use {cpus} (its CPU affinity and quota)"
+            )
         ray.init(
             address="local",  # a fresh instance, never some cluster left running on this machine
-            num_cpus=usable_cpus(),  # a job's or container's share, not the host's cores
+            num_cpus=cpus,
             num_gpus=torch.cuda.device_count(),
             include_dashboard=False,
             **kwargs,
@@ -741,8 +747,14 @@ def _tuner(
     path = os.path.join(storage, phase)
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space)
-        # Callbacks hold driver objects: hand the fresh ones to the restored experiment.
+        # Callbacks hold driver objects: hand the fresh ones to the restored experiment. So
+        # does the searcher: the pickled one was made when the sweep started (its state, the
+        # trials it handed out, is restored from its own checkpoint when the fit starts), and
+        # it would open the Optuna storage as it was named then (a password changed since, a
+        # database moved to SEGSWEEP_OPTUNA_STORAGE).
         tuner._local_tuner._run_config.callbacks = [callback]
+        if search_alg is not None:
+            tuner._local_tuner._tune_config.search_alg = search_alg
         return tuner
     es = plan.spec.early_stop
     return tune.Tuner(
@@ -1090,7 +1102,11 @@ def _run_sweep(
         key_prefix,
     )
     es = spec.early_stop
+    # Ray pickles the searcher, the schedulers and the trials' configs in here (tuner.pkl,
+    # its experiment state): a store's password in a URI among them. The user's alone.
     storage = str(sweep_dir / "ray")
+    os.makedirs(storage, mode=0o700, exist_ok=True)
+    os.chmod(storage, 0o700)  # and a folder an earlier version made readable
     concurrency = _concurrency(plan)
     # Ray lets a custom searcher keep one trial pending; cells should start side by side.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(concurrency))
