@@ -207,6 +207,8 @@ def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     current: list[int] = []  # below torch.cuda.set_device: its own argument checks run
     monkeypatch.setattr(torch._C, "_cuda_setDevice", current.append)
+    # and a machine with the cores of a GPU node (a run's threads are capped by its CPUs)
+    monkeypatch.setattr("segsweep.engine.usable_cpus", lambda: 64)
 
     def workers(**data: object) -> int:
         device = data.pop("device", "cpu")
