@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
 from segsweep.tracking import NullTracker
+
+
+@contextlib.contextmanager
+def without_collector() -> Iterator[None]:
+    """Python's garbage collector off for the block. It runs in whichever thread allocates
+    when it is due: late in a test session one full collection of the process's heap can take
+    a second, and landing in the tracker's writer thread it counts (rightly) as the writer's
+    CPU. CI measured 1.0 s so, where the writer's own work costs about 0.01 s."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@contextlib.contextmanager
+def pinned_to_one_cpu() -> Iterator[None]:
+    """This thread, and the processes it starts meanwhile, on one CPU (``taskset -c 0``, a
+    one-CPU Slurm job); its affinity as it was afterwards."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def segsweep(

@@ -24,7 +24,7 @@ from segsweep.engine import numerics_for
 from segsweep.errors import ConfigError
 from segsweep.runner import prepare
 
-from .helpers import segsweep
+from .helpers import segsweep, without_collector
 
 
 def test_ratio_arithmetic() -> None:
@@ -56,19 +56,10 @@ def test_steady_state_ignores_the_start_up_before_the_first_trial_ends() -> None
 
 
 def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
-    import gc
-
-    # Python's collector runs in whichever thread allocates when it is due: late in a test
-    # session one full collection can take a second, and landing in the tracker's writer it
-    # counts as the writer's CPU (bounded below). Not here: the bench runs without it.
-    gc.collect()
-    gc.disable()
-    try:
+    with without_collector():  # its CPU would count as the writer's (bounded below)
         report = run_bench(
             quick=True, methods=["supervised", "fixmatch"], sweep=False, echo=lambda _m: None, peak_tflops=1.0
         )
-    finally:
-        gc.enable()
     rows = {r.name: r for r in report.rows}
     for name in (
         "step/bare",

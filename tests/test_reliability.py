@@ -20,7 +20,7 @@ from segsweep.tracking import RunTracker, redact, safe_params
 
 from .conftest import tiny_tree
 from .fixtures import write_folder
-from .helpers import assert_user_error, runs_in, segsweep, write_config
+from .helpers import assert_user_error, runs_in, segsweep, without_collector, write_config
 from .writer_process import write_metrics
 
 # -- divergence -------------------------------------------------------------------------------
@@ -745,25 +745,15 @@ def test_a_race_on_one_tag_is_retried_but_a_rejected_request_is_not() -> None:
 def test_the_tracker_counts_its_writer_threads_cpu(tmp_path: Path) -> None:
     """``writer_cpu_s``: CPU seconds of the writer thread alone (the bench's measure of what
     tracking costs the machine); the producer's own work is not in it."""
-    import gc
-
     tracker = RunTracker(f"sqlite:///{tmp_path}/mlflow.db", "cpu", run_name="cpu")
     assert tracker.writer_cpu_s == 0.0
-    # Python's collector runs in whichever thread allocates when it is due: late in a full
-    # test session one full collection of the process's heap can take a second, and landing
-    # in the writer it is (rightly) counted as the writer's CPU. CI saw 1.0 s so; without the
-    # collector the writer's 20 metrics and its end cost about 0.01 s.
-    gc.collect()
-    gc.disable()
-    try:
+    with without_collector():  # its CPU would count as the writer's
         busy_until = time.thread_time() + 0.5
         while time.thread_time() < busy_until:  # the caller's CPU, which must not be counted
             pass
         for step in range(20):
             tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)
         tracker.finish()
-    finally:
-        gc.enable()
     assert 0 < tracker.writer_cpu_s < 0.5
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import assert_user_error, runs_in, segsweep, tiny_spec, write_spec
+from .helpers import assert_user_error, pinned_to_one_cpu, runs_in, segsweep, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -122,12 +122,8 @@ def test_a_worker_is_reused_after_a_trial_slow_to_close(tmp_path: Path) -> None:
     plan = SimpleNamespace(
         spec=SimpleNamespace(resources=SimpleNamespace(gpus_per_trial=0, cpus_per_trial=1))
     )
-    cpus = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cpus)})  # this thread, and the Ray processes it starts
-    try:
+    with pinned_to_one_cpu():  # and so the Ray processes it starts
         _ray_init(None, plan)  # type: ignore[arg-type]
-    finally:
-        os.sched_setaffinity(0, cpus)
     try:
         assert ray.cluster_resources()["CPU"] == 1
         tuner = tune.Tuner(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import yaml
 from segsweep.errors import ConfigError
 from segsweep.sweepspec import plan_sweep
 
-from .helpers import assert_user_error, segsweep
+from .helpers import assert_user_error, pinned_to_one_cpu, segsweep
 
 BASE = {"data": {"synthetic": {"num_train": 96, "num_val": 16}, "tune_size": 8}, "train": {"steps": 6}}
 
@@ -543,12 +542,11 @@ def test_the_cpus_a_process_may_use_are_its_affinity_and_its_quota(tmp_path: Pat
     from segsweep.config import validate_run_config
     from segsweep.engine import numerics_for
 
-    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    os.sched_setaffinity(0, {min(cpus)})  # taskset -c 0, a one-CPU Slurm job
+    threads = torch.get_num_threads()
     try:
-        assert usable_cpus() == 1
-        numerics_for(validate_run_config({}, "run"))  # a run's training threads: its share too
-        assert torch.get_num_threads() == 1
+        with pinned_to_one_cpu():
+            assert usable_cpus() == 1
+            numerics_for(validate_run_config({}, "run"))  # a run's training threads: its share too
+            assert torch.get_num_threads() == 1
     finally:
-        os.sched_setaffinity(0, cpus)
         torch.set_num_threads(threads)
