@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export RAY_DEDUP_LOGS ?= 0
 export PYTHONWARNINGS ?= ignore
 
-.PHONY: install demo test test-fast test-cluster lint dashboard clean browser postgres lock bench-gpu
+.PHONY: install demo test test-fast test-cluster lint dashboard clean browser postgres lock bench-gpu gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -61,6 +61,23 @@ bench-gpu: install
 	  --set train.steps=100 --json docs/bench-gpu.json
 	$(VENV)/bin/segsweep bench --only step,data,flops,gpu --methods supervised,fixmatch \
 	  --peak-tflops $(PEAK_TFLOPS) $(DLV3) --json docs/bench-gpu-dlv3.json
+
+# The whole GPU kit in one call (a lent device: run(command="make gpu-check", carry=[".venv"])):
+# the CUDA-only tests, 50 steps of voc_classic (321 px) and cityscapes (801 px) with ResNet-101
+# on generated images of the real sizes (img/s, peak memory, hours per trial), the bench's GPU
+# rows. Results in gpu-out/ (OUT=...): gpu-costs.csv rows go to platform/segsweep/reference/.
+gpu-check: install
+	OUT=$(abspath $(or $(OUT),gpu-out)) PY=$(PY) bash .device/gpu-check.sh
+
+# The device machine's image has PyTorch, timm and Python 3.12 but not these, and reaches no
+# index: fetch them here as wheels, then run(command="bash .device/gpu-check.sh",
+# carry=[".device/wheels"]) installs them there (gpu-check.sh, when PY is unset).
+GPU_WHEELS := segmentation_models_pytorch==0.6.0 pydantic==2.14.3 pydantic_core==2.50.4 \
+	annotated-types==0.8.0 typing-inspection==0.4.5
+gpu-wheels: install
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .device/wheels $(GPU_WHEELS)
 
 lint: install
 	$(VENV)/bin/ruff check platform tests

@@ -57,4 +57,5 @@ def tiny(cache_dir: Path, tmp_path: Path):
     return make
 
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "unimatch-splits"
+#: The published split lists, as shipped with segsweep (copied from shared/reference).
+SHARED = Path(__file__).resolve().parents[1] / "platform" / "segsweep" / "reference" / "splits" / "unimatch"

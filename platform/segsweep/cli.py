@@ -143,6 +143,7 @@ def _run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         named = "--tracking-uri" if args.tracking_uri else "tracking.uri"
         existing_store(cfg.tracking.uri, must_exist=False, what=uri_origin((cfg.tracking.uri, named))[1])
     prepared = prepare(cfg, echo)
+    cfg = prepared.cfg  # train.epochs resolved to steps
     if resume_ckpt is not None:
         # Read and applied before its MLflow run is touched: a corrupt or foreign checkpoint
         # is a one-line error that leaves the run (and its status) as it was.
@@ -343,29 +344,54 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from segsweep.config import load_run_config
-    from segsweep.data import build_data
+    from segsweep.config import load_run_config, read_yaml
+    from segsweep.data import Data, build_data
     from segsweep.data.check import missing_files, missing_problem, verify
+    from segsweep.data.splits import Split
     from segsweep.engine import build_method
     from segsweep.runner import require_images_for
 
-    cfg = load_run_config(Path(args.config) if args.config else None, list(args.set or []))
-    data = build_data(cfg.data)
-    # The split must hold what the method trains on, as a run requires (its stages say what).
-    require_images_for(cfg, data, build_method(cfg, data.source.num_classes).stages(cfg.train.steps))
-    missing = missing_files(data)
-    count, problems = verify(data)
+    path, sets = (Path(args.config) if args.config else None), list(args.set or [])
+    if path is not None and "grid" in read_yaml(path):  # a sweep spec: every split its cells name
+        from segsweep.sweepspec import plan_sweep, run_config_of
+
+        configs = [run_config_of(cell, {}) for cell in plan_sweep(path, sets).cells]
+    else:
+        configs = [load_run_config(path, sets)]
+    checked: dict[str, Data] = {}
+    for cfg in configs:
+        key = cfg.data.model_dump_json(exclude={"crop_size", "augment", "num_workers", "verify"})
+        if key in checked:
+            continue
+        data = checked[key] = build_data(cfg.data)
+        # The split must hold what the method trains on, as a run requires (its stages say what;
+        # the method is built without pretrained weights, which a data check does not need).
+        bare = cfg.model_copy(update={"model": cfg.model.model_copy(update={"encoder_weights": None})})
+        require_images_for(cfg, data, build_method(bare, data.source.num_classes).stages(cfg.train.steps))
+        s = data.split
+        print(
+            f"{cfg.data.name} at {data.source.root}: {len(s.labeled)} labeled, {len(s.unlabeled)} unlabeled, "
+            f"{len(s.tune)} tuning, {len(data.source.val)} validation images ({s.family})"
+        )
+    # Every file once, whatever number of lists name it (a mask is read where any list needs it;
+    # the cells of a spec share one dataset root).
+    first = next(iter(checked.values()))
+    with_mask, without = {}, {}
+    for data in checked.values():
+        for sample in data.split.labeled + data.split.tune + data.source.val:
+            with_mask[sample.name] = sample
+        for sample in data.split.unlabeled:
+            without[sample.name] = sample
+    union = Split(list(with_mask.values()), [x for k, x in without.items() if k not in with_mask], [], "")
+    every = Data(first.source, union, first.aug) if len(checked) > 1 else first
+    missing = missing_files(every)
+    count, problems = verify(every)
     # A missing file also fails to decode: name it once, as missing.
     gone = set(missing)
     problems = list(
         dict.fromkeys(
             [missing_problem(m) for m in missing] + [p for p in problems if p.split(": ")[0] not in gone]
         )
-    )
-    s = data.split
-    print(
-        f"{cfg.data.name} at {data.source.root}: {len(s.labeled)} labeled, {len(s.unlabeled)} unlabeled, "
-        f"{len(s.tune)} tuning, {len(data.source.val)} validation images ({s.family})"
     )
     for problem in problems[: args.max]:
         print(f"  {problem}")
@@ -374,6 +400,46 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         print(f"error: {len(problems)} problem(s) in {count} files checked{extra}", file=sys.stderr)
         return 2
     print(f"ok: {count} files read, every image and mask decodes, masks match their images and classes")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# segsweep weights
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    import itertools
+
+    from segsweep.config import load_run_config, read_yaml
+    from segsweep.weights import IMAGENET, fetch
+
+    path, sets = Path(args.config), list(args.set or [])
+    if "grid" in read_yaml(path):  # a sweep spec: every cell, every searched model.* value
+        from segsweep.sweepspec import plan_sweep, run_config_of
+
+        configs = []
+        for cell in plan_sweep(path, sets).cells:
+            space = {k: p.corner_values() for k, p in cell.space.items() if k.startswith("model.")}
+            for combo in itertools.product(*space.values()):
+                configs.append(run_config_of(cell, dict(zip(space, combo, strict=True))))
+    else:
+        configs = [load_run_config(path, sets)]
+    wanted: dict[Path | None, list[str]] = {}  # cache folder -> encoders, in the configs' order
+    for cfg in configs:
+        if cfg.model.encoder_weights == IMAGENET:
+            cache = Path(args.cache) if args.cache else cfg.model.weights_cache
+            names = wanted.setdefault(cache, [])
+            names += [cfg.model.encoder] * (cfg.model.encoder not in names)
+    if not wanted:
+        print(f"nothing to fetch: no model.encoder_weights: {IMAGENET} in {path}")
+        return 0
+    for cache, names in wanted.items():
+        if cache is not None:  # a folder that cannot be written: named now, not per encoder
+            require_writable_file(cache / ".segsweep-weights", "--cache")
+        print(f"fetching the {IMAGENET} weights of {len(names)} encoder(s)", flush=True)
+        fetch(names, cache, _echo(False))
+    if args.cache:
+        print(f"done: set model.weights_cache: {args.cache} where the runs read them")
     return 0
 
 
@@ -609,10 +675,30 @@ def build_parser() -> Parser:
         description="Read every image and mask a run of CONFIG would use (labeled, tuning, validation; "
         "unlabeled images) and report every missing, unreadable or inconsistent file.",
     )
-    p.add_argument("config", nargs="?", help="run config YAML (its data section is checked)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="run config YAML (its data section is checked), or a sweep spec (every split its cells name)",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--max", type=_int_in(1), default=50, help="problems to list (default 50)")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser(
+        "weights",
+        help="download the pretrained encoder weights a config or sweep spec needs",
+        description="Download the imagenet weights of every encoder with model.encoder_weights: "
+        "imagenet in CONFIG (a run config, or a sweep spec: all its cells) into the hub cache, "
+        "e.g. a folder a cluster's nodes share; the runs then read it with model.weights_cache.",
+    )
+    p.add_argument("config", metavar="CONFIG_OR_SPEC", help="run config or sweep spec YAML")
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="cache folder (Hugging Face hub layout; default: model.weights_cache, else the hub's own)",
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser(
         "bench",

@@ -58,12 +58,20 @@ class AugmentConfig(Section):
     blur_sigma_max: float | None = Field(
         None, gt=0, description="None: UniMatch's 2.0 px at 321 px crops, scaled to crop_size"
     )
+    blur_sigma_min: float | None = Field(
+        None,
+        gt=0,
+        description="smallest blur sigma, px; None: 0.05 x blur_sigma_max (UniMatch: 0.1 at any crop)",
+    )
     cutmix_prob: float = Field(0.5, ge=0, le=1, description="chance that a strong view gets a box")
 
     @model_validator(mode="after")
     def _scale_order(self) -> AugmentConfig:
         if self.scale_min > self.scale_max:
             raise ValueError("scale_min must not exceed scale_max")
+        if self.blur_sigma_min is not None and self.blur_sigma_max is not None:
+            if self.blur_sigma_min > self.blur_sigma_max:
+                raise ValueError("blur_sigma_min must not exceed blur_sigma_max")
         return self
 
 
@@ -88,7 +96,9 @@ class DataConfig(Section):
         64,
         ge=32,
         le=2048,
-        description="square training crop, px (2048: beyond every supported dataset's images)",
+        description="square training crop, px, any size (321, 513, 801 as published); the model "
+        "pads its input to a multiple of 32 and crops its output back (2048: beyond every "
+        "supported dataset's images)",
     )
     num_workers: int | None = Field(
         None,
@@ -100,13 +110,6 @@ class DataConfig(Section):
     verify: bool = Field(False, description="decode every image and mask before training starts")
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
-
-    @field_validator("crop_size")
-    @classmethod
-    def _multiple_of_32(cls, v: int) -> int:
-        if v % 32:
-            raise ValueError("must be a multiple of 32 (encoders downsample 32x)")
-        return v
 
     @model_validator(mode="after")
     def _blur_fits_the_crop(self) -> DataConfig:
@@ -124,15 +127,75 @@ class DataConfig(Section):
 class ModelConfig(Section):
     arch: Literal["deeplabv3plus", "unet", "fpn"] = "unet"
     encoder: str = "tu-mobilenetv3_small_050"
-    encoder_weights: UserPath | None = Field(
-        None, description="local encoder state_dict; weights are never downloaded"
+    encoder_weights: Literal["imagenet"] | UserPath | None = Field(
+        None,
+        description="None: random; 'imagenet': the weights smp or timm publish for the encoder, "
+        "through their own loader and cache (see weights_cache and `segsweep weights`); a path: "
+        "a local encoder state_dict, which must cover every encoder key",
+    )
+    weights_cache: UserPath | None = Field(
+        None,
+        description="folder of the pretrained weights' cache (Hugging Face hub layout), e.g. one "
+        "that every node of a cluster reads; None: the hub's own (HF_HUB_CACHE, ~/.cache/huggingface)",
     )
     decoder_channels: int | None = Field(64, ge=8, description="decoder width; None: smp's default")
+    output_stride: Literal[8, 16, 32] | None = Field(
+        None,
+        description="encoder output stride (8, 16: the last stages dilated); None: 16 for "
+        "deeplabv3plus, 32 otherwise (smp's defaults)",
+    )
+    aspp_rates: tuple[int, int, int] | None = Field(
+        None, description="DeepLabV3+ atrous rates; None: smp's (12, 24, 36); UniMatch: (6, 12, 18)"
+    )
+    aspp_dropout: float | None = Field(
+        None, ge=0, lt=1, description="DeepLabV3+ ASPP dropout; None: smp's 0.5; UniMatch's head: 0"
+    )
+    aspp_separable: bool | None = Field(
+        None, description="DeepLabV3+ ASPP with separable convolutions; None: smp's True; UniMatch: false"
+    )
+
+    @model_validator(mode="after")
+    def _head_options_fit_the_arch(self) -> ModelConfig:
+        if self.arch != "deeplabv3plus":
+            for name in ("aspp_rates", "aspp_dropout", "aspp_separable"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is a DeepLabV3+ setting; arch is {self.arch}")
+            if self.output_stride not in (None, 32):
+                raise ValueError(f"output_stride {self.output_stride} needs arch deeplabv3plus")
+        elif self.output_stride == 32:
+            raise ValueError("deeplabv3plus takes output_stride 8 or 16")
+        return self
 
 
 class TrainConfig(Section):
     steps: int = Field(300, ge=1, description="optimizer steps of the main training stage")
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="budget as UniMatch counts it, replacing steps: an epoch is one pass over the "
+        "unlabeled list (the labeled list repeated to its length), ceil(unlabeled / "
+        "unlabeled_batch_size) steps; without unlabeled images, one pass over the labeled list",
+    )
     batch_size: int = Field(16, ge=1, description="labeled images per step")
+    accumulate: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per step: each step's batch is split in this many parts, run "
+        "one after another and their gradients summed (loss / accumulate), so a batch that does "
+        "not fit one GPU keeps its size, learning rate and schedule; each part's loss is the mean "
+        "over its own pixels and batch norm sees one part at a time, as on one GPU of k under DDP",
+    )
+    loss: Literal["ce", "ohem"] = Field(
+        "ce",
+        description="supervised loss on labeled pixels: cross-entropy, or OHEM cross-entropy "
+        "(UniMatch on Cityscapes: the hardest pixels only)",
+    )
+    ohem_threshold: float = Field(
+        0.7, gt=0, le=1, description="OHEM keeps pixels whose target-class probability is below this"
+    )
+    ohem_min_kept: int = Field(
+        200_000, ge=1, description="OHEM keeps at least this many pixels per batch (the hardest)"
+    )
     unlabeled_batch_size: int | None = Field(None, ge=1, description="None: same as batch_size")
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(0.006, gt=0, le=10, description="learning rate at lr_reference_batch_size")
@@ -159,6 +222,16 @@ class TrainConfig(Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError(f"'{value}' is not a device; use auto, cpu, cuda or cuda:N")
         return value
+
+    @model_validator(mode="after")
+    def _batches_split_evenly(self) -> TrainConfig:
+        for name in ("batch_size", "unlabeled_batch_size"):
+            size = getattr(self, name)
+            if size is not None and size % self.accumulate:
+                raise ValueError(
+                    f"{name} {size} does not split into accumulate={self.accumulate} equal parts"
+                )
+        return self
 
     def scaled_lr(self) -> float:
         """The linear scaling rule (Goyal et al. 2017): lr grows with the labeled batch size."""

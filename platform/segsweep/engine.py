@@ -13,6 +13,7 @@ the exact same run.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from segsweep.config import RunConfig, public_tree
+from segsweep.config import RunConfig, TrainConfig, public_tree
 from segsweep.data import Data
 from segsweep.data.loaders import eval_loader, hash_seed, stream_loader, to_model
 from segsweep.data.sources import Sample
@@ -37,9 +38,17 @@ from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import ConfigError, Diverged, InjectedFailure, OutOfMemory, Stopped, first_line, one_line
 from segsweep.files import remove_leftovers, write_atomic
 from segsweep.methods import Method, Stage, get_method
-from segsweep.models import build_model
+from segsweep.models import HeadOptions, build_model
 from segsweep.panels import colour, compose, heat, image_tile
-from segsweep.primitives import IGNORE, class_map, confusion_matrix, poly_lr, scores_from_confusion
+from segsweep.primitives import (
+    IGNORE,
+    class_map,
+    confusion_matrix,
+    masked_cross_entropy,
+    ohem_cross_entropy,
+    poly_lr,
+    scores_from_confusion,
+)
 from segsweep.tracking import NullTracker, RunTracker
 
 #: Called at each evaluation with the metrics and the folder of the checkpoint just written
@@ -160,8 +169,31 @@ def build_method(cfg: RunConfig, num_classes: int) -> Method:
     the CPU: the trainer trains it, ``segsweep probe`` rebuilds a run's start with it."""
     seed_everything(cfg.seed)
     m = cfg.model
-    model = build_model(m.arch, m.encoder, num_classes, m.encoder_weights, m.decoder_channels)
-    return get_method(cfg.method)(model, cfg.knobs(), num_classes)
+    head = HeadOptions(m.output_stride, m.aspp_rates, m.aspp_dropout, m.aspp_separable)
+    model = build_model(
+        m.arch, m.encoder, num_classes, m.encoder_weights, m.decoder_channels, head, m.weights_cache
+    )
+    method = get_method(cfg.method)(model, cfg.knobs(), num_classes)
+    method.supervised_loss = supervised_loss_of(cfg.train)
+    method.crop_size = cfg.data.crop_size
+    return method
+
+
+def supervised_loss_of(t: TrainConfig) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss of labeled pixels that ``train.loss`` names (methods call it on their
+    labeled logits and masks)."""
+    if t.loss == "ohem":
+        return functools.partial(ohem_cross_entropy, threshold=t.ohem_threshold, min_kept=t.ohem_min_kept)
+    return masked_cross_entropy
+
+
+def micro_batches(batch: dict[str, Tensor], parts: int) -> list[dict[str, Tensor]]:
+    """``batch`` cut along its first dimension into ``parts`` batches (each key alike; the
+    config makes the batch sizes multiples of ``parts``)."""
+    if parts == 1:
+        return [batch]
+    pieces = {key: value.tensor_split(parts) for key, value in batch.items()}
+    return [{key: pieces[key][i] for key in batch} for i in range(parts)]
 
 
 def seed_everything(seed: int) -> None:
@@ -715,17 +747,27 @@ class Trainer:
             waited = time.perf_counter()
             batch = next_batch()
             self.timing.data_wait.append(time.perf_counter() - waited)
-            with self.numerics.autocast():
-                loss, logs = self.method.training_step(batch, step)
-            if cfg.debug.nan_at_step == step + 1 and last:
-                loss = loss * float("nan")
-                logs["loss"] = float("nan")
-            bad = next((k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)), None)
-            if bad is not None:
-                raise Diverged(step + 1, bad, logs[bad])
-
+            # One step's batch, in ``train.accumulate`` micro-batches: each one's loss is
+            # divided by their count and back-propagated before the next runs, so the summed
+            # gradient is that of the whole batch (exactly, where batch norm is frozen) and
+            # only one micro-batch's activations are held at a time.
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            parts = micro_batches(batch, t.accumulate)
+            logs = {}
+            for part in parts:
+                with self.numerics.autocast():
+                    loss, part_logs = self.method.training_step(part, step)
+                if cfg.debug.nan_at_step == step + 1 and last:
+                    loss = loss * float("nan")
+                    part_logs["loss"] = float("nan")
+                bad = next(
+                    (k for k, v in part_logs.items() if k.startswith("loss") and not math.isfinite(v)), None
+                )
+                if bad is not None:
+                    raise Diverged(step + 1, bad, part_logs[bad])
+                self.scaler.scale(loss / len(parts)).backward()
+                for k, v in part_logs.items():
+                    logs[k] = logs.get(k, 0.0) + v / len(parts)
             if t.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip)

@@ -1,7 +1,11 @@
-"""segmentation-models-pytorch architectures by name, never with downloaded weights.
+"""segmentation-models-pytorch architectures by name.
 
 ``SegModel`` wraps an smp model and exposes what methods need beyond logits: the encoder's
-feature pyramid and the decoder's feature map (``forward_features``).
+feature pyramid and the decoder's feature map (``forward_features``). It takes images of any
+size: the input is zero-padded (bottom and right) to a multiple of 32, the size every smp
+encoder and decoder needs, and the logits are cropped back, so a 321 px crop trains as
+UniMatch's does (its ResNet takes any size and resizes its output to the input). Pretrained
+encoder weights come through ``segsweep.weights``.
 """
 
 from __future__ import annotations
@@ -57,13 +61,15 @@ class SegModel(nn.Module):
         arch: str,
         encoder: str,
         num_classes: int,
-        encoder_weights: Path | None = None,
+        encoder_weights: Path | str | None = None,
         decoder_channels: int | None = None,
+        head: HeadOptions | None = None,
+        weights_cache: Path | None = None,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ConfigError(f"model.arch: unknown architecture '{arch}'; valid: {', '.join(ARCHS)}")
-        kwargs = _decoder_kwargs(arch, decoder_channels)
+        kwargs = {**_decoder_kwargs(arch, decoder_channels), **(head or HeadOptions()).kwargs(arch)}
         try:
             # encoder_weights=None: the platform never downloads weights.
             self.net = ARCHS[arch](encoder_name=encoder, encoder_weights=None, classes=num_classes, **kwargs)
@@ -75,10 +81,12 @@ class SegModel(nn.Module):
                 "'tu-<timm model>')"
             ) from None
         self.num_classes = num_classes
-        #: The file the encoder's weights came from (None: randomly initialised).
+        #: Where the encoder's weights came from: a file, "imagenet", or None (random).
         self.encoder_weights = encoder_weights
         if encoder_weights is not None:
-            self.load_encoder_weights(encoder_weights)
+            from segsweep.weights import load_encoder_weights
+
+            load_encoder_weights(self.net.encoder, encoder_weights, encoder, weights_cache)
 
     @property
     def encoder(self) -> nn.Module:
@@ -92,22 +100,14 @@ class SegModel(nn.Module):
     def decoder_channels(self) -> int:
         return int(self.net.segmentation_head[0].in_channels)
 
-    def load_encoder_weights(self, path: Path) -> None:
-        state = read_torch_file(path, f"model.encoder_weights: {path}")
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = self.net.encoder.load_state_dict(state, strict=False)
-        if len(missing) == len(list(self.net.encoder.state_dict())):
-            raise ConfigError(
-                f"model.encoder_weights: {path}: no key matches the encoder "
-                f"(first unexpected: {next(iter(unexpected), 'none')})"
-            )
-
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> logits (B, C, H, W)."""
         return self.forward_features(x).logits
 
     def forward_features(self, x: Tensor) -> Features:
-        enc = self.net.encoder(x)
+        """Features of ``x`` (B, 3, H, W), any H and W. The encoder and decoder maps are those
+        of the input zero-padded to a multiple of 32 (bottom, right); the logits are ``x``'s."""
+        enc = self.net.encoder(pad_to_multiple(x, PAD_MULTIPLE))
         dec = self.net.decoder(enc)
         logits = self.head(dec, x.shape[-2:])
         return Features(encoder=enc, decoder=dec, logits=logits)
@@ -118,11 +118,46 @@ class SegModel(nn.Module):
         return self.head(self.net.decoder(encoder_features), size)
 
     def head(self, decoder_features: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-        """Decoder map (B, D, h, w) -> logits at ``size``: lets methods classify edited features."""
+        """Decoder map (B, D, h, w) of an input of ``size`` (padded as ``forward_features``
+        pads it) -> logits (B, C, *size): lets methods classify edited features."""
         logits = self.net.segmentation_head(decoder_features)
-        if logits.shape[-2:] != tuple(size):
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits
+        h, w = int(size[0]), int(size[1])
+        padded = (h + (-h) % PAD_MULTIPLE, w + (-w) % PAD_MULTIPLE)
+        if logits.shape[-2:] != padded:
+            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+
+#: Every smp encoder downsamples 32x at most; inputs are padded to a multiple of this.
+PAD_MULTIPLE = 32
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Zero-pad (..., H, W) on the bottom and right to multiples of ``multiple``."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """Output stride and DeepLabV3+ ASPP settings (``model.*``); None keeps smp's default."""
+
+    output_stride: int | None = None
+    aspp_rates: tuple[int, int, int] | None = None
+    aspp_dropout: float | None = None
+    aspp_separable: bool | None = None
+
+    def kwargs(self, arch: str) -> dict[str, object]:
+        if arch != "deeplabv3plus":
+            return {}
+        named = {
+            "encoder_output_stride": self.output_stride,
+            "decoder_atrous_rates": self.aspp_rates,
+            "decoder_aspp_dropout": self.aspp_dropout,
+            "decoder_aspp_separable": self.aspp_separable,
+        }
+        return {key: value for key, value in named.items() if value is not None}
 
 
 def _decoder_kwargs(arch: str, channels: int | None) -> dict[str, object]:
@@ -140,7 +175,9 @@ def build_model(
     arch: str,
     encoder: str,
     num_classes: int,
-    encoder_weights: Path | None = None,
+    encoder_weights: Path | str | None = None,
     decoder_channels: int | None = None,
+    head: HeadOptions | None = None,
+    weights_cache: Path | None = None,
 ) -> SegModel:
-    return SegModel(arch, encoder, num_classes, encoder_weights, decoder_channels)
+    return SegModel(arch, encoder, num_classes, encoder_weights, decoder_channels, head, weights_cache)

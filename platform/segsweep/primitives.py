@@ -7,6 +7,8 @@ Shapes: ``B`` batch, ``C`` classes, ``H x W`` pixels. Masks are ``long`` class i
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,48 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None =
     if weight is not None:
         loss = loss * weight
     return loss.sum() / valid.sum().clamp_min(1.0)
+
+
+def ohem_cross_entropy(
+    logits: Tensor, target: Tensor, threshold: float = 0.7, min_kept: int = 200_000
+) -> Tensor:
+    """Online hard example mining cross-entropy over (B, C, H, W) logits, ``IGNORE`` skipped.
+
+    Keeps the pixels whose softmax probability of their target class is at most
+    ``threshold``; when fewer than ``min_kept`` are, the threshold rises to the ``min_kept``-th
+    smallest probability (ties kept). Fewer valid pixels than ``min_kept``: all are kept. The
+    loss is the mean over kept pixels; ``min_kept`` counts over the whole batch. As UniMatch's
+    ``ProbOhemCrossEntropy2d`` (LiheYoung/UniMatch ``util/ohem.py`` at 818609d, L28-57), which
+    its Cityscapes config uses with threshold 0.7 and min_kept 200,000.
+    """
+    logits = logits.float()
+    valid = target != IGNORE
+    num_valid = int(valid.sum())
+    kept = valid
+    if 0 < min_kept <= num_valid:
+        with torch.no_grad():
+            prob = logits.softmax(dim=1).gather(1, target.clamp(max=logits.shape[1] - 1).unsqueeze(1))
+            prob = prob.squeeze(1).masked_fill(~valid, 1.0)
+            kth = prob.flatten().kthvalue(min_kept).values
+            kept = valid & (prob <= torch.maximum(kth, torch.tensor(threshold, device=prob.device)))
+    mined = torch.where(kept, target, torch.full_like(target, IGNORE))
+    loss = F.cross_entropy(logits, mined, ignore_index=IGNORE, reduction="sum")
+    return loss / kept.sum().clamp_min(1)
+
+
+@contextmanager
+def dropout_off(module: nn.Module) -> Iterator[None]:
+    """Every dropout layer of ``module`` in eval mode inside the block, the rest untouched
+    (batch norm keeps training mode): a pseudo mask is never made through dropout, as
+    UniMatch's head, which has none outside its feature perturbation."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    for layer in layers:
+        layer.eval()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.train()
 
 
 Rect = tuple[int, int, int, int]  # (top, left, height, width) in pixels; height 0: empty

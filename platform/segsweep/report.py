@@ -32,6 +32,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
+from typing import Any
 
 from segsweep.errors import ConfigError
 from segsweep.files import make_folder, write_atomic
@@ -392,6 +393,27 @@ def pick_published(
             ip[0],
         ),
     )[1]
+
+
+def published_point(cfg: Any) -> str | None:
+    """The published mIoU a run of ``cfg`` (a RunConfig with a published ``data.split``) will
+    be set beside, with its source in a few words; None without one."""
+    if cfg.data.split is None:
+        return None
+    split = "/".join(Path(cfg.data.split).parts[-2:])
+    dataset = {"voc_aug": ("voc", "voc_aug")}.get(cfg.data.name, (cfg.data.name,))
+    usable = [
+        p
+        for p in published_table()
+        if p["split"] == split
+        and p["dataset"] in dataset
+        and not any(f in p.get("note", "") for f in UNUSABLE)
+    ]
+    hit = pick_published(usable, cfg.method, split, {cfg.model.encoder})
+    if hit is None:
+        return None
+    source = hit.get("source", "").split(" ")[0].removeprefix("github.com/")
+    return f"{float(hit['mIoU']):.1f} ({hit.get('backbone', '')}, {source})"
 
 
 def attach_published(summary: list[Summary], rows: list[Row], matched: list[dict[str, str]]) -> None:

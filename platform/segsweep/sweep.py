@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segsweep.budget import planned_steps
 from segsweep.errors import ConfigError, Interrupted, UserError, one_line
 from segsweep.files import new_folder, only_writer, require_writable_file, write_atomic
 from segsweep.sweepspec import Cell, Plan, load_spec, run_config_of
@@ -125,6 +126,7 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
         )
         return
     prepared = prepare(cfg)
+    cfg = prepared.cfg  # train.epochs resolved to steps
     tags = {
         "segsweep.sweep": ctx.name,
         TAG_CELL: cell.id,
@@ -854,7 +856,12 @@ def check_trials(plan: Plan, on_cluster: bool = False) -> None:
 
 
 def describe_plan(plan: Plan) -> list[str]:
-    """What a sweep would run, cell by cell (``segsweep sweep --dry-run``)."""
+    """What a sweep would run, cell by cell (``segsweep sweep --dry-run``): trials and steps
+    (``train.epochs`` counted over the cell's split), the published point the curve will set
+    it beside, and what a trial costs on a GPU where that was measured."""
+    from segsweep.costs import describe_costs
+    from segsweep.report import published_point
+
     spec = plan.spec
     final = f", then {len(plan.cells) * len(spec.final.seeds)} final runs" if spec.final else ""
     lines = [
@@ -862,15 +869,29 @@ def describe_plan(plan: Plan) -> list[str]:
         f"MLflow experiment '{plan.experiment}' at {redact(plan.tracking_uri)}"
     ]
     width = max(len(c.id) for c in plan.cells)
-    total = 0
+    total, trials, published = 0, [], False
     for cell in plan.cells:
-        steps = run_config_of(cell, {}).train.steps
+        cfg = run_config_of(cell, {})
+        steps = planned_steps(cfg)
         total += plan.samples(cell) * steps
-        lines.append(f"  {cell.id:<{width}}  {plan.samples(cell)} trial(s) x {steps} steps")
+        epochs = f" ({cfg.train.epochs:g} epochs)" if cfg.train.epochs is not None else ""
+        point = published_point(cfg)
+        published = published or point is not None
+        against = f"  published {point}" if point else ""
+        lines.append(
+            f"  {cell.id:<{width}}  {plan.samples(cell)} trial(s) x {steps:,} steps{epochs}{against}"
+        )
         lines += [f"  {'':<{width}}    search {k}: {v.describe()}" for k, v in cell.space.items()]
+        trials.append((cfg, steps))
     if spec.final:
         lines.append(f"  final: each cell's best configuration again with seeds {spec.final.seeds}")
-    lines.append(f"{total} training steps in the search at most (early stopping cuts trials short)")
+    lines.append(f"{total:,} training steps in the search at most (early stopping cuts trials short)")
+    if published:
+        lines.append(
+            "published: mIoU as the source's table reports it (the best evaluation over training); "
+            "runs keep that number apart as val/mIoU_best, and the curve's value is the last evaluation"
+        )
+    lines += [f"gpu: {line}" for line in describe_costs(trials)]
     return lines
 
 
@@ -1127,7 +1148,7 @@ def _run_sweep(
     try:
         searcher = CellSearcher(plan, storage_url, study_prefix, es.metric, es.mode)
         scheduler = CellScheduler(
-            {c.id: run_config_of(c, {}).train.steps for c in plan.cells},
+            {c.id: planned_steps(run_config_of(c, {})) for c in plan.cells},
             es.metric,
             es.mode,
             es.grace_period,

@@ -31,6 +31,7 @@ from segsweep.config import (
     validate_run_config,
 )
 from segsweep.data import default_cache
+from segsweep.data.splits import split_folder_of
 from segsweep.errors import ConfigError, redact
 from segsweep.files import expand_user
 from segsweep.methods import METHODS
@@ -320,15 +321,21 @@ def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         ("data", "root"),
         ("data", "split"),
         ("model", "encoder_weights"),
+        ("model", "weights_cache"),
         ("mixandmatch", "proxy_from"),
         ("", "output_dir"),
     ):
         node = tree.get(section, {}) if section else tree
-        if isinstance(node, dict) and node.get(key):
+        if isinstance(node, dict) and node.get(key) and node[key] != "imagenet":  # not a path
             try:
                 p = expand_user(str(node[key]))
             except ValueError as exc:
                 raise ConfigError(f"{f'{section}.' if section else ''}{key}: {exc}") from None
+            if not p.is_absolute() and (section, key) == ("data", "split"):
+                # A split list folder shipped with segsweep (``unimatch/pascal/92``), unless the
+                # working folder holds one of that name.
+                local = base_dir / p
+                p = local if local.is_dir() else split_folder_of(p)
             node[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     if data.get("name", "synthetic") == "synthetic" and not data.get("root"):
         data["root"] = str(default_cache().resolve())

@@ -80,6 +80,7 @@ def build_data(cfg: DataConfig) -> Data:
         # textures that tell classes apart, so the range scales with the crop size.
         blur_sigma_max=a.blur_sigma_max if a.blur_sigma_max is not None else 2.0 * cfg.crop_size / 321,
         cutmix_prob=a.cutmix_prob,
+        blur_sigma_min=a.blur_sigma_min,
     )
     return Data(source, split, aug)
 

@@ -77,6 +77,7 @@ class AugmentParams:
     blur_prob: float
     blur_sigma_max: float
     cutmix_prob: float
+    blur_sigma_min: float | None = None
 
 
 class LabeledSet(Dataset):
@@ -144,7 +145,12 @@ class UnlabeledSet(Dataset):
             T.to_tensor(image), no_mask, self.aug.crop, rng, self.aug.scale, self.aug.hflip
         )
         strong = T.draw_strong(
-            rng, self.aug.jitter, self.aug.grayscale_prob, self.aug.blur_prob, self.aug.blur_sigma_max
+            rng,
+            self.aug.jitter,
+            self.aug.grayscale_prob,
+            self.aug.blur_prob,
+            self.aug.blur_sigma_max,
+            self.aug.blur_sigma_min,
         )
         g = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         box = cutmix_box(self.aug.crop, self.aug.crop, g, prob=self.aug.cutmix_prob)

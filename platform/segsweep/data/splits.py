@@ -134,6 +134,19 @@ def published_split(source: Source, folder: Path, seed: int, tune_size: int) -> 
     return Split(labeled, unlabeled, tune, family)
 
 
+#: The published split lists shipped with segsweep (see its README.md for their source).
+SHIPPED_SPLITS = Path(__file__).resolve().parents[1] / "reference" / "splits"
+
+
+def split_folder_of(folder: Path) -> Path:
+    """``data.split`` as a folder: the path as given when it exists, else (relative paths)
+    the same path among the lists shipped with segsweep, e.g. ``unimatch/pascal/92``."""
+    if folder.is_dir() or folder.is_absolute():
+        return folder
+    shipped = SHIPPED_SPLITS / folder
+    return shipped if shipped.is_dir() else folder
+
+
 def make_split(
     source: Source,
     label_ratio: float,
@@ -143,5 +156,5 @@ def make_split(
     split_folder: Path | None = None,
 ) -> Split:
     if split_folder is not None:
-        return published_split(source, split_folder, seed, tune_size)
+        return published_split(source, split_folder_of(split_folder), seed, tune_size)
     return generated_split(source.train, label_ratio, seed, tune_size, num_labeled)

@@ -138,11 +138,13 @@ def draw_strong(
     grayscale_prob: float,
     blur_prob: float,
     blur_sigma_max: float = 2.0,
+    blur_sigma_min: float | None = None,
 ) -> Tensor:
     """Parameters of one photometric strong view (UniMatch's): colour jitter with p=0.8
     (ColorJitter(0.5, 0.5, 0.5, 0.25) at jitter=0.5, its four ops in a random order),
-    grayscale, Gaussian blur with sigma in [0.05, 1] x ``blur_sigma_max``. A sigma of 0 means
-    no blur. The draws' order is part of the data stream (the CutMix box is drawn next)."""
+    grayscale, Gaussian blur with sigma uniform in [``blur_sigma_min``, ``blur_sigma_max``]
+    (min None: 0.05 x max; UniMatch: [0.1, 2.0], ``dataset/transform.py`` L59-63 at 818609d).
+    A sigma of 0 means no blur. The draws' order is part of the data stream (the CutMix box is drawn next)."""
     params = torch.zeros(STRONG_PARAMS)
     if jitter > 0 and rng.random() < 0.8:
         ops = rng.permutation(4)
@@ -156,7 +158,8 @@ def draw_strong(
     if rng.random() < grayscale_prob:
         params[_GRAY] = 1.0
     if rng.random() < blur_prob:
-        params[_SIGMA] = float(rng.uniform(0.05 * blur_sigma_max, blur_sigma_max))
+        low = 0.05 * blur_sigma_max if blur_sigma_min is None else blur_sigma_min
+        params[_SIGMA] = float(rng.uniform(low, blur_sigma_max))
     return params
 
 

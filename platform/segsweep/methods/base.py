@@ -26,6 +26,7 @@ Unlabeled ground truth never reaches a method: the trainer keeps it for diagnost
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from segsweep.models import SegModel
-from segsweep.primitives import confidence_mask
+from segsweep.primitives import confidence_mask, masked_cross_entropy
 
 Batch = dict[str, Tensor]
 
@@ -44,6 +45,11 @@ class Knobs(BaseModel):
     """Base of a method's knobs (its config section). Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    def at_crop(self, crop_size: int) -> Knobs:
+        """These knobs with the sizes left unset (None) filled in for ``crop_size`` px crops
+        (a method whose sizes follow the crop overrides it and calls it on each batch's side)."""
+        return self
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,12 @@ class Method(nn.Module):
         self.model = model
         self.knobs = knobs
         self.num_classes = num_classes
+        #: The loss of labeled pixels, (B, C, H, W) logits and (B, H, W) masks -> scalar:
+        #: ``train.loss`` (cross-entropy or OHEM), set by ``engine.build_method``.
+        self.supervised_loss: Callable[[Tensor, Tensor], Tensor] = masked_cross_entropy
+        #: The run's training crop side (``data.crop_size``), set by ``engine.build_method``;
+        #: sizes that follow the crop (``Knobs.at_crop``) read it outside training steps.
+        self.crop_size: int | None = None
 
     # -- the contract -------------------------------------------------------------------
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:

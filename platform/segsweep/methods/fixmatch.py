@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from segsweep.methods.base import Batch, Knobs, Method, as_floats
 from segsweep.models import SegModel
-from segsweep.primitives import IGNORE, confidence_mask, ema_decay_at, ema_update, masked_cross_entropy
+from segsweep.primitives import (
+    IGNORE,
+    confidence_mask,
+    dropout_off,
+    ema_decay_at,
+    ema_update,
+    masked_cross_entropy,
+)
 
 
 class FixMatchKnobs(Knobs):
@@ -71,9 +78,12 @@ class FixMatch(Method):
         return self.teacher if self.teacher is not None else self.model
 
     def unlabeled_targets(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Pseudo mask, confidence and keep mask (U, H, W) of the weak views, padding ignored."""
-        with torch.no_grad():
-            logits_w = self.pseudo_teacher()(batch["image_u_w"])
+        """Pseudo mask, confidence and keep mask (U, H, W) of the weak views, padding ignored.
+        Made with dropout off (smp's DeepLabV3+ has Dropout(0.5) in its ASPP; UniMatch's head
+        has none), batch norm as the teacher is (the student's: training mode)."""
+        teacher = self.pseudo_teacher()
+        with torch.no_grad(), dropout_off(teacher):
+            logits_w = teacher(batch["image_u_w"])
         pseudo, conf, keep = confidence_mask(logits_w, self.knobs.conf_threshold)
         pseudo = torch.where(batch["valid_u"], pseudo, torch.full_like(pseudo, IGNORE))
         return pseudo, conf, keep & batch["valid_u"]
@@ -93,7 +103,7 @@ class FixMatch(Method):
         # One forward pass over labeled and strong views: the batch-norm statistics see both.
         logits = self.model(torch.cat([image_l, image_s]))
         logits_l, logits_s = logits.split([image_l.shape[0], image_s.shape[0]])
-        loss_sup = masked_cross_entropy(logits_l, mask_l)
+        loss_sup = self.supervised_loss(logits_l, mask_l)
         loss_unsup = masked_cross_entropy(logits_s, pseudo, weight=keep.float())
         loss = loss_sup + self.knobs.unsup_weight * loss_unsup
 

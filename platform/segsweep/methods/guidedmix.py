@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from segsweep.methods.base import Batch, Knobs, Method, as_floats
 from segsweep.models import SegModel
-from segsweep.primitives import IGNORE, masked_cross_entropy, one_hot_ignore
+from segsweep.primitives import IGNORE, dropout_off, masked_cross_entropy, one_hot_ignore
 
 
 class GuidedMixKnobs(Knobs):
@@ -202,6 +202,12 @@ class GuidedMix(Method):
         return self.model.head(decoder, x_mix.shape[-2:])
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        # Every pass here also makes the pseudo masks (p_u, the mixed prediction): none goes
+        # through dropout (smp's DeepLabV3+ ASPP has Dropout(0.5); UniMatch's head has none).
+        with dropout_off(self.model):
+            return self._training_step(batch)
+
+    def _training_step(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         k, n = self.knobs, self.num_classes
         x_l, y_l, x_u, valid = batch["image_l"], batch["mask_l"], batch["image_u_w"], batch["valid_u"]
         b = x_l.shape[0]
@@ -209,7 +215,7 @@ class GuidedMix(Method):
         # Student on labeled and unlabeled images in one pass (shared batch-norm statistics).
         feats = self.model.forward_features(torch.cat([x_l, x_u]))
         logits_l, logits_u = feats.logits.split([b, x_u.shape[0]])
-        loss_sup = masked_cross_entropy(logits_l, y_l)
+        loss_sup = self.supervised_loss(logits_l, y_l)
 
         # LUPI: pair each unlabeled image with its most similar labeled image, align, mix.
         emb = pool_embedding(feats.encoder[-1])

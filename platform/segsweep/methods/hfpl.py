@@ -48,7 +48,8 @@ CAM logits z (N, C - 1, h, w) for the foreground classes.
 
 Departures (README, "Methods"): one smp network serves as the CAM classifier (no SEAM or
 AffinityNet/random walk, no CRF); the losses run at a working resolution of at most
-``work_side`` px (FSL is quadratic in pixels).
+``work_side`` px (FSL is quadratic in pixels): by default 1/8 of the crop as in the official
+ResNet-38 (448 px -> 56), at least 16.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ from segsweep.data.transforms import pad_to_multiple, unit_rgb
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
 from segsweep.models import SegModel
 from segsweep.panels import colour, compose, heat, image_tile
-from segsweep.primitives import class_map, confusion_matrix, masked_cross_entropy, scores_from_confusion
+from segsweep.primitives import class_map, confusion_matrix, scores_from_confusion
 
 
 class HFPLKnobs(Knobs):
@@ -80,7 +81,13 @@ class HFPLKnobs(Knobs):
     sampling_temperature: float = Field(1.0, gt=0)
     feature_similarity: bool = Field(True, description="feature-similarity loss (needs addon)")
     fs_weight: float = Field(1.0, ge=0)
-    fs_sigma: float = Field(2.0, gt=0, description="spatial Gaussian, working-resolution pixels")
+    fs_sigma: float | None = Field(
+        None,
+        gt=0,
+        description="spatial Gaussian, working-resolution pixels; None: the official 5.0 at its "
+        "56 px working side (arvijj/hfpl train_cam_voc.py L57, 448 px crops), scaled to work_side, "
+        "at least 2.0 (what the embedded 16 px results used)",
+    )
     fs_mu: float = Field(2.5, description="colour-edge offset of the tanh")
     fs_smooth: float = Field(
         0.0,
@@ -106,8 +113,13 @@ class HFPLKnobs(Knobs):
         "tagged CAM is lowest is pushed to at most zero, so that no tagged class floods the "
         "background; 0: off (plain GAP baseline)",
     )
-    work_side: int = Field(
-        16, ge=4, le=64, description="working resolution of the CAM losses (GAP, IS, FSL, min-pooling)"
+    work_side: int | None = Field(
+        None,
+        ge=4,
+        le=256,
+        description="working resolution of the CAM losses (GAP, IS, FSL, min-pooling); None: 1/8 "
+        "of the crop, the official ResNet-38's output stride (56 at 448 px), at least 16 (what "
+        "the embedded 64 px results used)",
     )
     cam_scales: tuple[float, ...] = Field(
         (0.5, 1.0, 1.5, 2.0),
@@ -121,6 +133,11 @@ class HFPLKnobs(Knobs):
         description="CAM background threshold, or 'tune': the grid value whose pseudo masks score "
         "best on the tuning split (held-out images with masks, never the reported ones)",
     )
+
+    def at_crop(self, crop_size: int) -> HFPLKnobs:
+        side = self.work_side if self.work_side is not None else max(16, crop_size // 8)
+        sigma = self.fs_sigma if self.fs_sigma is not None else max(2.0, 5.0 * side / 56)
+        return self.model_copy(update={"work_side": side, "fs_sigma": sigma})
 
     @field_validator("cam_scales")
     @classmethod
@@ -312,10 +329,11 @@ class HFPL(Method):
         return self.pseudo_masks if self.stage == "train" else None
 
     # -- stage 1: CAMs --------------------------------------------------------------------------
-    def work_size(self, z: Tensor) -> tuple[int, int]:
+    def work_size(self, z: Tensor, crop: int | None = None) -> tuple[int, int]:
         """(h, w) at which the CAM stage's losses (GAP, IS, feature similarity, min-pooling)
-        run: at most ``work_side`` wide, the aspect of the CAMs ``z`` (..., H, W) kept."""
-        side = min(self.knobs.work_side, z.shape[-1])
+        run: at most ``work_side`` wide (for ``crop`` px training crops; None: the run's), the
+        aspect of the CAMs ``z`` (..., H, W) kept."""
+        side = min(self.knobs.at_crop(crop or self.crop_size or z.shape[-1]).work_side, z.shape[-1])
         return max(1, side * z.shape[-2] // z.shape[-1]), side
 
     def present_classes(self, mask: Tensor) -> list[int]:
@@ -329,12 +347,12 @@ class HFPL(Method):
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if self.stage != "cam":  # stage 3: plain supervised learning on the pseudo masks
             logits = self.model(batch["image_l"])
-            loss = masked_cross_entropy(logits, batch["mask_l"])
+            loss = self.supervised_loss(logits, batch["mask_l"])
             return loss, as_floats({"loss": loss, "loss_sup": loss})
-        k = self.knobs
         x, tags = batch["image_l"], batch["tags_l"][:, 1:]
+        k = self.knobs.at_crop(x.shape[-1])  # work_side and fs_sigma follow the crop
         z = self.cam_logits(x)
-        z_small = F.adaptive_avg_pool2d(z, self.work_size(z))
+        z_small = F.adaptive_avg_pool2d(z, self.work_size(z, x.shape[-1]))
         loss_gap = gap_loss(z_small, tags)
         loss, logs = loss_gap, {"loss_gap": loss_gap}
         addon = k.addon and step >= k.addon_start * k.cam_steps

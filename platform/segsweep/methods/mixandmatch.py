@@ -54,7 +54,7 @@ from segsweep.errors import ConfigError
 from segsweep.files import UserPath
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
 from segsweep.models import SegModel, read_torch_file
-from segsweep.primitives import IGNORE, masked_cross_entropy
+from segsweep.primitives import IGNORE
 
 
 class MixAndMatchKnobs(Knobs):
@@ -71,7 +71,19 @@ class MixAndMatchKnobs(Knobs):
     patches_per_image: int = Field(8, ge=2, le=64)
     patch_min: float = Field(0.12, gt=0, le=1, description="smallest patch side / image side")
     patch_max: float = Field(0.35, gt=0, le=1, description="largest patch side / image side")
-    patch_input: int = Field(32, ge=32, description="patches are resized to this side")
+    patch_input: int | None = Field(
+        None,
+        ge=32,
+        description="patches are resized to this side; None: a quarter of the crop, at least 32 "
+        "(the official 128 px at 512 px crops, XiaohangZhan/mix-and-match train_graph.prototxt "
+        "L33; 32 at the embedded 64 px)",
+    )
+
+    def at_crop(self, crop_size: int) -> MixAndMatchKnobs:
+        if self.patch_input is not None:
+            return self
+        return self.model_copy(update={"patch_input": max(32, crop_size // 4)})
+
     overlap_threshold: float = Field(0.3, ge=0, le=1, description="max IoU with a kept patch")
     dominant_ratio: float = Field(0.6, gt=0, le=1, description="share the patch's class must cover")
     margin: float = Field(0.5, ge=0, description="triplet margin (squared distances)")
@@ -316,7 +328,7 @@ class MixAndMatch(Method):
         if self.stage == "match":
             return self._match_step(batch["image_l"], batch["mask_l"])
         logits = self.model(batch["image_l"])
-        loss = masked_cross_entropy(logits, batch["mask_l"])
+        loss = self.supervised_loss(logits, batch["mask_l"])
         return loss, as_floats({"loss": loss, "loss_sup": loss})
 
     def _proxy_step(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -335,9 +347,9 @@ class MixAndMatch(Method):
 
     def _match_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Mix patches of every labeled image of the batch, match them with triplets."""
-        k = self.knobs
-        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
         side = x.shape[-1]
+        k = self.knobs.at_crop(side)  # patch_input follows the crop
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
         lo, hi = max(4, round(k.patch_min * side)), max(4, round(k.patch_max * side))
         crops, classes = [], []
         for i in range(x.shape[0]):

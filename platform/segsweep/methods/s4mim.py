@@ -185,7 +185,7 @@ class S4MIM(FixMatch):
             keep = mix_in_boxes(box, keep.roll(1, 0), keep)
         feats = self.model.forward_features(torch.cat([x_l, x_s]))
         logits_l, logits_s = feats.logits.split([b, x_s.shape[0]])
-        loss_sup = masked_cross_entropy(logits_l, y_l)
+        loss_sup = self.supervised_loss(logits_l, y_l)
         loss_unsup = masked_cross_entropy(logits_s, pseudo, weight=keep.float())
         loss = loss_sup + k.unsup_weight * loss_unsup
         logs: dict[str, Tensor] = {"loss_sup": loss_sup, "loss_unsup": loss_unsup}

@@ -10,7 +10,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from segsweep.methods.base import Batch, Knobs, Method, as_floats
-from segsweep.primitives import masked_cross_entropy
 
 
 class SupervisedKnobs(Knobs):
@@ -24,5 +23,5 @@ class Supervised(Method):
 
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         logits = self.model(batch["image_l"])
-        loss = masked_cross_entropy(logits, batch["mask_l"])
+        loss = self.supervised_loss(logits, batch["mask_l"])
         return loss, as_floats({"loss": loss, "loss_sup": loss})
