@@ -67,16 +67,32 @@ def step_once(method: Method, stage: Stage, batch: dict[str, torch.Tensor], step
 
 
 ALL = list(METHODS)
+#: Knob settings that change what a method trains, each checked as a case of its own.
+VARIANTS: dict[str, list[dict[str, object]]] = {
+    "guidedmix": [{"objective": "official"}, {"objective": "paper"}],
+    "fixmatch": [{}, {"loss_weighting": "mean", "partner_mask": "eval"}],
+}
+#: (method, knobs) pairs: every method with its defaults, or with each of its VARIANTS.
+CASES = [
+    pytest.param(name, knobs, id="-".join([name, *map(str, knobs.values())]))
+    for name in ALL
+    for knobs in VARIANTS.get(name, [{}])
+]
 #: Methods whose pseudo masks can come from an EMA teacher (off by default): the teacher
 #: checks run with it on, so they are not vacuous.
 WITH_TEACHER = [name for name, cls in METHODS.items() if "ema_teacher" in cls.Knobs.model_fields]
 #: Methods that keep pseudo pixels above a confidence threshold.
-THRESHOLDED = [name for name, cls in METHODS.items() if "conf_threshold" in cls.Knobs.model_fields]
+#: (GuidedMix-Net's official objective has none: its ``paper`` objective is the one checked.)
+THRESHOLDED = [
+    pytest.param(name, {"objective": "paper"} if name == "guidedmix" else {}, id=name)
+    for name, cls in METHODS.items()
+    if "conf_threshold" in cls.Knobs.model_fields
+]
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_loss_is_finite_and_logs_are_floats(name: str) -> None:
-    method = build(name)
+@pytest.mark.parametrize(("name", "knobs"), CASES)
+def test_loss_is_finite_and_logs_are_floats(name: str, knobs: dict) -> None:
+    method = build(name, **knobs)
     for stage in stages_of(method):
         loss, logs = step_once(method, stage, make_batch())
         assert loss.dim() == 0 and torch.isfinite(loss), stage
@@ -85,12 +101,14 @@ def test_loss_is_finite_and_logs_are_floats(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "knobs"), [(n, {}) for n in ALL] + [(n, {"ema_teacher": True}) for n in WITH_TEACHER]
+    ("name", "knobs"),
+    [*CASES, *(pytest.param(n, {"ema_teacher": True}, id=f"{n}-teacher") for n in WITH_TEACHER)],
 )
 def test_gradients_reach_only_the_student(name: str, knobs: dict) -> None:
     method = build(name, **knobs)
     teachers = {role: model for role, model in method.eval_models().items() if role}
-    assert bool(teachers) == bool(knobs), "the teacher case must have a teacher, the others none"
+    with_teacher = bool(knobs.get("ema_teacher"))
+    assert bool(teachers) == with_teacher, "the teacher case must have a teacher, the others none"
     teacher_params = {id(p) for model in teachers.values() for p in model.parameters()}
     student = {id(p) for n, p in method.named_parameters() if id(p) not in teacher_params}
     assert student & teacher_params == set() and student
@@ -136,9 +154,9 @@ def test_the_teacher_follows_the_student_by_ema_after_each_step(name: str) -> No
 PIXEL_LABEL_LOGS = ("loss_sup", "loss_unsup", "loss_mix", "mask_ratio")
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_pixels_labeled_255_contribute_nothing(name: str) -> None:
-    method = build(name)
+@pytest.mark.parametrize(("name", "knobs"), CASES)
+def test_pixels_labeled_255_contribute_nothing(name: str, knobs: dict) -> None:
+    method = build(name, **knobs)
     main = stages_of(method)[-1]
     batch = make_batch()
     batch["mask_l"][:] = IGNORE
@@ -150,28 +168,28 @@ def test_pixels_labeled_255_contribute_nothing(name: str) -> None:
     # Half ignored: the labeled half still trains (ignore is per pixel, not per image).
     half = make_batch(1)
     half["mask_l"][:, :16] = IGNORE
-    _, logs = step_once(build(name), main, half)
+    _, logs = step_once(build(name, **knobs), main, half)
     assert logs["loss_sup"] > 0.0
 
 
-@pytest.mark.parametrize("name", THRESHOLDED)
-def test_the_confidence_threshold_decides_which_pseudo_pixels_train(name: str) -> None:
-    main = stages_of(build(name))[-1]
+@pytest.mark.parametrize(("name", "knobs"), THRESHOLDED)
+def test_the_confidence_threshold_decides_which_pseudo_pixels_train(name: str, knobs: dict) -> None:
+    main = stages_of(build(name, **knobs))[-1]
     # No pixel is sure enough at a threshold of 1: the unlabeled loss is zero, nothing kept.
-    _, strict = step_once(build(name, conf_threshold=1.0), main, make_batch())
+    _, strict = step_once(build(name, conf_threshold=1.0, **knobs), main, make_batch())
     assert strict["mask_ratio"] == 0.0 and strict["loss_unsup"] == 0.0
     # At 0 every pixel that is not padding is kept, and the unlabeled loss trains.
-    _, loose = step_once(build(name, conf_threshold=0.0), main, make_batch())
+    _, loose = step_once(build(name, conf_threshold=0.0, **knobs), main, make_batch())
     assert loose["mask_ratio"] == 1.0 and loose["loss_unsup"] > 0.0
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_deterministic_under_a_seed(name: str) -> None:
+@pytest.mark.parametrize(("name", "knobs"), CASES)
+def test_deterministic_under_a_seed(name: str, knobs: dict) -> None:
     """Two builds with one seed agree bit for bit over two steps (so the backward pass of the
     first step is reproducible too); another seed differs."""
 
     def two_steps(seed: int) -> list:
-        method = build(name, seed=seed)
+        method = build(name, seed=seed, **knobs)
         torch.manual_seed(5)
         out = []
         for stage in stages_of(method):
@@ -189,9 +207,9 @@ def test_deterministic_under_a_seed(name: str) -> None:
     assert not math.isclose(two_steps(12)[-1][0], first[-1][0], rel_tol=1e-7)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_pseudo_labels_have_the_documented_shapes(name: str) -> None:
-    method = build(name).eval()
+@pytest.mark.parametrize(("name", "knobs"), CASES)
+def test_pseudo_labels_have_the_documented_shapes(name: str, knobs: dict) -> None:
+    method = build(name, **knobs).eval()
     pseudo, conf, keep = method.pseudo_label(make_batch()["image_u_w"])
     assert pseudo.shape == conf.shape == keep.shape == (4, 32, 32)
     assert pseudo.dtype == torch.long and keep.dtype == torch.bool

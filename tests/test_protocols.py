@@ -82,6 +82,9 @@ UNIMATCH_VOC = {
     "train.loss": "ce",
     "eval.mode": "whole",
     "fixmatch.conf_threshold": 0.95,
+    "fixmatch.loss_weighting": "mean",  # fixmatch.py L166
+    "fixmatch.partner_mask": "eval",  # fixmatch.py L132-137
+    "guidedmix.objective": "official",
 }
 UNIMATCH_CITYSCAPES = {
     **UNIMATCH_VOC,
@@ -134,6 +137,57 @@ def test_each_published_setting_is_the_specs(
             assert setting(cfg, key) == value, (cell.id, key)
         # the lists read are the shipped copies of the published ones
         assert Path(cfg.data.split).is_dir() and (Path(cfg.data.split) / "labeled.txt").is_file()
+
+
+#: arvijj/hfpl at 1038a68 (train_cam_voc.py L41-61, infer_cam_voc.py L39, config_voc2012.py L40)
+HFPL_VOC = {
+    "data.crop_size": 448,
+    "train.batch_size": 8,
+    "train.lr": 0.01,
+    "train.weight_decay": 0.0005,
+    "train.steps": 20000,
+    "hfpl.cam_steps": 10583,  # 8 epochs of 10,582 images at 8 per step
+    "hfpl.is_weight": 0.2,
+    "hfpl.num_samples": 10,
+    "hfpl.fs_mu": 2.5,
+    "hfpl.cam_scales": (0.5, 1.0, 1.5, 2.0),
+    "data.label_ratio": 1.0,
+}
+#: XiaohangZhan/mix-and-match at 8d4c9df (VGG/colorize_pascal train_graph.prototxt L10, L17,
+#: L33; solver_graph max_iter; solver_seg base_lr, max_iter, weight_decay)
+MIXANDMATCH_VOC = {
+    "data.crop_size": 512,
+    "model.encoder_weights": None,
+    "mixandmatch.mm_steps": 8000,
+    "mixandmatch.patches_per_image": 9,  # 144 patches over 16 images
+    "mixandmatch.patch_min": 64 / 512,
+    "mixandmatch.patch_max": 256 / 512,
+    "train.steps": 42000,
+    "train.lr": 0.01,
+    "train.weight_decay": 0.0005,
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "published"), [("voc_wsss", HFPL_VOC), ("voc_mixandmatch", MIXANDMATCH_VOC)]
+)
+def test_the_weak_and_self_supervised_specs_hold_their_papers_settings(
+    spec: str, published: dict[str, object], voc_root: Path
+) -> None:
+    plan = plan_sweep(EXPERIMENTS / f"{spec}.yaml", [f"data.root={voc_root}"])
+    for cell in plan.cells:
+        cfg = run_config_of(cell, {})
+        for key, value in published.items():
+            if key.split(".")[0] in ("hfpl", "mixandmatch") and cfg.method != key.split(".")[0]:
+                continue
+            assert setting(cfg, key) == value, (cell.id, key)
+    # sizes that follow the crop land on the official ones at the official crop
+    if spec == "voc_wsss":
+        knobs = run_config_of(plan.cells[0], {}).hfpl.at_crop(448)
+        assert (knobs.work_side, knobs.fs_sigma) == (56, 5.0)
+    else:
+        cfg = run_config_of(next(c for c in plan.cells if c.method == "mixandmatch"), {})
+        assert cfg.mixandmatch.at_crop(cfg.data.crop_size).patch_input == 128
 
 
 def test_a_voc_classic_dry_run_shows_every_cell_its_steps_and_its_published_point(voc_root: Path) -> None:
@@ -418,7 +472,12 @@ def test_the_blur_sigma_range_is_settable() -> None:
 
     from segsweep.data import transforms as T
 
-    sigmas = [float(T.draw_strong(np.random.default_rng(i), 0.0, 0.0, 1.0, 2.0, 0.1)[-1]) for i in range(300)]
-    assert min(sigmas) >= 0.1 and max(sigmas) <= 2.0 and min(sigmas) < 0.2 and max(sigmas) > 1.9
-    default = [float(T.draw_strong(np.random.default_rng(i), 0.0, 0.0, 1.0, 2.0)[-1]) for i in range(300)]
-    assert min(default) < 0.1  # 0.05 x max, as the embedded results used
+    def sigmas(*bounds: float) -> list[float]:
+        return [float(T.draw_strong(np.random.default_rng(i), 0.0, 0.0, 1.0, *bounds)[-1]) for i in range(300)]
+
+    unimatch = sigmas(2.0, 0.1)  # sigma uniform in [0.1, 2.0]
+    assert 0.1 <= min(unimatch) < 0.2 and 1.9 < max(unimatch) <= 2.0
+    narrow = sigmas(1.0, 0.5)
+    assert min(narrow) >= 0.5 and max(narrow) <= 1.0
+    default = sigmas(1.0)  # min unset: 0.05 x max, as the embedded results used
+    assert 0.05 <= min(default) < 0.1

@@ -376,3 +376,18 @@ def test_curve_of_one_sweep_of_an_experiment(
     assert main([*common, "--sweep", "nope"]) == 2
     err = capsys.readouterr().err
     assert "--sweep: no sweep 'nope' in experiment 'e'; its sweeps: s (" in err
+
+
+def test_the_best_evaluation_on_val_is_kept_beside_the_value_never_as_it() -> None:
+    """What the published tables report (the best evaluation over training on val) is each
+    summary's ``best_on_val``; the curve's value stays the rule's."""
+    from segsweep.report import Row, summarise
+
+    rows = [
+        Row("fixmatch", "voc", 0.1, 92, seed, last, best_on_val=best)
+        for seed, last, best in ((0, 0.60, 0.64), (1, 0.62, 0.66))
+    ]
+    (summary,) = summarise(rows)
+    assert summary.mean == pytest.approx(0.61) and summary.best_on_val == pytest.approx(0.65)
+    rows.append(Row("fixmatch", "voc", 0.1, 92, 2, 0.61))  # a run that logged no best
+    assert summarise(rows)[0].best_on_val is None

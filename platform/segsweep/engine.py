@@ -362,7 +362,15 @@ def sample_panel(method: Method, held: dict[str, Tensor], numerics: Numerics) ->
     for i in range(image.shape[0]):
         dropped = torch.where(keep[i], pseudo[i], torch.full_like(pseudo[i], IGNORE))
         rows.append([image_tile(image[i]), colour(mask[i]), colour(pred[i]), colour(dropped), heat(conf[i])])
-    return compose(rows)
+    panel = compose(rows)
+    # Small tiles (64 px) are blown up, pixels kept sharp: MLflow's image grid scales a small
+    # image up with smoothing, and masks of a few pixels become a smear there.
+    factor = max(1, PANEL_MIN_WIDTH // panel.shape[1])
+    return panel.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else panel
+
+
+#: Panels narrower than this are enlarged by a whole factor (nearest neighbour).
+PANEL_MIN_WIDTH = 640
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,6 +738,8 @@ class Trainer:
             set_rng_state(rng, self.numerics.device)
             self._pending_rng = None
         base_lr = t.scaled_lr()
+        if not self.progress.step and stage.name == self.stages[-1].name:
+            self._log_start_panel()
         self.method.train()
         window: dict[str, list[float]] = {}
         tic, tic_step = time.perf_counter(), self.progress.step
@@ -806,6 +816,24 @@ class Trainer:
             f"debug.fail_at_step: injected failure at step {step}; continue the run with "
             f"segsweep run --resume {self.run_dir}"
         )
+
+    def _log_start_panel(self) -> None:
+        """The pseudo masks before the main stage's first step, at step 0: the MLflow image
+        grid's slider starts at the first logged step, and now shows where training began."""
+        if (
+            self.diag_loader is None
+            or not self.method.uses_unlabeled
+            or isinstance(self.tracker, NullTracker)
+        ):
+            return
+        quality, held = pseudo_mask_quality(
+            self.method, self.diag_loader, self.numerics, hold=self.panel_samples
+        )
+        self.tracker.log_metrics(quality, 0)
+        if held:
+            self.tracker.log_image(
+                lambda: sample_panel(self.method, held, self.numerics), "panels/pseudo_masks", 0
+            )
 
     def _evaluate(self, stage: Stage, step: int) -> None:
         """Score every eval model on val (reported) and tune (held out), log, checkpoint, report."""

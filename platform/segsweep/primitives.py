@@ -205,3 +205,61 @@ def one_hot_ignore(mask: Tensor, num_classes: int) -> Tensor:
     safe = torch.where(valid, mask, torch.zeros_like(mask))
     out = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).float()
     return out * valid.unsqueeze(1)
+
+
+def sigmoid_focal_loss(logits: Tensor, target: Tensor, gamma: float = 0.5, alpha: float = 0.5) -> Tensor:
+    """Sigmoid focal loss (Lin et al. 2017) of (B, C, H, W) logits against (B, H, W) class
+    ids, ``IGNORE`` pixels weighted 0: each class is a binary problem (one-hot target t),
+
+        loss = -[alpha t (1 - p)^gamma log p + (1 - alpha)(1 - t) p^gamma log(1 - p)],
+
+    p = sigmoid(logit), averaged over all B x C x H x W elements, ignored ones included (their
+    weight is 0). This is mmseg's ``FocalLoss(use_sigmoid=True)`` with reduction 'mean' as
+    GuidedMix-Net ships it (yh-pengtu/GuidedMix-Net at 27de72a,
+    ``mmseg/models/losses/focal_loss.py``: ``py_sigmoid_focal_loss`` L47-67, the CUDA path
+    L119-132 with one-hot targets, ``valid_mask`` from ``ignore_index`` L263-266, mean over
+    every element through ``weight_reduce_loss`` in ``losses/utils.py`` L48-69; alpha's
+    default 0.5, L142, which no GuidedMix config overrides). ``1 - p_t`` is computed as
+    sigmoid(-+logit), not ``1 - sigmoid``, so it never rounds to 0 (whose ``pow(0.5)`` has an
+    infinite gradient)."""
+    logits = logits.float()
+    valid = target != IGNORE
+    onehot = one_hot_ignore(torch.where(valid, target, torch.zeros_like(target)), logits.shape[1])
+    one_minus_pt = torch.sigmoid(logits * (1 - 2 * onehot)).clamp_min(1e-12)
+    weight = (alpha * onehot + (1 - alpha) * (1 - onehot)) * one_minus_pt.pow(gamma)
+    bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+    return (bce * weight * valid.unsqueeze(1)).mean()
+
+
+@contextmanager
+def bn_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Batch-norm layers of ``module`` normalise with their batch's statistics as in training
+    mode, but their running mean, variance and batch count stay as they are (for a pass over
+    inputs unlike real images, e.g. masked ones, that evaluation must not be normalised with).
+    Torch's ``_BatchNorm.forward`` (and timm's ``BatchNormAct2d``) update running statistics
+    only when ``track_running_stats`` is set; it is cleared inside the block."""
+    layers = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block (running batch-norm statistics, dropout off);
+    afterwards every submodule's training flag is what it was."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -25,6 +25,7 @@ backbone, then table and README values over training-log maxima and low-confiden
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import time
@@ -72,6 +73,9 @@ class Row:
     split_seed: int = 0
     run_id: str = ""
     encoder: str = ""
+    #: ``val/mIoU_best``: the best evaluation over training on the reported split, what the
+    #: published tables report; kept beside the value, never used as it (nan: not logged).
+    best_on_val: float = float("nan")
 
 
 @dataclass
@@ -85,6 +89,9 @@ class Summary:
     delta_vs_published: float | None = None
     published_backbone: str = ""
     published_source: str = ""
+    #: Mean ``val/mIoU_best`` of the same runs: the number the published tables report
+    #: (best evaluation over training on val); for setting beside them, not the curve's value.
+    best_on_val: float | None = None
 
 
 @dataclass
@@ -251,6 +258,7 @@ def _row(r: RunRecord, key: str) -> Row:
         split_seed=int(p.get("data.split_seed", 0)),
         run_id=r.run_id,
         encoder=p.get("model.encoder", ""),
+        best_on_val=float(r.metrics.get("val/mIoU_best", float("nan"))),
     )
 
 
@@ -259,13 +267,17 @@ def _row(r: RunRecord, key: str) -> Row:
 
 
 def summarise(rows: list[Row]) -> list[Summary]:
-    groups: dict[tuple[str, float], list[float]] = defaultdict(list)
+    groups: dict[tuple[str, float], list[Row]] = defaultdict(list)
     for r in rows:
-        groups[(r.method, r.label_ratio)].append(r.mIoU)
+        groups[(r.method, r.label_ratio)].append(r)
     out = []
-    for (method, ratio), values in sorted(groups.items()):
+    for (method, ratio), runs in sorted(groups.items()):
+        values = [r.mIoU for r in runs]
         spread = stdev(values) if len(values) > 1 else float("nan")  # one seed has no spread
-        out.append(Summary(method, ratio, mean(values), spread, len(values)))
+        best = [r.best_on_val for r in runs if not math.isnan(r.best_on_val)]
+        summary = Summary(method, ratio, mean(values), spread, len(values))
+        summary.best_on_val = mean(best) if len(best) == len(runs) else None
+        out.append(summary)
     return out
 
 
@@ -395,6 +407,26 @@ def pick_published(
     )[1]
 
 
+#: One colour per method, the same in the curve's plot and in the MLflow UI (``mlflow.runColor``).
+METHOD_COLOURS = {
+    "supervised": "#7f7f7f",
+    "fixmatch": "#1f77b4",
+    "guidedmix": "#2ca02c",
+    "s4mim": "#9467bd",
+    "hfpl": "#d62728",
+    "mixandmatch": "#ff7f0e",
+}
+OTHER_COLOURS = ("#8c564b", "#e377c2", "#bcbd22", "#17becf")
+
+
+def method_colour(arm: str) -> str:
+    """The colour of a method (an arm such as ``fixmatch[cutmix=False]`` takes its method's)."""
+    base = arm.split("[", 1)[0]
+    if base in METHOD_COLOURS:
+        return METHOD_COLOURS[base]
+    return OTHER_COLOURS[int(hashlib.sha256(base.encode()).hexdigest(), 16) % len(OTHER_COLOURS)]
+
+
 def published_point(cfg: Any) -> str | None:
     """The published mIoU a run of ``cfg`` (a RunConfig with a published ``data.split``) will
     be set beside, with its source in a few words; None without one."""
@@ -483,13 +515,16 @@ def plot(curve: Curve, path: Path, title: str, baseline: str = "supervised") -> 
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     methods = sorted({s.method for s in curve.summary}, key=lambda m: (m != baseline, m))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    taken: set[str] = set()
     for i, method in enumerate(methods):
         pts = sorted((s for s in curve.summary if s.method == method), key=lambda s: s.label_ratio)
         x = [s.label_ratio for s in pts]
         y = [100 * s.mean for s in pts]
         sd = [0.0 if math.isnan(s.std) else 100 * s.std for s in pts]
-        c = colours[i % len(colours)]
+        # the method's colour, as its runs have in MLflow; a second arm of one method: the cycle's
+        c = method_colour(method) if method_colour(method) not in taken else cycle[i % len(cycle)]
+        taken.add(c)
         style = "--" if method == baseline else "-"
         ax.plot(x, y, style, marker="o", color=c, label=f"{method} (n={max(s.n for s in pts)})")
         ax.fill_between(

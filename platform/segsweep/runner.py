@@ -19,6 +19,7 @@ from segsweep.data.check import require_files, require_valid
 from segsweep.engine import Numerics, Reporter, RunResult, Trainer
 from segsweep.errors import ConfigError, Diverged, Stopped, UserError, one_line
 from segsweep.methods import Stage
+from segsweep.sweepspec import ratio_text
 from segsweep.tracking import (
     STATUS_INTERRUPTED,
     TAG_ERROR,
@@ -112,7 +113,10 @@ def resolved_params(numerics: Numerics) -> dict[str, object]:
 
 def run_tags(cfg: RunConfig, data: Data) -> dict[str, str]:
     """Tags that decide whether two runs are comparable: same split family, same evaluation."""
+    from segsweep.report import method_colour
+
     return {
+        "mlflow.runColor": method_colour(cfg.method),  # one colour per method in the UI's charts
         "segsweep.method": cfg.method,
         "segsweep.dataset": cfg.data.name,
         TAG_SPLIT_FAMILY: data.split.family,
@@ -130,7 +134,7 @@ def make_tracker(
     t = cfg.tracking
     if not t.enabled:
         return NullTracker()
-    name = t.run_name or f"{cfg.method}-r{label_ratio_of(cfg, data):.4g}-s{cfg.seed}"
+    name = t.run_name or f"{cfg.method} {ratio_text(label_ratio_of(cfg, data))} s{cfg.seed}"
     return RunTracker(
         t.uri,
         t.experiment,

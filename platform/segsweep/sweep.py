@@ -37,7 +37,7 @@ from typing import Any
 from segsweep.budget import planned_steps
 from segsweep.errors import ConfigError, Interrupted, UserError, one_line
 from segsweep.files import new_folder, only_writer, require_writable_file, write_atomic
-from segsweep.sweepspec import Cell, Plan, load_spec, run_config_of
+from segsweep.sweepspec import Cell, Plan, load_spec, run_config_of, trial_run_name
 from segsweep.tracking import (
     STATUS_INTERRUPTED,
     TAG_CELL,
@@ -138,7 +138,8 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
         tags["optuna.trial_number"] = str(config["optuna_trial"])
     if config["phase"] == "final":  # which search trial's configuration this seed re-runs
         tags["segsweep.best_of"] = f"{cell.id} #{config.get('sample')}"
-    cfg.tracking.run_name = f"{cell.id} {config['phase']} #{config.get('sample', config.get('seed'))}"
+    index = config.get("sample") if config["phase"] == "search" else config.get("seed")
+    cfg.tracking.run_name = trial_run_name(cell.values, config["phase"], index)
     tracker = make_tracker(cfg, prepared.data, run_key=key, parent_run_id=ctx.parent_run_id, extra_tags=tags)
 
     resume_from = None
@@ -1084,7 +1085,6 @@ def _run_sweep(
                 "total_trials": plan.total_trials,
                 "early_stop.metric": spec.early_stop.metric,
                 "final.seeds": spec.final.seeds if spec.final else "none",
-                **{f"grid.{k}": v for k, v in spec.grid.items()},
             }
         )
         parent.log_text(spec_text, "sweep.yaml")

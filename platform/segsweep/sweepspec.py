@@ -304,6 +304,27 @@ def cell_id(values: dict[str, Any]) -> str:
     return ",".join(f"{short.get(k, k)}={_fmt(v)}" for k, v in values.items())
 
 
+def ratio_text(ratio: float) -> str:
+    """A label ratio as people write it: 1/8 for 0.125, else its value (0.0087)."""
+    if 0 < ratio < 1 and abs(1 / ratio - round(1 / ratio)) < 1e-9:
+        return f"1/{round(1 / ratio)}"
+    return f"{ratio:g}"
+
+
+def trial_run_name(values: dict[str, Any], phase: str, index: object) -> str:
+    """An MLflow run name that leads with what tells a sweep's runs apart, short enough for
+    the runs table: ``fixmatch 1/8 s0 #1`` (search trial 1), ``fixmatch 1/8 s2 final`` (a
+    final seed); other varied keys by their last part (``split=92``)."""
+    parts = [str(values["method"]), ratio_text(float(values["data.label_ratio"]))]
+    for key, value in values.items():
+        if key not in REQUIRED_GRID_KEYS:
+            shown = Path(value).name if isinstance(value, str) and "/" in value else _fmt(value)
+            parts.append(f"{key.rsplit('.', 1)[-1]}={shown}")
+    parts.append(f"s{values['seed']}" if phase == "search" else f"s{index}")
+    parts.append(f"#{index}" if phase == "search" else "final")
+    return " ".join(parts)
+
+
 def load_spec(path: Path, sets: list[str] | None = None) -> tuple[SweepSpec, dict[str, Any]]:
     tree = read_yaml(path)
     try:

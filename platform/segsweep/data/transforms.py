@@ -81,6 +81,16 @@ def resize_image(image: Tensor, height: int, width: int) -> Tensor:
     return out if native else out.round_().to(image.dtype)
 
 
+def resize_mask(mask: Tensor, height: int, width: int) -> Tensor:
+    """(H, W) class ids -> (height, width), nearest neighbour on the pixel grid the image
+    resize uses: output pixel i takes source pixel floor((i + 0.5) * in / out), the one whose
+    centre is nearest to its own centre ((i + 0.5) * in / out - 0.5, as the centre-aligned
+    bilinear of ``resize_image``: ``align_corners=False``). torch's ``nearest`` takes
+    floor(i * in / out) instead, which shifts labels against the image by up to half a source
+    pixel; ``nearest-exact`` is the centre-aligned rule."""
+    return F.interpolate(mask[None, None], size=[height, width], mode="nearest-exact")[0, 0]
+
+
 @functools.cache
 def _native_uint8_resize() -> bool:
     arm = platform.machine() in ("aarch64", "arm64")
@@ -106,7 +116,7 @@ def weak(
     nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
     if (nh, nw) != (h, w):
         image = resize_image(image, nh, nw)
-        mask = F.interpolate(mask[None, None], size=[nh, nw], mode="nearest")[0, 0]
+        mask = resize_mask(mask, nh, nw)
     pad_h, pad_w = max(crop - nh, 0), max(crop - nw, 0)
     if pad_h or pad_w:
         image = F.pad(image, (0, pad_w, 0, pad_h), value=0)

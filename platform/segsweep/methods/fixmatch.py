@@ -11,12 +11,28 @@ mixed the same way (French et al., BMVC 2020).
 Shapes: labeled (B, 3, H, W) + (B, H, W); unlabeled weak/strong views (U, 3, H, W),
 CutMix boxes and valid masks (U, H, W). Optionally an EMA teacher (Mean Teacher,
 Tarvainen & Valpola 2017) makes the pseudo masks instead of the student.
+
+Two knobs choose between segsweep's form (the defaults) and UniMatch's (LiheYoung/UniMatch
+``fixmatch.py`` at 818609d):
+
+* ``loss_weighting``: "sum" is L_x + unsup_weight * L_u; "mean" is
+  (L_x + unsup_weight * L_u) / 2, UniMatch's ``loss = (loss_x + loss_u_s) / 2.0`` (L166)
+  when unsup_weight is 1.
+* ``partner_mask``: where the CutMix partner's pseudo mask comes from. "train": the rolled
+  pseudo mask of the same weak-view pass as the batch's own (batch norm in training mode, as
+  the pseudo teacher is). "eval": the partner's mask is predicted again in eval mode under
+  ``no_grad`` (running batch-norm statistics, dropout off) and the model then goes back to
+  training mode, as UniMatch makes ``mask_u_w_mix`` (``torch.no_grad(); model.eval()``
+  L132-137, ``model.train()`` L142). UniMatch's partner is an image of a second unlabeled
+  loader (``zip(trainloader_l, trainloader_u, trainloader_u)``, L120); here the loader gives
+  one unlabeled batch per step, so the partner image is another image of the same batch
+  (the batch rolled by one), only its pseudo mask is made as UniMatch makes it.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -30,6 +46,7 @@ from segsweep.primitives import (
     dropout_off,
     ema_decay_at,
     ema_update,
+    eval_mode,
     masked_cross_entropy,
 )
 
@@ -40,6 +57,13 @@ class FixMatchKnobs(Knobs):
     cutmix: bool = Field(True, description="paste CutMix boxes between strong views")
     ema_teacher: bool = Field(False, description="pseudo masks from an EMA teacher")
     ema_decay: float = Field(0.99, ge=0, lt=1)
+    loss_weighting: Literal["sum", "mean"] = Field(
+        "sum", description="sum: L_x + w L_u; mean: (L_x + w L_u) / 2, as UniMatch"
+    )
+    partner_mask: Literal["train", "eval"] = Field(
+        "train",
+        description="CutMix partner's pseudo mask: the shared train-mode pass, or eval mode as UniMatch",
+    )
 
 
 def mix_in_boxes(box: Tensor, inside: Tensor, outside: Tensor) -> Tensor:
@@ -88,24 +112,51 @@ class FixMatch(Method):
         pseudo = torch.where(batch["valid_u"], pseudo, torch.full_like(pseudo, IGNORE))
         return pseudo, conf, keep & batch["valid_u"]
 
-    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        image_l, mask_l = batch["image_l"], batch["mask_l"]
-        pseudo, _, keep = self.unlabeled_targets(batch)
-        image_s = batch["image_u_s"]
+    def partner_targets(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Pseudo mask and keep mask (U, H, W) of the weak views predicted in eval mode under
+        ``no_grad`` (``partner_mask: eval``; UniMatch ``fixmatch.py`` L132-137, L142): the
+        model's training flags are restored afterwards."""
+        teacher = self.pseudo_teacher()
+        with torch.no_grad(), eval_mode(teacher):
+            logits_w = teacher(batch["image_u_w"])
+        pseudo, _, keep = confidence_mask(logits_w, self.knobs.conf_threshold)
+        pseudo = torch.where(batch["valid_u"], pseudo, torch.full_like(pseudo, IGNORE))
+        return pseudo, keep & batch["valid_u"]
+
+    def strong_targets(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The strong views with their CutMix boxes pasted and their targets: (image_s
+        (U, 3, H, W), pseudo (U, H, W), keep (U, H, W)), then the weak views' own pseudo and
+        keep masks before mixing (for methods that reuse them)."""
+        pseudo_w, _, keep_w = self.unlabeled_targets(batch)
+        image_s, pseudo, keep = batch["image_u_s"], pseudo_w, keep_w
         if self.knobs.cutmix:
             # Paste each strong view's box from the next image of the batch (a fixed roll
             # keeps the step deterministic and costs no extra forward pass).
             box = batch["box_u"]
+            if self.knobs.partner_mask == "eval":
+                partner, partner_keep = self.partner_targets(batch)
+            else:
+                partner, partner_keep = pseudo_w, keep_w
             image_s = mix_in_boxes(box, image_s.roll(1, 0), image_s)
-            pseudo = mix_in_boxes(box, pseudo.roll(1, 0), pseudo)
-            keep = mix_in_boxes(box, keep.roll(1, 0), keep)
+            pseudo = mix_in_boxes(box, partner.roll(1, 0), pseudo_w)
+            keep = mix_in_boxes(box, partner_keep.roll(1, 0), keep_w)
+        return image_s, pseudo, keep, pseudo_w, keep_w
+
+    def combine(self, loss_sup: Tensor, loss_unsup: Tensor) -> Tensor:
+        """The labeled and unlabeled losses as ``loss_weighting`` says."""
+        loss = loss_sup + self.knobs.unsup_weight * loss_unsup
+        return loss / 2 if self.knobs.loss_weighting == "mean" else loss
+
+    def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        image_l, mask_l = batch["image_l"], batch["mask_l"]
+        image_s, pseudo, keep, _, _ = self.strong_targets(batch)
 
         # One forward pass over labeled and strong views: the batch-norm statistics see both.
         logits = self.model(torch.cat([image_l, image_s]))
         logits_l, logits_s = logits.split([image_l.shape[0], image_s.shape[0]])
         loss_sup = self.supervised_loss(logits_l, mask_l)
         loss_unsup = masked_cross_entropy(logits_s, pseudo, weight=keep.float())
-        loss = loss_sup + self.knobs.unsup_weight * loss_unsup
+        loss = self.combine(loss_sup, loss_unsup)
 
         valid = (pseudo != IGNORE).float()
         mask_ratio = (keep.float() * valid).sum() / valid.sum().clamp_min(1)

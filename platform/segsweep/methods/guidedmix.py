@@ -1,8 +1,57 @@
-"""GuidedMix-Net: labeled images guide the pseudo masks of similar unlabeled images.
+"""GuidedMix-Net: labeled images guide the pseudo masks of unlabeled images.
 
 Tu, Huang, Ji, Wang, Chang, Li, "GuidedMix-Net: Semi-Supervised Semantic Segmentation by
 Using Labeled Images as Reference", AAAI 2022 (arXiv 2106.15064 / 2112.14015); official code
-yh-pengtu/GuidedMix-Net (read, not copied). The paper's three components, each switchable:
+yh-pengtu/GuidedMix-Net at 27de72a (read, not copied). Two objectives, ``objective``:
+
+**official** (the default): what the released code trains, the code behind the published
+numbers, so the one to compare against them; ``paper`` keeps our reading of the text. In
+``mmseg/models/segmentors/encoder_decoder.py`` (``GuidedMix_EncoderDecoder``) and the configs
+``configs/3sseg/guidedmix_deeplabv3plus_*.py``:
+
+* one pass of the backbone over labeled and unlabeled images together (L386); the labeled
+  logits get the supervised loss (L392-394) -- here ``supervised_loss``;
+* lambda, one per batch: Beta(1, 1) folded to min(lam, 1 - lam) and redrawn while
+  >= ``lambda_factor`` (L465-469; 0.5 by default, L305, 0.1-0.4 in some Cityscapes configs):
+  uniform on [0, min(``mix_strength``, 0.5)) here;
+* partners at random: ``torch.randperm`` over the batch (L471), which asserts as many labeled
+  as unlabeled images (L463); here the first min(B, U) labeled images each take a distinct
+  random unlabeled partner;
+* the features of the labeled image and of its partner are mixed, lam * f_l + (1 - lam) * f_u
+  (L472), with gradients into both (neither is detached), and pass through a separate mix
+  head, ``decode_head_mix``'s bottleneck (3x3 conv, BN, ReLU) and classifier (L333, L476-477);
+* the labeled image's own logits, as its supervised pass produced them (the
+  ``conv_seg`` forward hook, L353-362, L479), times lam, are subtracted from the mixed logits
+  (L482-483). They are not detached, so gradients flow through them into the labeled pass
+  (weight -lam); here likewise;
+* what remains is trained towards the unlabeled partner's own prediction, detached
+  (``seg_logit_unlabeled_main.detach()[indices]``, L487-488), with the config's ``kl_loss``:
+  mmseg's sigmoid ``FocalLoss``, gamma 0.5, loss_weight 10, reduction mean, alpha left at
+  its default 0.5 (``guidedmix_deeplabv3plus_1464.py`` L35-40, as every 3sseg config; ``focal_loss.py`` L142). Given logits as the target, its
+  CUDA path trains towards their arg-max (``target.argmax(dim=1)``, ``focal_loss.py``
+  L272-279), with no confidence threshold (``primitives.sigmoid_focal_loss``;
+  ``focal_weight`` here);
+* no loss on the unlabeled image's own prediction (its logits, L423, only make the target),
+  and the labeled mirror term is computed but not returned (L489-490, L495);
+* MITrans (``mmseg/models/necks/mitrans.py``: convs and a non-local self-attention block over
+  the mixed features only) is built only when a config passes ``mitrans`` (L329-330, L473);
+  no released config does, so it is off.
+
+Departures in ``official``, forced by the platform: segsweep's models are smp's (DeepLabV3+,
+U-Net, FPN), so the mixed features are the decoder's output map (what the classifier reads)
+rather than the ASPP branches before the bottleneck, and the mix head is a fresh 3x3 conv, BN,
+ReLU and a classifier built as the model's (upsampled as the model upsamples); the loss is
+taken at the input resolution rather than at the head's (upsampling is linear, so subtracting
+before or after it is the same); the released heads have Dropout2d(0.1) before the classifier (config L28;
+``decode_heads/decode_head.py`` L103-104, L224-227),
+while here every pass of the step runs with dropout off (the unlabeled arg-max target above
+all: a pseudo mask is never made through dropout), and the mix head has none; padding pixels
+of the unlabeled image (``valid_u``) weigh 0 in the focal loss (mmseg's ``valid_mask``), the
+mean still over every element as mmseg takes it. Knobs used: ``mix_strength``,
+``focal_weight``; the others are ``paper``'s.
+
+**paper**: our reading of the paper's three components, each switchable (the paper states
+similarity pairing and image mixing, which the code does not do):
 
 * **LUPI, labeled-unlabeled pair interpolation** (pairing + mixing). Each unlabeled image is
   paired with the most similar labeled image of the batch (cosine similarity of the encoder's
@@ -15,23 +64,27 @@ yh-pengtu/GuidedMix-Net (read, not copied). The paper's three components, each s
   both), applied ``mitrans_steps`` times (progressive refinement under the cluster
   assumption: a mixed pixel takes information from labeled pixels that look like it). It sits
   on a training-only branch, as in the official code; inference uses the plain model.
-* **PMG, pseudo mask generation**: the mixed prediction p_mix is trained towards
-  lam * onehot(y_l) + (1 - lam) * p_u; reading it the other way, the unlabeled image's mask is
-  recovered as (p_mix - lam * onehot(y_l)) / (1 - lam), using the labeled partner's known
-  mask as reference, thresholded at ``conf_threshold``, and it supervises the prediction on
-  the unlabeled image. Without PMG, the unlabeled image's own thresholded prediction is used.
+* **PMG, pseudo mask generation**: the mixed prediction p_mix (through the shared decoder) is
+  trained towards lam * onehot(y_l) + (1 - lam) * p_u; reading it the other way, the
+  unlabeled image's mask is recovered as (p_mix - lam * onehot(y_l)) / (1 - lam), using the
+  labeled partner's known mask as reference, thresholded at ``conf_threshold``, and it
+  supervises the prediction on the unlabeled image. Without PMG, the unlabeled image's own
+  thresholded prediction is used.
+
+Where ``paper`` takes what from: pairing by similarity and image mixing, from the paper's
+text; lam below 0.5, from the code (L465-469); the alignment loss, the soft mixed target,
+the PMG formula and its threshold, our forms of the paper's description (its exact formulas
+were not in the text we could read); MITrans as attention to the labeled partner, from the
+paper's description (the released module attends within the mixed features only). No strong
+augmentation in either objective, as in the paper and the code.
 
 Shapes: x_l (B, 3, H, W), y_l (B, H, W); x_u (U, 3, H, W); decoder features (N, D, h, w);
-pairs (U,) index the labeled batch; lam (U,).
-
-Departures from the paper (README, "Methods"): the paper's exact alignment loss, lam
-distribution and PMG formula are not published in the text we could read; the forms above
-follow its description. The official code mixes ASPP features and pairs at random; we mix
-images (as the paper states) and pair by similarity. No strong augmentation, as in the paper.
+pairs (U,) index the labeled batch; lam (U,) in ``paper``, one float in ``official``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, ClassVar, Literal
 
@@ -41,14 +94,32 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from segsweep.methods.base import Batch, Knobs, Method, as_floats
-from segsweep.models import SegModel
-from segsweep.primitives import IGNORE, dropout_off, masked_cross_entropy, one_hot_ignore
+from segsweep.models import PAD_MULTIPLE, SegModel
+from segsweep.primitives import (
+    IGNORE,
+    class_map,
+    dropout_off,
+    masked_cross_entropy,
+    one_hot_ignore,
+    sigmoid_focal_loss,
+)
+
+#: The official ``kl_loss``: sigmoid focal loss, gamma 0.5 (``guidedmix_deeplabv3plus_1464.py``
+#: L35-40, as every 3sseg config), alpha mmseg's default 0.5 (``focal_loss.py`` L142).
+FOCAL_GAMMA = 0.5
+FOCAL_ALPHA = 0.5
 
 
 class GuidedMixKnobs(Knobs):
+    objective: Literal["official", "paper"] = Field(
+        "official", description="official: the released code's loss; paper: our reading of the paper"
+    )
+    focal_weight: float = Field(10.0, ge=0, description="official: weight of the mixed focal loss")
     pairing: Literal["similar", "random"] = Field("similar", description="partner choice (LUPI)")
     align_weight: float = Field(0.1, ge=0, description="feature-alignment loss weight")
-    mix_strength: float = Field(0.5, gt=0, lt=1, description="max share of the labeled image in a mix")
+    mix_strength: float = Field(
+        0.5, gt=0, lt=1, description="max share of the labeled image in a mix (official: capped at 0.5)"
+    )
     mitrans: bool = Field(True, description="refine mixed features with MITrans")
     mitrans_steps: int = Field(2, ge=1, le=8, description="MITrans refinement iterations")
     mask_generation: bool = Field(True, description="PMG pseudo masks (off: plain pseudo labels)")
@@ -167,24 +238,70 @@ class MITrans(nn.Module):
         return mixed + delta
 
 
+class MixHead(nn.Module):
+    """The official objective's separate head for mixed features (``decode_head_mix``,
+    ``encoder_decoder.py`` L333, L476-477: bottleneck 3x3 conv, BN, ReLU, then the
+    classifier): a 3x3 conv, BN, ReLU and a fresh classifier built as ``model``'s (its
+    convolution re-initialised as smp initialises heads), upsampled to the input as the
+    model's logits are (padded to a multiple of 32, then cropped)."""
+
+    def __init__(self, model: SegModel) -> None:
+        super().__init__()
+        d = model.decoder_channels
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(d, d, 3, padding=1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True)
+        )
+        self.classifier = copy.deepcopy(model.net.segmentation_head)
+        for m in self.classifier.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, features: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+        logits = self.classifier(self.bottleneck(features))
+        h, w = int(size[0]), int(size[1])
+        padded = (h + (-h) % PAD_MULTIPLE, w + (-w) % PAD_MULTIPLE)
+        if logits.shape[-2:] != padded:
+            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+
+def official_lambda(mix_strength: float) -> float:
+    """One lambda per batch, uniform on [0, min(mix_strength, 0.5)): the distribution of the
+    official draw (Beta(1, 1) folded to min(lam, 1 - lam), redrawn while >= lambda_factor,
+    ``encoder_decoder.py`` L465-469), from torch's global generator (checkpointed)."""
+    return float(torch.rand(())) * min(mix_strength, 0.5)
+
+
+def decoupled_logits(logits_mix: Tensor, logits_l: Tensor, lam: float) -> Tensor:
+    """The mixed logits less lam times the labeled image's own logits (``encoder_decoder.py``
+    L482-483): what remains is trained as the unlabeled partner's prediction."""
+    return logits_mix - lam * logits_l
+
+
 # ---------------------------------------------------------------------------------------------
 
 
 class GuidedMix(Method):
     Knobs = GuidedMixKnobs
     uses_unlabeled = True
-    summary = "GuidedMix-Net: similar-pair mixing, MITrans, pseudo masks guided by labeled masks"
+    summary = "GuidedMix-Net: labeled-unlabeled feature mixing, decoupled focal loss (paper: PMG masks)"
+    #: The space of the default objective, ``official`` (the paper's knobs do nothing there);
+    #: a spec that sweeps ``objective: paper`` names its own (conf_threshold, mix_weight, ...).
     search_space: ClassVar[dict[str, dict[str, Any]]] = {
-        "guidedmix.mix_strength": {"type": "float", "low": 0.1, "high": 0.6},
-        "guidedmix.conf_threshold": {"type": "float", "low": 0.5, "high": 0.95},
-        "guidedmix.mix_weight": {"type": "logfloat", "low": 0.25, "high": 4.0},
-        "guidedmix.unsup_weight": {"type": "logfloat", "low": 0.25, "high": 4.0},
+        "guidedmix.mix_strength": {"type": "float", "low": 0.1, "high": 0.5},
+        "guidedmix.focal_weight": {"type": "logfloat", "low": 2.5, "high": 40.0},
     }
 
     def __init__(self, model: SegModel, knobs: GuidedMixKnobs, num_classes: int) -> None:
         super().__init__(model, knobs, num_classes)
         self.knobs: GuidedMixKnobs = knobs
-        self.mitrans = MITrans(model.decoder_channels, knobs.mitrans_steps) if knobs.mitrans else None
+        paper = knobs.objective == "paper"
+        self.mitrans = (
+            MITrans(model.decoder_channels, knobs.mitrans_steps) if paper and knobs.mitrans else None
+        )
+        self.mix_head = MixHead(model) if not paper else None
         # The last labeled batch: the partners of the diagnostic pseudo masks at evaluation.
         self._guide: tuple[Tensor, Tensor] | None = None
 
@@ -201,11 +318,48 @@ class GuidedMix(Method):
             decoder = self.mitrans(decoder, guide_features)
         return self.model.head(decoder, x_mix.shape[-2:])
 
+    @property
+    def conf_threshold(self) -> float:
+        """``official`` has no threshold: every pixel's arg-max is a target."""
+        return self.knobs.conf_threshold if self.knobs.objective == "paper" else 0.0
+
     def training_step(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        # Every pass here also makes the pseudo masks (p_u, the mixed prediction): none goes
-        # through dropout (smp's DeepLabV3+ ASPP has Dropout(0.5); UniMatch's head has none).
-        with dropout_off(self.model):
+        # Every pass here also makes the pseudo masks (p_u, the mixed prediction, the
+        # official arg-max target): none goes through dropout (smp's DeepLabV3+ ASPP has
+        # Dropout(0.5); UniMatch's head has none).
+        with dropout_off(self):
+            if self.knobs.objective == "official":
+                return self._official_step(batch)
             return self._training_step(batch)
+
+    def _official_step(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """The released code's objective (module docstring, with its lines)."""
+        assert self.mix_head is not None
+        x_l, y_l, x_u, valid = batch["image_l"], batch["mask_l"], batch["image_u_w"], batch["valid_u"]
+        b, u = x_l.shape[0], x_u.shape[0]
+
+        # One pass over labeled and unlabeled images (L386); supervised loss on the labeled.
+        feats = self.model.forward_features(torch.cat([x_l, x_u]))
+        logits_l, logits_u = feats.logits.split([b, u])
+        loss_sup = self.supervised_loss(logits_l, y_l)
+
+        # Random partners (L471), one lam per batch (L465-469), features mixed (L472) with
+        # gradients into both images' passes, through the separate mix head (L476-477).
+        n = min(b, u)
+        partner = torch.randperm(u)[:n].to(x_u.device)
+        lam = official_lambda(self.knobs.mix_strength)
+        dec_l, dec_u = feats.decoder.split([b, u])
+        logits_mix = self.mix_head(lam * dec_l[:n] + (1 - lam) * dec_u[partner], x_u.shape[-2:])
+
+        # Less lam x the labeled pass's own logits, not detached (L482-483), trained towards
+        # the arg-max of the partner's detached prediction (L487-488), no threshold.
+        remains = decoupled_logits(logits_mix, logits_l[:n], lam)
+        target = class_map(logits_u.detach()[partner])
+        target = torch.where(valid[partner], target, torch.full_like(target, IGNORE))
+        loss_mix = sigmoid_focal_loss(remains, target, gamma=FOCAL_GAMMA, alpha=FOCAL_ALPHA)
+
+        loss = loss_sup + self.knobs.focal_weight * loss_mix
+        return loss, as_floats({"loss": loss, "loss_sup": loss_sup, "loss_mix": loss_mix, "mix_lambda": lam})
 
     def _training_step(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         k, n = self.knobs, self.num_classes
@@ -261,11 +415,15 @@ class GuidedMix(Method):
 
     @torch.no_grad()
     def pseudo_label(self, image_u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """PMG masks for held images, guided by the last labeled batch (lam fixed at half the
+        """``official``: the arg-max of the prediction, every pixel kept (the target of the
+        mixed branch). ``paper``: PMG masks for held images, guided by the last labeled batch (lam fixed at half the
         mix strength, so evaluation consumes no randomness); the plain prediction before any
         training step or with PMG off."""
         logits_u = self.model(image_u)
         p_u = logits_u.float().softmax(1)
+        if self.knobs.objective == "official":  # the arg-max target, every pixel kept
+            conf, pseudo = p_u.max(dim=1)
+            return pseudo, conf, torch.ones_like(pseudo, dtype=torch.bool)
         if not self.knobs.mask_generation or self._guide is None:
             conf, pseudo = p_u.max(dim=1)
             return pseudo, conf, conf >= self.knobs.conf_threshold

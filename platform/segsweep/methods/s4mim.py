@@ -23,6 +23,11 @@ The three components of the abstract, on the weak-to-strong FixMatch base of thi
   (Masking the decoder's output instead leaves the head, a 1x1 or 3x3 conv, nothing to
   predict from: its logits there are its bias.)
 
+Both masked passes (the class-wise MIM input, mostly zeros, and the decoder over mask
+tokens) normalise with their own batch's statistics but leave the running batch-norm
+statistics as they were (``primitives.bn_stats_frozen``): evaluation normalises real images
+with those, which must not have absorbed near-blank ones.
+
 Shapes: images (N, 3, H, W), labels (N, H, W) with 255 = ignore, decoder features
 (N, D, h, w), deepest encoder features (N, E, h', w'), masks (N, H, W) bool.
 
@@ -41,9 +46,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from segsweep.methods.base import Batch, as_floats
-from segsweep.methods.fixmatch import FixMatch, FixMatchKnobs, mix_in_boxes
-from segsweep.models import SegModel
-from segsweep.primitives import IGNORE, masked_cross_entropy
+from segsweep.methods.fixmatch import FixMatch, FixMatchKnobs
+from segsweep.models import PAD_MULTIPLE, SegModel
+from segsweep.primitives import IGNORE, bn_stats_frozen, masked_cross_entropy
 
 
 class S4MIMKnobs(FixMatchKnobs):
@@ -81,6 +86,17 @@ def patch_mask(
     grid = cells.view(n, 1, gh, gw).float()
     full = F.interpolate(grid, scale_factor=patch, mode="nearest")[:, 0, :height, :width]
     return full.bool().to(device)
+
+
+def cells_to_pixels(cells: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """(N, h', w') bool cells of a feature map of the input padded to a multiple of
+    ``PAD_MULTIPLE`` (as ``SegModel`` pads it, bottom and right) -> (N, H, W) bool pixels of
+    the unpadded input: each cell covers ``stride`` x ``stride`` padded pixels, the padding is
+    cropped. (Interpolating the cells straight to (H, W) would stretch them over the crop.)"""
+    h, w = int(size[0]), int(size[1])
+    sh = (h + (-h) % PAD_MULTIPLE) // cells.shape[-2]
+    sw = (w + (-w) % PAD_MULTIPLE) // cells.shape[-1]
+    return cells.repeat_interleave(sh, dim=-2).repeat_interleave(sw, dim=-1)[..., :h, :w]
 
 
 def pick_classes(labels: Tensor, generator: torch.Generator) -> Tensor:
@@ -174,20 +190,14 @@ class S4MIM(FixMatch):
         x_l, y_l, x_w = batch["image_l"], batch["mask_l"], batch["image_u_w"]
         b = x_l.shape[0]
 
-        # The FixMatch base: pseudo masks on weak views supervise CutMixed strong views.
-        pseudo, _, keep = self.unlabeled_targets(batch)
-        pseudo_w, keep_w = pseudo, keep
-        x_s = batch["image_u_s"]
-        if k.cutmix:
-            box = batch["box_u"]
-            x_s = mix_in_boxes(box, x_s.roll(1, 0), x_s)
-            pseudo = mix_in_boxes(box, pseudo.roll(1, 0), pseudo)
-            keep = mix_in_boxes(box, keep.roll(1, 0), keep)
+        # The FixMatch base: pseudo masks on weak views supervise CutMixed strong views
+        # (``fixmatch.loss_weighting`` and ``partner_mask`` apply here too).
+        x_s, pseudo, keep, pseudo_w, keep_w = self.strong_targets(batch)
         feats = self.model.forward_features(torch.cat([x_l, x_s]))
         logits_l, logits_s = feats.logits.split([b, x_s.shape[0]])
         loss_sup = self.supervised_loss(logits_l, y_l)
         loss_unsup = masked_cross_entropy(logits_s, pseudo, weight=keep.float())
-        loss = loss_sup + k.unsup_weight * loss_unsup
+        loss = self.combine(loss_sup, loss_unsup)
         logs: dict[str, Tensor] = {"loss_sup": loss_sup, "loss_unsup": loss_unsup}
 
         # Class-wise MIM on labeled (ground truth) and weak unlabeled (confident pseudo) images.
@@ -200,7 +210,11 @@ class S4MIM(FixMatch):
             )
             classes = pick_classes(labels, g)
             target, context = classwise_regions(labels, masked, classes, k.class_wise)
-            feats_m = self.model.forward_features(images * context.unsqueeze(1))
+            # Normalised with the masked batch's own statistics, but the running statistics
+            # that evaluation uses stay those of real images: a near-blank masked image must
+            # not be averaged into them.
+            with bn_stats_frozen(self.model):
+                feats_m = self.model.forward_features(images * context.unsqueeze(1))
             recon = self.recon(feats_m.decoder, images.shape[-2:])
             err = ((recon.float() - images.float()) ** 2).mean(dim=1)
             loss_rec = (err * target).sum() / target.sum().clamp_min(1)
@@ -224,8 +238,9 @@ class S4MIM(FixMatch):
             h, w = deep.shape[-2:]
             patch = max(1, round(k.patch_size * h / x_l.shape[-2]))
             cells = patch_mask(deep.shape[0], h, w, patch, k.sem_mask_ratio, g, deep.device)
-            logits_m = self.semantic_mim_logits(feats.encoder, cells, x_l.shape[-2:])
-            pix = F.interpolate(cells.unsqueeze(1).float(), size=x_l.shape[-2:], mode="nearest")[:, 0] > 0
+            with bn_stats_frozen(self.model):  # the decoder sees mask tokens: same reason
+                logits_m = self.semantic_mim_logits(feats.encoder, cells, x_l.shape[-2:])
+            pix = cells_to_pixels(cells, x_l.shape[-2:])
             targets = torch.cat([y_l, pseudo])
             targets = torch.where(pix, targets, torch.full_like(targets, IGNORE))  # masked pixels only
             weights = torch.cat([torch.ones_like(y_l, dtype=torch.float), keep.float()])
