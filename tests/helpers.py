@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -157,3 +159,47 @@ def store_with_two_sweeps_named_alike(uri: str, experiment: str) -> tuple[str, s
                 client.set_terminated(kid.info.run_id, "FINISHED")
         client.set_terminated(parent.info.run_id, "FINISHED")
     return ids[0], ids[1]
+
+
+def chrome(profile: Path | None = None, size: str = "1200,1600"):
+    """Headless Debian Chromium (Selenium), with a fresh profile when given (no remembered
+    workflow type or view state). `make test` installs it: missing, the test fails."""
+    import pytest
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.fail(
+            "headless Chromium is missing: `make test` installs the chromium and chromium-driver packages"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    flags = [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--window-size={size}",
+    ]
+    flags += [f"--user-data-dir={profile}"] if profile is not None else []
+    for flag in flags:
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a process group started with ``start_new_session``, SIGKILL after 30 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

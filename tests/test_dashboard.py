@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from segsweep.dashboard import Dashboard, serve
 from segsweep.errors import ConfigError
 from segsweep.tracking import RunTracker
 
-from .helpers import store_with_two_sweeps_named_alike
+from .helpers import chrome, store_with_two_sweeps_named_alike
 
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"
 
@@ -74,6 +73,28 @@ def test_api_builds_the_curve_table_and_run_views(store: str) -> None:
     assert app.curve_png("dash", "last")[:4] == b"\x89PNG"
 
 
+def test_the_dashboard_links_to_where_the_stores_ui_is_and_marks_counted_runs(
+    store: str, tmp_path: Path
+) -> None:
+    from segsweep.answer import publish
+
+    local = Dashboard(store, None)  # a local store: its UI runs where `mlflow ui` was started
+    assert local.experiments()["mlflow_url"] == ""
+    assert all(r["mlflow_link"] == "" for r in local.runs("dash")["runs"])
+    served = Dashboard("http://bob:pw@mlflow.example:5000", None)
+    assert served.mlflow_url == "http://mlflow.example:5000"  # the server's own UI, no password
+    given = Dashboard(store, "http://127.0.0.1:5001/")
+    rows = given.runs("dash")["runs"]
+    assert all(r["mlflow_link"].startswith("http://127.0.0.1:5001/#/experiments/") for r in rows)
+    assert all("workflowType=machine_learning" in r["mlflow_link"] for r in rows)
+    assert not any(r["counted"] for r in rows)
+    # once the sweep's answer is published, the run the curve counts for each cell is marked
+    parent = next(p for p in given.runs("dash")["sweeps"])
+    counted = publish(store, "dash", parent["id"]).counted
+    fresh = Dashboard(store, "http://127.0.0.1:5001").runs("dash")["runs"]
+    assert {r["id"] for r in fresh if r["counted"]} == counted and len(counted) == 8
+
+
 def test_api_draws_one_sweep_of_an_experiment_that_holds_several(store: str) -> None:
     app = Dashboard(store, None)
     sweeps = app.runs("twice")["sweeps"]
@@ -90,31 +111,6 @@ def test_api_draws_one_sweep_of_an_experiment_that_holds_several(store: str) -> 
     with pytest.raises(ConfigError, match="2 sweeps of experiment 'twice' are named 's'"):
         app.curve("twice", "last", "s")
     assert len(app.runs("dash")["sweeps"]) == 1
-
-
-def chrome():
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        pytest.fail(
-            "headless Chromium is missing: `make test` installs the chromium and chromium-driver packages"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1200,1600",
-    ):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
 
 @pytest.mark.browser
@@ -160,6 +156,8 @@ def test_dashboard_in_a_real_browser(store: str, tmp_path: Path) -> None:
         assert len(driver.find_elements(By.CSS_SELECTOR, "#charts svg")) >= 2
         links = [a.get_attribute("href") for a in driver.find_elements(By.LINK_TEXT, "MLflow")]
         assert links and all(link.startswith("http://127.0.0.1:5000/#/experiments/") for link in links)
+        # MLflow's Model training view, never its GenAI overview
+        assert all("workflowType=machine_learning" in link for link in links)
         driver.save_screenshot(str(tmp_path / "dashboard.png"))
         assert not driver.find_element(By.ID, "sweep-label").is_displayed()  # one sweep: no choice
 

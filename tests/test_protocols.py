@@ -473,7 +473,9 @@ def test_the_blur_sigma_range_is_settable() -> None:
     from segsweep.data import transforms as T
 
     def sigmas(*bounds: float) -> list[float]:
-        return [float(T.draw_strong(np.random.default_rng(i), 0.0, 0.0, 1.0, *bounds)[-1]) for i in range(300)]
+        return [
+            float(T.draw_strong(np.random.default_rng(i), 0.0, 0.0, 1.0, *bounds)[-1]) for i in range(300)
+        ]
 
     unimatch = sigmas(2.0, 0.1)  # sigma uniform in [0.1, 2.0]
     assert 0.1 <= min(unimatch) < 0.2 and 1.9 < max(unimatch) <= 2.0

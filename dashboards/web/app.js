@@ -42,10 +42,12 @@ const ratioLabel = (r) => {
   return Math.abs(inv - Math.round(inv)) < 1e-6 && inv > 1 ? `1/${Math.round(inv)}` : String(r);
 };
 
-function mlflowLink(expId, runId) {
-  if (!mlflowUrl) return null;
+// Links into MLflow's Model training view, made by the server (mlflow_view.py); none while
+// the UI's address is unset (a local store: `segsweep dashboard --mlflow-url URL`).
+function mlflowLink(href) {
+  if (!href) return null;
   const a = document.createElement("a");
-  a.href = `${mlflowUrl}/#/experiments/${encodeURIComponent(expId)}/runs/${encodeURIComponent(runId)}`;
+  a.href = href;
   a.textContent = "MLflow";
   a.target = "_blank";
   a.rel = "noopener";
@@ -115,7 +117,7 @@ async function loadExperiment(sameSweep = false) {
   const table = $("runs");
   table.replaceChildren();
   const head = document.createElement("tr");
-  ["run", "method", "ratio", "seed", "phase", "status", "val/mIoU last", "tune/mIoU best", ""].forEach((h) => cell(head, h, "th"));
+  ["run", "method", "ratio", "seed", "phase", "status", "val/mIoU last", "tune/mIoU best", "counted", ""].forEach((h) => cell(head, h, "th"));
   table.appendChild(head);
   runs.runs.forEach((r) => {
     const tr = document.createElement("tr");
@@ -128,8 +130,10 @@ async function loadExperiment(sameSweep = false) {
     cell(tr, r.segsweep_status || r.status);
     cell(tr, pct(r.val_mIoU_last));
     cell(tr, pct(r.tune_mIoU_best));
+    const mark = cell(tr, r.counted ? "\u2713" : "");
+    if (r.counted) { tr.classList.add("counted"); mark.title = "the run the curve counts for its cell and seed"; }
     const links = cell(tr, "");
-    const link = mlflowLink(r.experiment_id, r.id);
+    const link = mlflowLink(r.mlflow_link);
     if (link) links.appendChild(link);
     tr.addEventListener("click", (ev) => { if (ev.target.tagName !== "A") loadRun(r.id); });
     table.appendChild(tr);
@@ -183,7 +187,7 @@ async function loadRun(id) {
   $("run-title").textContent = run.name || run.id;
   const p = run.params;
   $("run-meta").textContent = `${p.method || ""} · label ratio ${p.label_ratio || ""} · seed ${p.seed || ""} · ${run.status} · ${run.id}`;
-  const link = mlflowLink(run.experiment_id, run.id);
+  const link = mlflowLink(run.mlflow_link);
   if (link) { $("run-meta").append(" · "); $("run-meta").appendChild(link); }
   const charts = $("charts");
   charts.replaceChildren();
@@ -191,6 +195,8 @@ async function loadRun(id) {
     if (pts.length > 0) charts.appendChild(lineChart(key, pts));
   });
   const panels = run.images.filter((i) => i.key.includes("panels"));
+  // A method that makes no pseudo masks logs no panels: no empty panel is shown for it.
+  $("panels-section").hidden = panels.length === 0;
   const slider = $("panel-step");
   slider.max = Math.max(0, panels.length - 1);
   slider.value = slider.max;
@@ -209,7 +215,7 @@ async function init() {
   try {
     const info = await api("/api/experiments");
     mlflowUrl = info.mlflow_url;
-    $("store").textContent = `store: ${info.store}`;
+    $("store").textContent = `store: ${info.store} · MLflow UI: ${mlflowUrl || "unset (segsweep dashboard --mlflow-url URL)"}`;
     const select = $("experiment");
     info.experiments.filter((e) => e.name !== "Default").forEach((e) => {
       const opt = document.createElement("option");

@@ -25,6 +25,7 @@ from segsweep.errors import (
     InjectedFailure,
     Interrupted,
     UserError,
+    first_line,
     one_line,
     redact,
     user_message,
@@ -237,13 +238,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     if uri.startswith("sqlite:///"):
         print(f"  browse:  mlflow ui --backend-store-uri {uri} --port 5000")
-        print(f"           then open http://127.0.0.1:5000/#/experiments/{result.experiment_id}")
-    else:
-        print(f"  browse:  {uri}/#/experiments/{result.experiment_id}")
-    print(
-        "  compare: in the runs table, group by the tag segsweep.cell or the params method and "
-        "label_ratio; filter tags.`segsweep.phase` = 'final' for the seed runs"
-    )
+    # The answer where the MLflow UI shows it: counted runs tagged, the parent's description,
+    # the curve as its artifacts, a saved comparison view (answer.py).
+    searched = sorted({k for c in plan.cells for k in c.space})
+    try:
+        from segsweep.answer import publish
+
+        for line in publish(
+            result.tracking_uri, plan.experiment, result.parent_run_id, searched=searched
+        ).lines:
+            print(line)
+    except UserError as exc:  # the runs are safe in the store: say why the answer is missing
+        print(f"note: the sweep's answer was not written to MLflow ({first_line(exc)})")
+    if any(o.phase == "final" for o in result.outcomes.values()):
+        print("  finals:  filter tags.`segsweep.phase` = 'final' for the seed runs")
     print(
         f"  curves:  segsweep curve --experiment {plan.experiment}"
         + (f" --tracking-uri {uri}" if args.tracking_uri else "")
@@ -307,9 +315,22 @@ def cmd_curve(args: argparse.Namespace) -> int:
             "(--sweep NAME_OR_RUN_ID for one)"
         )
     if parents and not args.no_log:  # the chosen sweep, or the newest
-        log_files(args.tracking_uri, parents[0].run_id, files, "curve")
         newest = " newest" if len(parents) > 1 else ""
-        print(f"\nlogged to the{newest} sweep's parent run {parents[0].run_id} (artifacts/curve)")
+        if len(parents) == 1:  # one sweep's curve: its answer where MLflow shows it (answer.py)
+            from segsweep.answer import publish
+            from segsweep.tracking import resolve_uri
+
+            answer = publish(
+                resolve_uri(args.tracking_uri), args.experiment, parents[0].run_id, args.value, args.baseline
+            )
+            print(
+                f"\nlogged to the sweep's parent run {parents[0].run_id} (artifacts/curve, its description)"
+            )
+            for line in answer.lines:
+                print(line)
+        else:
+            log_files(args.tracking_uri, parents[0].run_id, files, "curve")
+            print(f"\nlogged to the{newest} sweep's parent run {parents[0].run_id} (artifacts/curve)")
     print("written: " + ", ".join(str(f) for f in files))
     return 0
 
@@ -666,7 +687,11 @@ def build_parser() -> Parser:
     p.add_argument(
         "--port", type=_int_in(0, 65535), default=8050, help="port (default: 8050; 0 picks a free one)"
     )
-    p.add_argument("--mlflow-url", default="http://127.0.0.1:5000", help="MLflow UI to link runs to")
+    p.add_argument(
+        "--mlflow-url",
+        help="the MLflow UI to link runs to (default: the store's server for an http(s) store; unset "
+        "for a local store, whose UI runs where `mlflow ui` was started, e.g. http://127.0.0.1:5000)",
+    )
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser(

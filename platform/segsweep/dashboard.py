@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from segsweep import report
+from segsweep import mlflow_view, report
+from segsweep.answer import TAG_COUNTED, ui_base_url
 from segsweep.errors import ConfigError, UserError
 from segsweep.tracking import (
     TAG_KIND,
@@ -86,7 +87,10 @@ class Dashboard:
 
     def __init__(self, tracking_uri: str | None, mlflow_url: str | None) -> None:
         self.uri = resolve_uri(tracking_uri)
-        self.mlflow_url = (mlflow_url or "").rstrip("/")
+        # Where the store's MLflow UI is: given, or the server of an http(s) store; a local
+        # store's UI runs only where someone started `mlflow ui`, so it stays unset (said).
+        served = redact(self.uri).startswith(("http://", "https://"))
+        self.mlflow_url = (mlflow_url or (ui_base_url(self.uri) if served else "")).rstrip("/")
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="segsweep-dashboard-"))
@@ -100,6 +104,14 @@ class Dashboard:
         with self._lock:
             self._cache[key] = (time.time(), value)
         return value
+
+    def _link(self, experiment_id: str, run_id: str | None = None) -> str:
+        """A link into the MLflow UI's Model training view ("" while its address is unset)."""
+        if not self.mlflow_url:
+            return ""
+        if run_id is None:
+            return mlflow_view.runs_link(self.mlflow_url, experiment_id)
+        return mlflow_view.run_link(self.mlflow_url, experiment_id, run_id)
 
     def experiments(self) -> dict[str, Any]:
         return {
@@ -164,6 +176,9 @@ class Dashboard:
                     "val_mIoU_last": r.metrics.get("val/mIoU_last"),
                     "tune_mIoU_best": r.metrics.get("tune/mIoU_best"),
                     "experiment_id": r.experiment_id,
+                    # the run the curve counts for its cell and seed (answer.py tags it)
+                    "counted": r.tags.get(TAG_COUNTED) == "true",
+                    "mlflow_link": self._link(r.experiment_id, r.run_id),
                 }
             )
         rows.sort(key=lambda x: (x["method"], x["label_ratio"], x["seed"], x["name"]))
@@ -190,6 +205,7 @@ class Dashboard:
                     for i in images
                 ],
                 "mlflow_url": self.mlflow_url,
+                "mlflow_link": self._link(r.experiment_id, r.run_id),
             }
         )
 
