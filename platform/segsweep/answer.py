@@ -137,6 +137,7 @@ def publish(
         metric,
         PANELS_KEY,
         COUNTED_FILTER,
+        step_metric="val/mIoU",  # the chart: val/mIoU over steps (the column: the rule's summary)
     )
     key = mlflow_view.store_view(client, parent.experiment_id, state, f"segsweep-{parent.name}")
     view = mlflow_view.view_link(base, parent.experiment_id, key) if key else None

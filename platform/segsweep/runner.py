@@ -88,9 +88,12 @@ def label_ratio_of(cfg: RunConfig, data: Data) -> float:
 
 
 def run_params(cfg: RunConfig, data: Data) -> dict[str, object]:
-    """What a run is, as MLflow params: the flat config plus the names the UI groups by."""
+    """What a run is, as MLflow params: the flat config plus the names the UI groups by. One
+    name each for method, label ratio and seed: ``label_ratio`` (what the split holds) stands
+    for ``data.label_ratio`` (as configured; config.yaml keeps it), never both side by side."""
+    flat = {k: v for k, v in cfg.flat().items() if k != "data.label_ratio"}
     return {
-        **cfg.flat(),
+        **flat,
         "dataset": cfg.data.name,
         "label_ratio": label_ratio_of(cfg, data),
         "n_labeled": len(data.split.labeled),
