@@ -197,6 +197,16 @@ def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path
     for text in (logged, (tmp_path / "sweeps/tiny/spec.yaml").read_text()):  # the copies keep no password
         assert "postgresql://bob:***@db:5432/optuna" in text and "hunter2" not in text
     assert (tmp_path / "sweeps/tiny/sweep.json").stat().st_mode & 0o777 == 0o600  # its --set as given
+    # the answer where the MLflow UI shows it: one counted run per cell and final seed, the
+    # parent's description, the stored view and its link (the Model training view)
+    counted = [k for k in kids if k.data.tags.get("segsweep.counted") == "true"]
+    assert len(counted) == 4 * 2 and all(k.data.tags["segsweep.phase"] == "final" for k in counted)
+    assert all(k.data.tags.get("segsweep.counted") == "false" for k in kids if k not in counted)
+    assert "| method | 1/4 | 1/2 |" in parent.data.tags["mlflow.note.content"]
+    view = next(line for line in proc.stdout.splitlines() if line.strip().startswith("compare:"))
+    assert "viewStateShareKey=segsweep-tiny" in view and "workflowType=machine_learning" in view
+    assert "mlflow.sharedViewState.segsweep-tiny" in client.get_experiment(parent.info.experiment_id).tags
+    assert "finals:" in proc.stdout and all(k.info.run_name.split()[0] in ("supervised", "fixmatch") for k in kids)
     # one Optuna study per searched cell, with its trials
     from segsweep.studies import counts
 
