@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from segsweep.bench import (
     base_config,
@@ -295,8 +296,9 @@ def test_an_untracked_run_renders_no_panels_and_the_bench_times_the_tracker_call
     rendered: list[int] = []
     real = engine.sample_panel
     monkeypatch.setattr(engine, "sample_panel", lambda *a: rendered.append(1) or real(*a))
-    cfg = tiny(method="fixmatch")  # 4 steps, an evaluation (and a panel) every 2
-    prepare(cfg).trainer.run(tmp_path / "untracked", NullTracker())
+    cfg = tiny(method="fixmatch")  # 4 steps, an evaluation (and a panel) every 2, one at the start
+    untracked = prepare(cfg).trainer
+    untracked.run(tmp_path / "untracked", NullTracker())
     assert rendered == []
 
     class Keeping(NullTracker):
@@ -308,8 +310,16 @@ def test_an_untracked_run_renders_no_panels_and_the_bench_times_the_tracker_call
 
     keeping = Keeping()
     calls = TimedCalls(keeping)
-    prepare(cfg).trainer.run(tmp_path / "tracked", calls)  # type: ignore[arg-type]
-    assert len(rendered) == 2 and [(k, s) for _, k, s in keeping.images] == [
+    tracked = prepare(cfg).trainer
+    tracked.run(tmp_path / "tracked", calls)  # type: ignore[arg-type]
+    # the panels' passes draw no randomness the training sees: both runs trained alike
+    for a, b in zip(
+        untracked.method.state_dict().values(), tracked.method.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    # before the first step (where MLflow's image slider starts), then at each evaluation
+    assert len(rendered) == 3 and [(k, s) for _, k, s in keeping.images] == [
+        ("panels/pseudo_masks", 0),
         ("panels/pseudo_masks", 2),
         ("panels/pseudo_masks", 4),
     ]

@@ -483,3 +483,23 @@ def test_the_blur_sigma_range_is_settable() -> None:
     assert min(narrow) >= 0.5 and max(narrow) <= 1.0
     default = sigmas(1.0)  # min unset: 0.05 x max, as the embedded results used
     assert 0.05 <= min(default) < 0.1
+
+
+def test_accumulation_keeps_each_parts_share_of_ohem_and_a_cutmix_partner(cache_dir: Path) -> None:
+    from segsweep.data import build_data
+    from segsweep.engine import Trainer, supervised_loss_of
+    from segsweep.errors import ConfigError
+
+    four = validate_run_config(
+        {"train": {"loss": "ohem", "ohem_min_kept": 800_000, "batch_size": 8, "accumulate": 4}}, "test"
+    )
+    assert supervised_loss_of(four.train).keywords["min_kept"] == 200_000  # UniMatch's per GPU of 2
+    # FixMatch's CutMix partner comes from the same micro-batch: one unlabeled image is refused
+    cfg = validate_run_config(
+        tiny_tree(cache_dir, method="fixmatch", **{"train.batch_size": 4, "train.accumulate": 4}), "test"
+    )
+    with pytest.raises(ConfigError, match="train.accumulate: 4 micro-batches leave 1 unlabeled image"):
+        Trainer(cfg, build_data(cfg.data))
+    # a budget in epochs and one in steps: one line naming both
+    with pytest.raises(Exception, match="steps and epochs are both set"):
+        validate_run_config({"train": {"epochs": 2, "steps": 5}}, "test")

@@ -391,3 +391,29 @@ def test_the_best_evaluation_on_val_is_kept_beside_the_value_never_as_it() -> No
     assert summary.mean == pytest.approx(0.61) and summary.best_on_val == pytest.approx(0.65)
     rows.append(Row("fixmatch", "voc", 0.1, 92, 2, 0.61))  # a run that logged no best
     assert summarise(rows)[0].best_on_val is None
+
+
+def test_published_split_lists_are_points_of_one_curve_and_other_crops_their_own_arm() -> None:
+    """voc_classic's cells name a split list each: one arm per method across the lists.
+    voc_blended's U2PL lists run at 513 px: their own arm, set against supervised-only at
+    513 px, never pooled with the 321 px point of the same ratio."""
+    from segsweep.report import Row, arm_of_cell, paired_differences, summarise
+
+    assert arm_of_cell("method=fixmatch,ratio=0.0087,data.split=unimatch/pascal/92,seed=0") == "fixmatch"
+    u2pl = "method=fixmatch,ratio=0.0625,data.split=unimatch/pascal/u2pl_1_16,data.crop_size=513,seed=0"
+    assert arm_of_cell(u2pl) == "fixmatch (data.crop_size=513)"
+    rows = [
+        Row(arm, "voc_aug", 0.0625, 662, 0, value, split_family=family)
+        for arm, value, family in (
+            ("supervised", 0.60, "published/pascal/1_16"),
+            ("fixmatch", 0.66, "published/pascal/1_16"),
+            ("supervised (data.crop_size=513)", 0.70, "published/pascal/u2pl_1_16"),
+            ("fixmatch (data.crop_size=513)", 0.74, "published/pascal/u2pl_1_16"),
+        )
+    ]
+    assert {(s.method, s.n) for s in summarise(rows)} == {(r.method, 1) for r in rows}
+    diffs = {d.method: (d.baseline, round(d.mean_diff, 4)) for d in paired_differences(rows)}
+    assert diffs == {
+        "fixmatch": ("supervised", 0.06),
+        "fixmatch (data.crop_size=513)": ("supervised (data.crop_size=513)", 0.04),
+    }

@@ -206,7 +206,9 @@ def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path
     view = next(line for line in proc.stdout.splitlines() if line.strip().startswith("compare:"))
     assert "viewStateShareKey=segsweep-tiny" in view and "workflowType=machine_learning" in view
     assert "mlflow.sharedViewState.segsweep-tiny" in client.get_experiment(parent.info.experiment_id).tags
-    assert "finals:" in proc.stdout and all(k.info.run_name.split()[0] in ("supervised", "fixmatch") for k in kids)
+    assert "finals:" in proc.stdout and all(
+        k.info.run_name.split()[0] in ("supervised", "fixmatch") for k in kids
+    )
     # one Optuna study per searched cell, with its trials
     from segsweep.studies import counts
 

@@ -28,9 +28,13 @@ def epoch_steps(cfg: RunConfig, n_labeled: int, n_unlabeled: int) -> int:
     return max(1, round(t.epochs * per_epoch))
 
 
-def with_steps(cfg: RunConfig, steps: int) -> RunConfig:
-    """A copy of ``cfg`` whose ``train.steps`` is ``steps``."""
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+def resolved(cfg: RunConfig, n_labeled: int, n_unlabeled: int) -> RunConfig:
+    """``cfg`` with its budget in steps: ``train.epochs`` turned into ``train.steps`` (and
+    unset, so the saved config.yaml, which a resume reads, names one budget)."""
+    if cfg.train.epochs is None:
+        return cfg
+    steps = epoch_steps(cfg, n_labeled, n_unlabeled)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps, "epochs": None})})
 
 
 def planned_steps(cfg: RunConfig) -> int:

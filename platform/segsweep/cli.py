@@ -221,8 +221,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from segsweep.sweep import check_trials, describe_plan, resumable_state, resume_progress
 
         state = resumable_state(plan, Path(args.dir), args.resume)  # what the sweep would refuse
-        check_trials(plan, on_cluster=bool(args.ray_address or plan.spec.ray.address))
+        notes = check_trials(plan, on_cluster=bool(args.ray_address or plan.spec.ray.address), download=False)
         print("\n".join(describe_plan(plan)))
+        for note in notes:
+            print(f"note: {note}")
         if state is not None:
             print(resume_progress(plan, state))
         print("dry run: every trial's config, dataset and model checked; nothing started or written")
@@ -248,8 +250,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             result.tracking_uri, plan.experiment, result.parent_run_id, searched=searched
         ).lines:
             print(line)
-    except UserError as exc:  # the runs are safe in the store: say why the answer is missing
-        print(f"note: the sweep's answer was not written to MLflow ({first_line(exc)})")
+    except Exception as exc:  # noqa: BLE001 - the sweep is done and its runs are safe: never fail it here
+        print(
+            f"note: the sweep's answer was not written to MLflow ({first_line(exc)}); segsweep curve writes it"
+        )
     if any(o.phase == "final" for o in result.outcomes.values()):
         print("  finals:  filter tags.`segsweep.phase` = 'final' for the seed runs")
     print(
@@ -320,9 +324,18 @@ def cmd_curve(args: argparse.Namespace) -> int:
             from segsweep.answer import publish
             from segsweep.tracking import resolve_uri
 
-            answer = publish(
-                resolve_uri(args.tracking_uri), args.experiment, parents[0].run_id, args.value, args.baseline
-            )
+            try:
+                answer = publish(
+                    resolve_uri(args.tracking_uri),
+                    args.experiment,
+                    parents[0].run_id,
+                    args.value,
+                    args.baseline,
+                )
+            except Exception as exc:  # noqa: BLE001 - the curve's files are written: say what is missing
+                print(f"written: {', '.join(str(f) for f in files)}")
+                print(f"error: the curve was not written to MLflow ({first_line(exc)})", file=sys.stderr)
+                return 1
             print(
                 f"\nlogged to the sweep's parent run {parents[0].run_id} (artifacts/curve, its description)"
             )

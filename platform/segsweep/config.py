@@ -224,6 +224,15 @@ class TrainConfig(Section):
         return value
 
     @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        if self.epochs is not None and "steps" in self.model_fields_set:
+            raise ValueError(
+                f"steps and epochs are both set; epochs ({self.epochs:g}) decides the budget: "
+                "set train.epochs=null to train a number of steps"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _batches_split_evenly(self) -> TrainConfig:
         for name in ("batch_size", "unlabeled_batch_size"):
             size = getattr(self, name)

@@ -183,7 +183,10 @@ def supervised_loss_of(t: TrainConfig) -> Callable[[Tensor, Tensor], Tensor]:
     """The loss of labeled pixels that ``train.loss`` names (methods call it on their
     labeled logits and masks)."""
     if t.loss == "ohem":
-        return functools.partial(ohem_cross_entropy, threshold=t.ohem_threshold, min_kept=t.ohem_min_kept)
+        # min_kept counts over a step's batch; a micro-batch keeps its share of it (UniMatch:
+        # 200,000 per GPU of 2 images, each GPU's loss its own)
+        per_part = math.ceil(t.ohem_min_kept / t.accumulate)
+        return functools.partial(ohem_cross_entropy, threshold=t.ohem_threshold, min_kept=per_part)
     return masked_cross_entropy
 
 
@@ -483,6 +486,14 @@ class Trainer:
             # ``forward_features`` run through the compiled graphs.
             model.net.encoder.compile()
             model.net.decoder.compile()
+        t = cfg.train
+        per_part = (t.unlabeled_batch_size or t.batch_size) // t.accumulate
+        if self.method.uses_unlabeled and per_part < self.method.unlabeled_per_micro_batch():
+            raise ConfigError(
+                f"train.accumulate: {t.accumulate} micro-batches leave {per_part} unlabeled image(s) in "
+                f"each, and {cfg.method} needs {self.method.unlabeled_per_micro_batch()} (its CutMix "
+                "partner comes from the same micro-batch); accumulate less"
+            )
         self.stages = self.method.stages(cfg.train.steps)
         names = [s.name for s in self.stages]
         if cfg.debug.fail_at_step is not None and cfg.debug.fail_stage not in names:
@@ -826,9 +837,15 @@ class Trainer:
             or isinstance(self.tracker, NullTracker)
         ):
             return
-        quality, held = pseudo_mask_quality(
-            self.method, self.diag_loader, self.numerics, hold=self.panel_samples
-        )
+        # The pass draws from the global generators (its loader): a tracked run must train
+        # exactly as an untracked one, so they are put back as they were.
+        state = rng_state(self.numerics.device)
+        try:
+            quality, held = pseudo_mask_quality(
+                self.method, self.diag_loader, self.numerics, hold=self.panel_samples
+            )
+        finally:
+            set_rng_state(state, self.numerics.device)
         self.tracker.log_metrics(quality, 0)
         if held:
             self.tracker.log_image(

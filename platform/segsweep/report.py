@@ -145,11 +145,12 @@ def arm_of_cell(cell: str) -> str | None:
     method = next((v for k, _, v in parts if k == "method"), None)
     if method is None:
         return None
-    # Seeds and split seeds are replicates of one point, never separate arms.
+    # Seeds and split seeds are replicates of one point, never separate arms; a published
+    # split list is a point of the curve (its label ratio), as the ratio is.
     rest = [
         f"{k.removeprefix(method + '.')}={v}"
         for k, _, v in parts
-        if k not in ("method", "ratio", "seed", "data.split_seed")
+        if k not in ("method", "ratio", "seed", "data.split_seed", "data.split")
     ]
     return f"{method} ({', '.join(rest)})" if rest else method
 
@@ -330,8 +331,12 @@ def paired_differences(rows: list[Row], baseline: str = "supervised") -> list[Di
         index[(r.method, r.label_ratio)][(r.seed, r.split_seed, r.split_family)] = r.mIoU
     out = []
     for (method, ratio), runs in sorted(index.items()):
-        base = index.get((baseline, ratio))
-        if method == baseline or not base:
+        # An arm with values of its own ("fixmatch (data.crop_size=513)") is set against the
+        # baseline with the same values where the sweep has it, else the plain baseline.
+        extras = method[method.index(" (") :] if " (" in method else ""
+        own = baseline + extras if (baseline + extras, ratio) in index else baseline
+        base = index.get((own, ratio))
+        if method == own or not base:
             continue
         common = sorted(set(runs) & set(base))
         paired = len(common) >= 2 or (len(common) == len(runs) == len(base) == 1)
@@ -340,7 +345,7 @@ def paired_differences(rows: list[Row], baseline: str = "supervised") -> list[Di
         else:
             a, b = list(runs.values()), list(base.values())
         m, lo, hi, p = compare(a, b, paired)
-        out.append(Difference(method, baseline, ratio, len(a), paired, m, lo, hi, p))
+        out.append(Difference(method, own, ratio, len(a), paired, m, lo, hi, p))
     return out
 
 
@@ -454,7 +459,7 @@ def attach_published(summary: list[Summary], rows: list[Row], matched: list[dict
     for s in summary:
         split = family_of.get((s.method, s.label_ratio))
         encoders = {r.encoder for r in rows if (r.method, r.label_ratio) == (s.method, s.label_ratio)}
-        hit = pick_published(matched, s.method, split or "", encoders)
+        hit = pick_published(matched, s.method.split(" (", 1)[0], split or "", encoders)
         if hit is not None:
             s.published = float(hit["mIoU"]) / 100
             s.delta_vs_published = s.mean - s.published

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from segsweep.budget import epoch_steps, with_steps
+from segsweep.budget import resolved
 from segsweep.config import RunConfig, dump_yaml
 from segsweep.data import Data, build_data
 from segsweep.data.check import require_files, require_valid
@@ -42,7 +42,7 @@ def prepare(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> Prepar
     """Load data and build the model: raises UserError for any bad input, creates nothing."""
     data = build_data(cfg.data)
     # ``train.epochs`` becomes ``train.steps`` now that the split is known (budget.py).
-    cfg = with_steps(cfg, epoch_steps(cfg, len(data.split.labeled), len(data.split.unlabeled)))
+    cfg = resolved(cfg, len(data.split.labeled), len(data.split.unlabeled))
     # Every file the dataset or its split lists name must exist (cheap: one stat each);
     # ``data.verify`` decodes them all too (``segsweep check-data`` does the same).
     require_files(data)

@@ -838,22 +838,37 @@ def read_state(state_file: Path) -> dict[str, Any]:
     return state
 
 
-def check_trials(plan: Plan, on_cluster: bool = False) -> None:
+def check_trials(plan: Plan, on_cluster: bool = False, download: bool = True) -> list[str]:
     """Build every distinct dataset and model of the plan once, before anything is started
     or written: a broken dataset or model is one line now, not a failed trial later.
 
     On a cluster the trials run on the workers: the driver may have no GPU of its own, so it
-    builds the models on its CPU (a worker still checks its device when its trial starts)."""
+    builds the models on its CPU (a worker still checks its device when its trial starts).
+    ``download`` False (``--dry-run``): ImageNet weights are not fetched, the models are built
+    without them, and the notes returned name the encoders a run will fetch."""
     from segsweep.runner import prepare
 
     on_driver = {"train.device": "cpu"} if on_cluster else {}
     seen: set[str] = set()
+    pretrained: set[str] = set()
     for cell in plan.cells:
         cfg = run_config_of(cell, on_driver)
+        if not download and cfg.model.encoder_weights == "imagenet":
+            pretrained.add(cfg.model.encoder)
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"encoder_weights": None})})
         key = json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model_dump(mode="json"), cfg.method])
         if key not in seen:
             seen.add(key)
             prepare(cfg)
+    return (
+        [
+            f"model.encoder_weights: imagenet: the weights of {', '.join(sorted(pretrained))} are loaded when "
+            "the sweep starts (from the cache, or downloaded); `segsweep weights SPEC --cache DIR` fetches "
+            "them beforehand for nodes without internet"
+        ]
+        if pretrained
+        else []
+    )
 
 
 def describe_plan(plan: Plan) -> list[str]:

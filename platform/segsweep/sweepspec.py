@@ -40,7 +40,15 @@ from segsweep.tracking import resolve_uri, uri_origin
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 REQUIRED_GRID_KEYS = ("method", "data.label_ratio", "seed")
 #: Budgets are the same for every method of a cell: these keys are never searched.
-UNSEARCHABLE = ("method", "seed", "train.steps", "train.batch_size", "data.label_ratio", "data.num_labeled")
+UNSEARCHABLE = (
+    "method",
+    "seed",
+    "train.steps",
+    "train.epochs",
+    "train.batch_size",
+    "data.label_ratio",
+    "data.num_labeled",
+)
 
 
 class SearchParam(Section):

@@ -116,6 +116,11 @@ class Method(nn.Module):
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (EMA updates live here)."""
 
+    def unlabeled_per_micro_batch(self) -> int:
+        """Unlabeled images a (micro-)batch must hold at least for this method's step (e.g. a
+        CutMix partner within it); the trainer refuses a ``train.accumulate`` that leaves fewer."""
+        return 1
+
     def stages(self, train_steps: int) -> list[Stage]:
         """The pipeline; single-loop methods have one stage with the run's step budget."""
         return [Stage("train", train_steps, batch="semi" if self.uses_unlabeled else "labeled")]

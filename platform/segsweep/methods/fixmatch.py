@@ -142,6 +142,10 @@ class FixMatch(Method):
             keep = mix_in_boxes(box, partner_keep.roll(1, 0), keep_w)
         return image_s, pseudo, keep, pseudo_w, keep_w
 
+    def unlabeled_per_micro_batch(self) -> int:
+        """CutMix pastes each strong view's box from another image of its batch: two at least."""
+        return 2 if self.knobs.cutmix else 1
+
     def combine(self, loss_sup: Tensor, loss_unsup: Tensor) -> Tensor:
         """The labeled and unlabeled losses as ``loss_weighting`` says."""
         loss = loss_sup + self.knobs.unsup_weight * loss_unsup
