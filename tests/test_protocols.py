@@ -498,7 +498,7 @@ def test_accumulation_keeps_each_parts_share_of_ohem_and_a_cutmix_partner(cache_
     cfg = validate_run_config(
         tiny_tree(cache_dir, method="fixmatch", **{"train.batch_size": 4, "train.accumulate": 4}), "test"
     )
-    with pytest.raises(ConfigError, match="train.accumulate: 4 micro-batches leave 1 unlabeled image"):
+    with pytest.raises(ConfigError, match=r"train\.accumulate: 4 micro-batches leave 1 unlabeled image"):
         Trainer(cfg, build_data(cfg.data))
     # a budget in epochs and one in steps: one line naming both
     with pytest.raises(Exception, match="steps and epochs are both set"):
