@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import ConfigError
 
 ARCHS: dict[str, type[nn.Module]] = {
@@ -107,7 +108,7 @@ class SegModel(nn.Module):
     def forward_features(self, x: Tensor) -> Features:
         """Features of ``x`` (B, 3, H, W), any H and W. The encoder and decoder maps are those
         of the input zero-padded to a multiple of 32 (bottom, right); the logits are ``x``'s."""
-        enc = self.net.encoder(pad_to_multiple(x, PAD_MULTIPLE))
+        enc = self.net.encoder(pad_to_multiple(x, PAD_MULTIPLE)[0])
         dec = self.net.decoder(enc)
         logits = self.head(dec, x.shape[-2:])
         return Features(encoder=enc, decoder=dec, logits=logits)
@@ -120,23 +121,21 @@ class SegModel(nn.Module):
     def head(self, decoder_features: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
         """Decoder map (B, D, h, w) of an input of ``size`` (padded as ``forward_features``
         pads it) -> logits (B, C, *size): lets methods classify edited features."""
-        logits = self.net.segmentation_head(decoder_features)
-        h, w = int(size[0]), int(size[1])
-        padded = (h + (-h) % PAD_MULTIPLE, w + (-w) % PAD_MULTIPLE)
-        if logits.shape[-2:] != padded:
-            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
-        return logits[..., :h, :w]
+        return logits_of_input(self.net.segmentation_head(decoder_features), size)
 
 
 #: Every smp encoder downsamples 32x at most; inputs are padded to a multiple of this.
 PAD_MULTIPLE = 32
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Zero-pad (..., H, W) on the bottom and right to multiples of ``multiple``."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+def logits_of_input(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Logits of an input of ``size`` padded to a multiple of 32 (bottom, right): upsampled
+    to the padded input (bilinear) and cropped back to ``size``."""
+    h, w = int(size[0]), int(size[1])
+    padded = (h + (-h) % PAD_MULTIPLE, w + (-w) % PAD_MULTIPLE)
+    if logits.shape[-2:] != padded:
+        logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+    return logits[..., :h, :w]
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from segsweep.methods.base import Batch, Knobs, Method, as_floats
-from segsweep.models import PAD_MULTIPLE, SegModel
+from segsweep.models import SegModel, logits_of_input
 from segsweep.primitives import (
     IGNORE,
     class_map,
@@ -259,12 +259,7 @@ class MixHead(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, features: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-        logits = self.classifier(self.bottleneck(features))
-        h, w = int(size[0]), int(size[1])
-        padded = (h + (-h) % PAD_MULTIPLE, w + (-w) % PAD_MULTIPLE)
-        if logits.shape[-2:] != padded:
-            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
-        return logits[..., :h, :w]
+        return logits_of_input(self.classifier(self.bottleneck(features)), size)
 
 
 def official_lambda(mix_strength: float) -> float:
