@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from segsweep.budget import planned_steps
-from segsweep.engine import evaluate, micro_batches
 from segsweep.primitives import poly_lr
-from segsweep.runner import prepare
-from segsweep.sweepspec import plan_sweep, run_config_of
+from segsweep.sweep.spec import plan_sweep, run_config_of
+from segsweep.training.budget import planned_steps
+from segsweep.training.loop import evaluate, micro_batches
+from segsweep.training.runner import prepare
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from segsweep.answer import COUNTED_FILTER, TAG_COUNTED, description, publish, ui_base_url
-from segsweep.report import METHOD_COLOURS, build_curve, method_colour
-from segsweep.sweepspec import ratio_text, trial_run_name
-from segsweep.tracking import RunTracker, fetch_runs
+from segsweep.reports.answer import COUNTED_FILTER, TAG_COUNTED, description, publish, ui_base_url
+from segsweep.reports.curve import METHOD_COLOURS, build_curve, method_colour
+from segsweep.sweep.spec import ratio_text, trial_run_name
+from segsweep.tracking.mlflow_writer import RunTracker, fetch_runs
 
 
 def make_sweep(uri: str, experiment: str) -> tuple[str, dict[tuple[str, float, int], str]]:

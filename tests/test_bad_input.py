@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from segsweep import sweep
 from segsweep.cli import main
 from segsweep.data.synthetic import cache_key
 from segsweep.files import first_missing, make_folder, unmake_folder
+from segsweep.sweep import driver as sweep
 
 from .conftest import tiny_tree
 from .helpers import runs_in, tiny_spec, write_config, write_spec
@@ -62,7 +62,7 @@ def never_serve(*_args: object) -> None:
 
 
 def test_the_dashboard_never_creates_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import segsweep.dashboard
+    import segsweep.reports.dashboard
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -96,7 +96,7 @@ def test_the_dashboard_never_creates_a_store(tmp_path: Path, monkeypatch: pytest
 def test_a_dashboard_that_cannot_listen_blames_the_right_flag(
     error: OSError, flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    import segsweep.dashboard
+    import segsweep.reports.dashboard
 
     def refuse(*_args: object) -> None:
         raise error
@@ -232,7 +232,7 @@ def test_a_run_out_of_memory_names_the_settings_that_size_it(
     import torch
 
     from segsweep.methods import METHODS
-    from segsweep.tracking import TAG_ERROR
+    from segsweep.tracking.mlflow_writer import TAG_ERROR
 
     real_step = METHODS["supervised"].training_step
 
@@ -389,7 +389,7 @@ def test_a_model_too_big_for_its_device_is_one_line(
 
 
 def test_out_of_memory_sizes_read_in_their_unit() -> None:
-    from segsweep.engine import allocation
+    from segsweep.training.loop import allocation
 
     def cpu(n: int) -> RuntimeError:  # the CPU allocator's text, as torch 2.14 words it
         return RuntimeError(
@@ -441,7 +441,7 @@ def test_a_sweep_refuses_a_ray_address_nobody_answers_on(
 def test_a_local_sweep_asking_more_cpus_per_trial_than_it_may_use_is_refused_before_ray(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from segsweep.engine import usable_cpus
+    from segsweep.training.loop import usable_cpus
 
     monkeypatch.chdir(tmp_path)
     path = write_spec(tmp_path, tiny_spec("greedy", resources={"cpus_per_trial": usable_cpus() + 1}))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from segsweep.bench import (
+from segsweep.bench.suite import (
     base_config,
     check,
     format_table,
@@ -21,9 +21,9 @@ from segsweep.bench import (
 )
 from segsweep.config import validate_run_config
 from segsweep.data import transforms as T
-from segsweep.engine import numerics_for
 from segsweep.errors import ConfigError
-from segsweep.runner import prepare
+from segsweep.training.loop import numerics_for
+from segsweep.training.runner import prepare
 
 from .helpers import segsweep, without_collector
 
@@ -200,7 +200,7 @@ def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
     current: list[int] = []  # below torch.cuda.set_device: its own argument checks run
     monkeypatch.setattr(torch._C, "_cuda_setDevice", current.append)
     # and a machine with the cores of a GPU node (a run's threads are capped by its CPUs)
-    monkeypatch.setattr("segsweep.engine.usable_cpus", lambda: 64)
+    monkeypatch.setattr("segsweep.training.loop.usable_cpus", lambda: 64)
 
     def workers(**data: object) -> int:
         device = data.pop("device", "cpu")
@@ -229,7 +229,7 @@ def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
 def test_gpu_rows_take_the_median_of_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
     # The GPU rows' arithmetic, on a CPU: the trainer is replaced by a clock that says how
     # long each setting's step took in each round (no time is measured).
-    from segsweep import bench
+    from segsweep.bench import suite as bench
 
     seconds = {("off", False, False): [0.10, 0.30, 0.20], ("bf16", True, True): [0.05, 0.04, 0.20]}
     calls: list[tuple[str, bool, bool]] = []
@@ -265,7 +265,7 @@ def test_gpu_rows_take_the_median_of_interleaved_rounds(monkeypatch: pytest.Monk
 def test_readback_row_is_the_median_overhead_of_alternating_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     # The bare loop with and without a per-step read of the loss, replaced by a clock (no time
     # is measured): pairs (0.11, 0.10), (0.30, 0.10), (0.12, 0.10) cost +10%, +200%, +20%.
-    from segsweep import bench
+    from segsweep.bench import suite as bench
 
     clock = iter([0.11, 0.10, 0.30, 0.10, 0.12, 0.10])
     modes: list[bool] = []
@@ -289,9 +289,9 @@ def test_an_untracked_run_renders_no_panels_and_the_bench_times_the_tracker_call
 ) -> None:
     # Panels are rendered only for a tracker that keeps them, on the training thread: the
     # tracking overhead row then counts them, and untracked runs do not pay for them.
-    from segsweep import engine
-    from segsweep.bench import TimedCalls
-    from segsweep.tracking import NullTracker
+    from segsweep.bench.suite import TimedCalls
+    from segsweep.tracking.mlflow_writer import NullTracker
+    from segsweep.training import loop as engine
 
     rendered: list[int] = []
     real = engine.sample_panel
@@ -334,7 +334,7 @@ def test_a_panel_reuses_the_pseudo_labels_of_the_diagnostic_pass(tiny) -> None:
 
     from segsweep.data.loaders import eval_loader, to_model
     from segsweep.data.transforms import pad_to_multiple
-    from segsweep.engine import pseudo_mask_quality, sample_panel
+    from segsweep.training.loop import pseudo_mask_quality, sample_panel
 
     cfg = tiny(method="fixmatch", **{"eval.batch_size": 2, "eval.panel_samples": 3})
     trainer = prepare(cfg).trainer
@@ -381,8 +381,8 @@ def test_a_tracking_server_that_will_not_start_leaves_its_rows_unmeasured(
     """The SQLite rows stand; the server's say why they were not measured."""
     from contextlib import contextmanager
 
-    from segsweep import bench
-    from segsweep.tracking import TrackingError
+    from segsweep.bench import suite as bench
+    from segsweep.tracking.mlflow_writer import TrackingError
 
     @contextmanager
     def no_server(_folder: Path):
@@ -405,8 +405,8 @@ def test_a_tracking_error_against_a_started_server_fails_the_bench(monkeypatch: 
     runs is a fault of the tracker, not of this machine, and must not hide as a skipped row."""
     from contextlib import contextmanager
 
-    from segsweep import bench
-    from segsweep.tracking import TrackingError
+    from segsweep.bench import suite as bench
+    from segsweep.tracking.mlflow_writer import TrackingError
 
     @contextmanager
     def fake_server(_folder: Path):

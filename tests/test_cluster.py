@@ -95,7 +95,7 @@ def test_a_sweep_on_the_cluster_lands_in_the_server_and_postgres(
     # the trials ran on both Ray nodes
     assert len({k.data.tags["ray.node_id"] for k in kids}) == 2
     # the Optuna studies live in PostgreSQL, one per searched cell, with their trials
-    from segsweep.studies import counts
+    from segsweep.sweep.studies import counts
 
     prefix = "cluster@" + json.loads((tmp_path / "sweeps/cluster/sweep.json").read_text())["instance"]
     assert counts(cluster.optuna_storage) == {

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from segsweep.methods import METHODS, Method, Stage
-from segsweep.models import build_model
+from segsweep.models.network import build_model
 from segsweep.primitives import IGNORE, ema_decay_at
 
 C = 7

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segsweep.dashboard import Dashboard, serve
 from segsweep.errors import ConfigError
-from segsweep.tracking import RunTracker
+from segsweep.reports.dashboard import Dashboard, serve
+from segsweep.tracking.mlflow_writer import RunTracker
 
 from .helpers import chrome, store_with_two_sweeps_named_alike
 
@@ -76,7 +76,7 @@ def test_api_builds_the_curve_table_and_run_views(store: str) -> None:
 def test_the_dashboard_links_to_where_the_stores_ui_is_and_marks_counted_runs(
     store: str, tmp_path: Path
 ) -> None:
-    from segsweep.answer import publish
+    from segsweep.reports.answer import publish
 
     local = Dashboard(store, None)  # a local store: its UI runs where `mlflow ui` was started
     assert local.experiments()["mlflow_url"] == ""

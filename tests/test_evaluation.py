@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segsweep.engine import Numerics, predict_logits
+from segsweep.training.loop import Numerics, predict_logits
 
 CPU = Numerics(torch.device("cpu"), None, False)
 

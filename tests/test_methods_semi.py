@@ -118,7 +118,7 @@ def test_masked_mean_averages_features_over_a_region() -> None:
 
 
 def test_semantic_mim_predicts_masked_cells_from_context_and_trains_the_mask_token(tiny) -> None:
-    from segsweep.engine import build_method
+    from segsweep.training.loop import build_method
 
     for arch in ("unet", "deeplabv3plus"):
         method = build_method(tiny(method="s4mim", **{"model.arch": arch}), 4)

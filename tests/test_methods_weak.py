@@ -28,8 +28,8 @@ from segsweep.methods.mixandmatch import (
     triplet_loss,
 )
 from segsweep.primitives import IGNORE
-from segsweep.runner import prepare
-from segsweep.tracking import NullTracker
+from segsweep.tracking.mlflow_writer import NullTracker
+from segsweep.training.runner import prepare
 
 from .helpers import Recorder
 
@@ -316,7 +316,7 @@ def test_the_addon_switches_on_after_its_warm_up() -> None:
     it."""
     from segsweep.methods.base import Stage
     from segsweep.methods.hfpl import HFPL
-    from segsweep.models import build_model
+    from segsweep.models.network import build_model
 
     from .test_contract import C, make_batch
 
@@ -346,7 +346,7 @@ def test_multiscale_cams_sum_every_scale_and_flip_at_the_image_size() -> None:
     summed (the official inference). With a per-pixel CAM network the answer is known: a
     constant image gives the same logit at every scale, so the sum is 2 x scales x it."""
     from segsweep.methods.hfpl import HFPL
-    from segsweep.models import build_model
+    from segsweep.models.network import build_model
 
     from .test_contract import C
 
@@ -411,7 +411,7 @@ def test_a_proxy_trained_once_starts_later_runs(tiny, tmp_path: Path) -> None:
 
 
 def test_the_cam_network_keeps_a_pretrained_encoder_trained_at_the_encoder_lr(tiny, tmp_path: Path) -> None:
-    from segsweep.models import build_model
+    from segsweep.models.network import build_model
 
     donor = build_model("deeplabv3plus", "tu-mobilenetv3_small_050", 4, None, 32)
     with torch.no_grad():

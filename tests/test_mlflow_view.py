@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segsweep import mlflow_view as mv
+from segsweep.tracking import mlflow_view as mv
 
 from .helpers import chrome, stop_group
 from .localcluster import free_port, wait_for

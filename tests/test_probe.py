@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from segsweep.errors import ConfigError
 from segsweep.methods.mixandmatch import colour_first_layer
-from segsweep.probe import ProbeSettings, fit, network, probe_logits, read_at
-from segsweep.runner import prepare
-from segsweep.tracking import NullTracker
+from segsweep.tracking.mlflow_writer import NullTracker
+from segsweep.training.probe import ProbeSettings, fit, network, probe_logits, read_at
+from segsweep.training.runner import prepare
 
 from .helpers import assert_user_error, segsweep
 
@@ -107,7 +107,7 @@ def test_probe_command_reports_the_start_and_each_checkpoint(
     )
     assert_user_error(chosen, "config with --set data.split_seed=3) has 7", "one dataset together")
     assert "or choose" not in chosen.stderr
-    from segsweep import probe as probe_module
+    from segsweep.training import probe as probe_module
 
     def no_fit(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("fitted before the check")

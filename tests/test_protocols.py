@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segsweep.budget import epoch_steps, planned_steps
 from segsweep.config import validate_run_config
-from segsweep.engine import Numerics, build_method, micro_batches, predict_logits
-from segsweep.models import HeadOptions, build_model
+from segsweep.models.network import HeadOptions, build_model
 from segsweep.primitives import IGNORE, dropout_off, ohem_cross_entropy
-from segsweep.sweepspec import plan_sweep, run_config_of
+from segsweep.sweep.spec import plan_sweep, run_config_of
+from segsweep.training.budget import epoch_steps, planned_steps
+from segsweep.training.loop import Numerics, build_method, micro_batches, predict_logits
 
 from .conftest import tiny_tree
 from .helpers import assert_user_error, segsweep
@@ -292,7 +292,7 @@ def test_a_training_step_runs_at_the_published_crop(
 ) -> None:
     """Each spec's first training stage takes a step at its real crop (321, 801, 448, 512 px),
     with a small encoder and 2 images per batch: the shapes hold end to end."""
-    from segsweep.runner import prepare
+    from segsweep.training.runner import prepare
 
     root = roots(voc_root, cityscapes_root)[spec]
     sets = [f"data.root={root}", *SMALL, "train.batch_size=2"]
@@ -431,7 +431,7 @@ def test_accumulating_two_micro_batches_of_four_is_one_step_of_eight(
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from segsweep.data import build_data
-    from segsweep.engine import Trainer
+    from segsweep.training.loop import Trainer
 
     monkeypatch.setattr(_BatchNorm, "train", lambda self, mode=True: nn.Module.train(self, False))
     weights = []
@@ -508,8 +508,8 @@ def test_the_blur_sigma_range_is_settable() -> None:
 
 def test_accumulation_keeps_each_parts_share_of_ohem_and_a_cutmix_partner(cache_dir: Path) -> None:
     from segsweep.data import build_data
-    from segsweep.engine import Trainer, supervised_loss_of
     from segsweep.errors import ConfigError
+    from segsweep.training.loop import Trainer, supervised_loss_of
 
     four = validate_run_config(
         {"train": {"loss": "ohem", "ohem_min_kept": 800_000, "batch_size": 8, "accumulate": 4}}, "test"

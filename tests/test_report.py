@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from segsweep.report import (
+from segsweep.reports.curve import (
     build_curve,
     compare,
     format_table,
@@ -18,7 +18,7 @@ from segsweep.report import (
     select_rows,
     write_outputs,
 )
-from segsweep.tracking import RunRecord
+from segsweep.tracking.mlflow_writer import RunRecord
 
 from .helpers import store_with_two_sweeps_named_alike
 
@@ -340,7 +340,7 @@ def test_curve_of_one_sweep_of_an_experiment(
     import csv
 
     from segsweep.cli import main
-    from segsweep.tracking import client_for
+    from segsweep.tracking.mlflow_writer import client_for
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     old, new = store_with_two_sweeps_named_alike(uri, "e")
@@ -381,7 +381,7 @@ def test_curve_of_one_sweep_of_an_experiment(
 def test_the_best_evaluation_on_val_is_kept_beside_the_value_never_as_it() -> None:
     """What the published tables report (the best evaluation over training on val) is each
     summary's ``best_on_val``; the curve's value stays the rule's."""
-    from segsweep.report import Row, summarise
+    from segsweep.reports.curve import Row, summarise
 
     rows = [
         Row("fixmatch", "voc", 0.1, 92, seed, last, best_on_val=best)
@@ -397,7 +397,7 @@ def test_published_split_lists_are_points_of_one_curve_and_other_crops_their_own
     """voc_classic's cells name a split list each: one arm per method across the lists.
     voc_blended's U2PL lists run at 513 px: their own arm, set against supervised-only at
     513 px, never pooled with the 321 px point of the same ratio."""
-    from segsweep.report import Row, arm_of_cell, paired_differences, summarise
+    from segsweep.reports.curve import Row, arm_of_cell, paired_differences, summarise
 
     assert arm_of_cell("method=fixmatch,ratio=0.0087,data.split=unimatch/pascal/92,seed=0") == "fixmatch"
     u2pl = "method=fixmatch,ratio=0.0625,data.split=unimatch/pascal/u2pl_1_16,data.crop_size=513,seed=0"

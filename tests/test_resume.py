@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from segsweep.methods import METHODS, Method
-from segsweep.runner import prepare
-from segsweep.tracking import NullTracker
+from segsweep.tracking.mlflow_writer import NullTracker
+from segsweep.training.runner import prepare
 
 from .helpers import Recorder
 
@@ -89,7 +89,7 @@ def test_the_honest_number_is_val_at_the_evaluation_best_on_the_tune_split(
     score was highest (first one on a tie), ``best.pt`` holds that step, and the flattering
     best-on-val and the last evaluation are reported apart. The scores are scripted so that
     the three differ."""
-    import segsweep.engine as engine
+    import segsweep.training.loop as engine
 
     val = iter([0.10, 0.40, 0.20, 0.30])  # best on val: evaluation 2 (step 4)
     tune = iter([0.20, 0.10, 0.50, 0.50])  # best on tune: evaluation 3 (step 6), tie at 8
@@ -127,7 +127,7 @@ def test_a_trial_stopped_at_a_report_closes_its_run_and_ends_its_thread(tiny, tm
     run must close as stopped early and the SystemExit must propagate: a trial function that
     returns instead makes Ray's wrapper report once more and wait for ever, and its worker can
     never serve another trial."""
-    from segsweep.runner import execute
+    from segsweep.training.runner import execute
 
     reports: list[dict] = []
 

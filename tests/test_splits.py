@@ -79,7 +79,7 @@ def test_num_labeled_overrides_the_ratio() -> None:
 
 def test_the_logged_ratio_is_what_the_split_holds_when_a_count_overrides_it(tiny) -> None:
     from segsweep.data import build_data
-    from segsweep.runner import label_ratio_of
+    from segsweep.training.runner import label_ratio_of
 
     # 96 training images, 8 held out for tuning: 88 left, of which 6 labeled
     cfg = tiny(**{"data.num_labeled": 6, "data.label_ratio": 0.5})

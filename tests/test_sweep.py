@@ -66,7 +66,7 @@ def test_early_stopping_compares_trials_only_within_their_cell(tmp_path: Path) -
     import ray
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
-    from segsweep.sweep import CellScheduler
+    from segsweep.sweep.driver import CellScheduler
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -117,7 +117,7 @@ def test_a_worker_is_reused_after_a_trial_slow_to_close(tmp_path: Path) -> None:
     import ray
     from ray import tune
 
-    from segsweep.sweep import _ray_init
+    from segsweep.sweep.driver import _ray_init
 
     plan = SimpleNamespace(
         spec=SimpleNamespace(resources=SimpleNamespace(gpus_per_trial=0, cpus_per_trial=1))
@@ -210,7 +210,7 @@ def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path
         k.info.run_name.split()[0] in ("supervised", "fixmatch") for k in kids
     )
     # one Optuna study per searched cell, with its trials
-    from segsweep.studies import counts
+    from segsweep.sweep.studies import counts
 
     studies = counts(f"sqlite:///{tmp_path / 'sweeps/tiny/optuna.db'}")
     # named by the sweep's instance: a sweep started anew never continues another's studies
@@ -364,7 +364,7 @@ def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path, mome
     storage = f"sqlite:///{moved / 'optuna.db'}"
     _resume_and_count(path, uri, before, tmp_path, env={"SEGSWEEP_OPTUNA_STORAGE": storage})
     assert not old.exists()
-    from segsweep.studies import counts
+    from segsweep.sweep.studies import counts
 
     studies = counts(storage)
     assert len(studies) == 2 and all(n >= 3 for n in studies.values()), studies  # num_samples each
@@ -398,7 +398,7 @@ def test_the_live_view_shows_the_best_value_of_trials_that_ended_before_a_resume
     does, not its last value (the view is labelled "best so far")."""
     from types import SimpleNamespace
 
-    from segsweep.sweep import SweepCallback, SweepContext
+    from segsweep.sweep.driver import SweepCallback, SweepContext
 
     lines: list[str] = []
     ctx = SweepContext("s", "live", f"sqlite:///{tmp_path}/m.db", "parent", {}, 1.0, str(tmp_path))
@@ -422,8 +422,8 @@ def test_the_live_view_closes_the_runs_of_stopped_and_killed_trials(tmp_path: Pa
     A store that refuses does not stop the sweep: a one-line warning says so."""
     from types import SimpleNamespace
 
-    from segsweep.sweep import SweepCallback, SweepContext
-    from segsweep.tracking import TAG_STATUS, client_for
+    from segsweep.sweep.driver import SweepCallback, SweepContext
+    from segsweep.tracking.mlflow_writer import TAG_STATUS, client_for
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = client_for(uri)
@@ -450,7 +450,7 @@ def test_the_live_view_closes_the_runs_of_stopped_and_killed_trials(tmp_path: Pa
     assert (b.info.status, b.data.tags[TAG_STATUS]) == ("FAILED", "failed")
     assert cb.outcomes["a"].status == "stopped_early" and cb.outcomes["b"].status == "failed"
     # a later Ctrl+C cuts short only what was still going: "b" failed for good by itself
-    from segsweep.sweep import INTERRUPT
+    from segsweep.sweep.driver import INTERRUPT
 
     cb.ended_before = set()
     waiting = trial("d", "x")

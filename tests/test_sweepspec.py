@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from segsweep.errors import ConfigError
-from segsweep.sweepspec import plan_sweep
+from segsweep.sweep.spec import plan_sweep
 
 from .helpers import assert_user_error, pinned_to_one_cpu, segsweep
 
@@ -179,7 +179,7 @@ def test_a_set_on_a_grid_key_is_refused_rather_than_silently_overridden(tmp_path
 
 
 def test_a_damaged_sweep_state_is_named_in_one_line(tmp_path: Path) -> None:
-    from segsweep.sweep import read_state
+    from segsweep.sweep.driver import read_state
 
     state = tmp_path / "sweep.json"
     for text in ('{"fingerprint": "ab', "", "[]", "{}"):
@@ -299,7 +299,7 @@ def test_outcomes_of_an_interrupted_sweep_skip_trials_that_never_started() -> No
     """SIGTERM while trials wait: Ray's results then hold trials with no config and no metrics."""
     from types import SimpleNamespace
 
-    from segsweep.sweep import SweepContext, _outcomes_from
+    from segsweep.sweep.driver import SweepContext, _outcomes_from
 
     cfg = {"cell": "method=supervised,ratio=0.5,seed=0", "phase": "search", "sample": 0, "params": {}}
     done = SimpleNamespace(
@@ -325,7 +325,7 @@ def test_outcomes_of_an_interrupted_sweep_skip_trials_that_never_started() -> No
 
 
 def test_a_trial_given_no_gpu_trains_on_the_cpu_unless_its_config_names_a_device() -> None:
-    from segsweep.sweep import trial_device
+    from segsweep.sweep.driver import trial_device
 
     assert trial_device("auto", []) == "cpu"  # gpus_per_trial 0: Ray still shows every GPU
     assert trial_device("auto", ["0"]) == "auto"  # its GPU is the one CUDA shows it
@@ -379,7 +379,7 @@ ELSEWHERE = "sqlite:////elsewhere/m.db"
 def test_a_resume_that_differs_says_what_differs(
     tmp_path: Path, cache_dir: Path, first: tuple, again: tuple, fragments: list[str]
 ) -> None:
-    from segsweep.sweep import run_sweep
+    from segsweep.sweep.driver import run_sweep
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec(), sort_keys=False))
@@ -404,7 +404,7 @@ def test_a_resume_that_differs_says_what_differs(
 
 
 def test_a_resume_names_cells_and_settings_the_spec_no_longer_has(tmp_path: Path, cache_dir: Path) -> None:
-    from segsweep.sweep import resumable_state
+    from segsweep.sweep.driver import resumable_state
 
     path = tmp_path / "spec.yaml"
 
@@ -468,7 +468,7 @@ def test_a_sweep_resumed_after_its_stores_password_changed_is_the_same_sweep(
     other = plan_sweep(path, tracking_uri="http://alice:old@mlflow2:5000", cwd=tmp_path)
     assert other.fingerprint() != old.fingerprint()
     # a sweep fingerprinted with its password (started before they were left out) resumes
-    from segsweep.sweep import resumable_state
+    from segsweep.sweep.driver import resumable_state
 
     (tmp_path / "sweeps" / "t").mkdir(parents=True)
     state = {"fingerprint": old.fingerprint(with_passwords=True), "instance": "i"}
@@ -478,8 +478,8 @@ def test_a_sweep_resumed_after_its_stores_password_changed_is_the_same_sweep(
 
 
 def test_a_dry_run_of_a_resume_says_how_far_the_sweep_got(tmp_path: Path, cache_dir: Path) -> None:
-    from segsweep.sweep import resume_progress
-    from segsweep.tracking import client_for, ensure_experiment
+    from segsweep.sweep.driver import resume_progress
+    from segsweep.tracking.mlflow_writer import client_for, ensure_experiment
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec(final={"seeds": [7]}, **{"grid/seed": [0]}), sort_keys=False))
@@ -508,7 +508,7 @@ def test_a_dry_run_of_a_resume_says_how_far_the_sweep_got(tmp_path: Path, cache_
 def test_the_cpus_a_process_may_use_are_its_affinity_and_its_quota(tmp_path: Path) -> None:
     """A local sweep starts one trial per usable CPU: a job's or container's share (its
     affinity, its cgroup's quota), not the host's cores that ``os.cpu_count()`` counts."""
-    from segsweep.engine import cgroup_quotas, cpu_quota, usable_cpus
+    from segsweep.training.loop import cgroup_quotas, cpu_quota, usable_cpus
 
     assert cpu_quota("max 100000\n") is None and cpu_quota("-1 100000") is None  # no limit
     assert cpu_quota("400000 100000") == 4 and cpu_quota("150000 100000") == 1  # docker --cpus=1.5
@@ -540,7 +540,7 @@ def test_the_cpus_a_process_may_use_are_its_affinity_and_its_quota(tmp_path: Pat
     import torch
 
     from segsweep.config import validate_run_config
-    from segsweep.engine import numerics_for
+    from segsweep.training.loop import numerics_for
 
     threads = torch.get_num_threads()
     try:

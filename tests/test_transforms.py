@@ -210,7 +210,7 @@ def test_prefetched_batches_come_in_order_and_errors_reach_the_caller() -> None:
 
 def test_a_prefetched_stream_is_the_same_stream(tiny) -> None:
     from segsweep.data.loaders import Prefetch, stream_loader
-    from segsweep.runner import prepare
+    from segsweep.training.runner import prepare
 
     data = prepare(tiny()).data
     # The worker process first: forking while another thread runs torch can deadlock the child
@@ -227,7 +227,7 @@ def test_loaders_hand_over_uint8_and_to_model_normalises_on_the_device(tiny) -> 
     # and int64), normalised and widened only by ``to_model``, to the values the model took
     # before (ImageNet mean/std of the same pixels; the same class ids).
     from segsweep.data.loaders import IMAGE_KEYS, MASK_KEYS, RECT_KEYS, eval_loader, stream_loader, to_model
-    from segsweep.runner import prepare
+    from segsweep.training.runner import prepare
 
     data = prepare(tiny()).data
     batches = [
@@ -311,8 +311,8 @@ def test_prefetch_threads_are_stopped_and_joined_before_the_interpreter_exits(tm
 @pytest.mark.parametrize("method", ["fixmatch", "guidedmix"])
 def test_the_trainer_makes_a_strong_view_only_for_methods_that_read_it(tiny, method: str) -> None:
     # FixMatch reads image_u_s; GuidedMix-Net does not, and its batches skip the view's cost.
-    from segsweep.engine import Trainer
-    from segsweep.runner import prepare
+    from segsweep.training.loop import Trainer
+    from segsweep.training.runner import prepare
 
     cfg = tiny(method=method)
     trainer = Trainer(cfg, prepare(cfg).data)

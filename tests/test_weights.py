@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from segsweep.cli import main
 from segsweep.errors import ConfigError
-from segsweep.weights import hub_cache, load_encoder_weights
+from segsweep.models.weights import hub_cache, load_encoder_weights
 
 from .helpers import tiny_spec, write_config, write_spec
 
@@ -145,7 +145,7 @@ def test_the_loaded_lite0_encoder_is_imagenet_trained_and_each_statistic_sits_on
 
 
 def test_a_run_config_naming_the_lite0_file_builds_a_pretrained_model(tiny, lite0_file: Path) -> None:
-    from segsweep.engine import build_method
+    from segsweep.training.loop import build_method
 
     cfg = tiny(**{"model.encoder": LITE0, "model.encoder_weights": str(lite0_file)})
     model = build_method(cfg, 3).model
@@ -293,7 +293,7 @@ def cache_timm_encoder(cache: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_imagenet_weights_are_read_from_a_filled_cache_offline(tmp_path: Path) -> None:
-    from segsweep.models import build_model
+    from segsweep.models.network import build_model
 
     cache = tmp_path / "cache"
     smp_state = cache_smp_encoder(cache, tmp_path)
@@ -365,7 +365,7 @@ def test_segsweep_weights_fills_the_cache_for_every_cell_of_a_spec(
         f"{SMALL_TIMM}: imagenet weights in {cache / 'models--timm--mobilenetv3_small_050.lamb_in1k'}" in out
     )
     # A spec's cells keep "imagenet" (not a path to resolve) and get weights_cache absolute.
-    from segsweep.sweepspec import plan_sweep
+    from segsweep.sweep.spec import plan_sweep
 
     plan = plan_sweep(path, ["model.weights_cache=shared"])
     assert {c.tree["model"]["encoder_weights"] for c in plan.cells} == {"imagenet"}

@@ -3,7 +3,7 @@ hypothesis, the fixtures) would cost each of several processes seconds and hundr
 
 from __future__ import annotations
 
-from segsweep.tracking import RunTracker
+from segsweep.tracking.mlflow_writer import RunTracker
 
 
 def write_metrics(uri: str, index: int, steps: int) -> None:

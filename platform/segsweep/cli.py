@@ -84,7 +84,7 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
 def _resumed_with(started: RunConfig, now: RunConfig) -> str:
     """A note naming the settings a resume changes (MLflow keeps a param's first value, so
     the run's tag ``segsweep.resumed_with`` records them too); "" when there are none."""
-    from segsweep.tracking import safe_params
+    from segsweep.tracking.mlflow_writer import safe_params
 
     was, will = safe_params(started.flat()), safe_params(now.flat())  # no secret is printed
     changed = [
@@ -107,8 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from segsweep.config import apply_overrides, load_run_config, read_yaml, validate_run_config
-    from segsweep.runner import execute, make_tracker, prepare
-    from segsweep.tracking import existing_store, uri_origin
+    from segsweep.tracking.mlflow_writer import existing_store, uri_origin
+    from segsweep.training.runner import execute, make_tracker, prepare
 
     sets = list(args.set or [])
     if args.tracking_uri:
@@ -206,8 +206,8 @@ def _run(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from segsweep.sweep import run_sweep, started_sets
-    from segsweep.sweepspec import plan_sweep
+    from segsweep.sweep.driver import run_sweep, started_sets
+    from segsweep.sweep.spec import plan_sweep
 
     sets = list(args.set or [])
     if args.resume and not sets:  # a resume continues the sweep as it was started
@@ -218,7 +218,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for note in plan.notes:
         print(f"note: {note}", flush=True)
     if args.dry_run:
-        from segsweep.sweep import check_trials, describe_plan, resumable_state, resume_progress
+        from segsweep.sweep.driver import check_trials, describe_plan, resumable_state, resume_progress
 
         state = resumable_state(plan, Path(args.dir), args.resume)  # what the sweep would refuse
         notes = check_trials(plan, on_cluster=bool(args.ray_address or plan.spec.ray.address), download=False)
@@ -244,7 +244,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # the curve as its artifacts, a saved comparison view (answer.py).
     searched = sorted({k for c in plan.cells for k in c.space})
     try:
-        from segsweep.answer import publish
+        from segsweep.reports.answer import publish
 
         for line in publish(
             result.tracking_uri, plan.experiment, result.parent_run_id, searched=searched
@@ -278,8 +278,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-    from segsweep import report
-    from segsweep.tracking import fetch_runs, log_files
+    from segsweep.reports import curve as report
+    from segsweep.tracking.mlflow_writer import fetch_runs, log_files
 
     # One sweep's curve beside the experiment's, not over it.
     out = Path(args.out or Path("reports") / (args.experiment + (f"@{args.sweep}" if args.sweep else "")))
@@ -321,8 +321,8 @@ def cmd_curve(args: argparse.Namespace) -> int:
     if parents and not args.no_log:  # the chosen sweep, or the newest
         newest = " newest" if len(parents) > 1 else ""
         if len(parents) == 1:  # one sweep's curve: its answer where MLflow shows it (answer.py)
-            from segsweep.answer import publish
-            from segsweep.tracking import resolve_uri
+            from segsweep.reports.answer import publish
+            from segsweep.tracking.mlflow_writer import resolve_uri
 
             try:
                 answer = publish(
@@ -353,8 +353,8 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from segsweep.dashboard import serve
-    from segsweep.tracking import existing_store
+    from segsweep.reports.dashboard import serve
+    from segsweep.tracking.mlflow_writer import existing_store
 
     existing_store(args.tracking_uri)  # it only reads: a mistyped path must not show a new, empty store
     server = serve(args.tracking_uri, args.host, args.port, args.mlflow_url)
@@ -382,12 +382,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from segsweep.data import Data, build_data
     from segsweep.data.check import missing_files, missing_problem, verify
     from segsweep.data.splits import Split
-    from segsweep.engine import build_method
-    from segsweep.runner import require_images_for
+    from segsweep.training.loop import build_method
+    from segsweep.training.runner import require_images_for
 
     path, sets = (Path(args.config) if args.config else None), list(args.set or [])
     if path is not None and "grid" in read_yaml(path):  # a sweep spec: every split its cells name
-        from segsweep.sweepspec import plan_sweep, run_config_of
+        from segsweep.sweep.spec import plan_sweep, run_config_of
 
         configs = [run_config_of(cell, {}) for cell in plan_sweep(path, sets).cells]
     else:
@@ -445,11 +445,11 @@ def cmd_weights(args: argparse.Namespace) -> int:
     import itertools
 
     from segsweep.config import load_run_config, read_yaml
-    from segsweep.weights import IMAGENET, fetch
+    from segsweep.models.weights import IMAGENET, fetch
 
     path, sets = Path(args.config), list(args.set or [])
     if "grid" in read_yaml(path):  # a sweep spec: every cell, every searched model.* value
-        from segsweep.sweepspec import plan_sweep, run_config_of
+        from segsweep.sweep.spec import plan_sweep, run_config_of
 
         configs = []
         for cell in plan_sweep(path, sets).cells:
@@ -482,7 +482,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from segsweep.bench import Report, base_config, check_sections, format_table, run_bench
+    from segsweep.bench.suite import Report, base_config, check_sections, format_table, run_bench
     from segsweep.config import parse_override, validate_run_config
 
     overrides = {".".join(k): v for k, v in (parse_override(s) for s in args.set or [])}
@@ -524,7 +524,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     import json
 
-    from segsweep.probe import ProbeSettings, probe_checkpoints
+    from segsweep.training.probe import ProbeSettings, probe_checkpoints
 
     settings = ProbeSettings(pixels_per_image=args.pixels_per_image, iters=args.iters)
     if args.json:  # before the fitting, not after

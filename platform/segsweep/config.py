@@ -434,7 +434,7 @@ def public_tree(cfg: BaseModel) -> dict[str, Any]:
     """The config as plain data, a password inside ``tracking.uri`` hidden: what is saved
     (config.yaml, checkpoints) and logged (a checkpoint is an artifact every user of the store
     may read)."""
-    from segsweep.tracking import redact
+    from segsweep.tracking.mlflow_writer import redact
 
     tree = cfg.model_dump(mode="json")
     if isinstance(tree.get("tracking"), dict) and tree["tracking"].get("uri"):

@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from segsweep.models import SegModel
+from segsweep.models.network import SegModel
 from segsweep.primitives import confidence_mask, masked_cross_entropy
 
 Batch = dict[str, Tensor]

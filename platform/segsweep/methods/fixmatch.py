@@ -39,7 +39,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from segsweep.methods.base import Batch, Knobs, Method, as_floats
-from segsweep.models import SegModel
+from segsweep.models.network import SegModel
 from segsweep.primitives import (
     IGNORE,
     confidence_mask,

@@ -94,7 +94,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from segsweep.methods.base import Batch, Knobs, Method, as_floats
-from segsweep.models import SegModel, logits_of_input
+from segsweep.models.network import SegModel, logits_of_input
 from segsweep.primitives import (
     IGNORE,
     class_map,

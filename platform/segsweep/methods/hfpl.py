@@ -67,9 +67,9 @@ from torch import Tensor, nn
 from segsweep.data.loaders import eval_loader, model_image
 from segsweep.data.transforms import pad_to_multiple, unit_rgb
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
-from segsweep.models import SegModel
-from segsweep.panels import colour, compose, heat, image_tile
+from segsweep.models.network import SegModel
 from segsweep.primitives import class_map, confusion_matrix, scores_from_confusion
+from segsweep.training.panels import colour, compose, heat, image_tile
 
 
 class HFPLKnobs(Knobs):

@@ -53,7 +53,7 @@ from segsweep.data.transforms import STD, stats_on, unit_rgb
 from segsweep.errors import ConfigError
 from segsweep.files import UserPath
 from segsweep.methods.base import Batch, Knobs, Method, Stage, as_floats
-from segsweep.models import SegModel, read_torch_file
+from segsweep.models.network import SegModel, read_torch_file
 from segsweep.primitives import IGNORE
 
 

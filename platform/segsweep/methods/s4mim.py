@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from segsweep.methods.base import Batch, as_floats
 from segsweep.methods.fixmatch import FixMatch, FixMatchKnobs
-from segsweep.models import PAD_MULTIPLE, SegModel
+from segsweep.models.network import PAD_MULTIPLE, SegModel
 from segsweep.primitives import IGNORE, bn_stats_frozen, masked_cross_entropy
 
 

@@ -85,7 +85,7 @@ class SegModel(nn.Module):
         #: Where the encoder's weights came from: a file, "imagenet", or None (random).
         self.encoder_weights = encoder_weights
         if encoder_weights is not None:
-            from segsweep.weights import load_encoder_weights
+            from segsweep.models.weights import load_encoder_weights
 
             load_encoder_weights(self.net.encoder, encoder_weights, encoder, weights_cache)
 

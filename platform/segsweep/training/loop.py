@@ -38,8 +38,7 @@ from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import ConfigError, Diverged, InjectedFailure, OutOfMemory, Stopped, first_line, one_line
 from segsweep.files import remove_leftovers, write_atomic
 from segsweep.methods import Method, Stage, get_method
-from segsweep.models import HeadOptions, build_model
-from segsweep.panels import colour, compose, heat, image_tile
+from segsweep.models.network import HeadOptions, build_model
 from segsweep.primitives import (
     IGNORE,
     class_map,
@@ -49,7 +48,8 @@ from segsweep.primitives import (
     poly_lr,
     scores_from_confusion,
 )
-from segsweep.tracking import NullTracker, RunTracker
+from segsweep.tracking.mlflow_writer import NullTracker, RunTracker
+from segsweep.training.panels import colour, compose, heat, image_tile
 
 #: Called at each evaluation with the metrics and the folder of the checkpoint just written
 #: (the sweep layer hands both to Ray Tune).

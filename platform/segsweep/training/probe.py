@@ -33,10 +33,10 @@ from segsweep.config import RunConfig, validate_run_config
 from segsweep.data import Data, build_data
 from segsweep.data.loaders import eval_loader, to_model
 from segsweep.data.transforms import pad_to_multiple
-from segsweep.engine import build_method, numerics_for
 from segsweep.errors import ConfigError
-from segsweep.models import SegModel, read_torch_file
+from segsweep.models.network import SegModel, read_torch_file
 from segsweep.primitives import IGNORE, class_map, confusion_matrix, scores_from_confusion
+from segsweep.training.loop import build_method, numerics_for
 
 
 @dataclass

@@ -20,7 +20,7 @@ from optuna.distributions import (
 from optuna.trial import TrialState
 
 from segsweep.errors import first_line
-from segsweep.sweepspec import SearchParam
+from segsweep.sweep.spec import SearchParam
 
 optuna.logging.set_verbosity(logging.WARNING)
 

@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from segsweep import mlflow_view, report
-from segsweep.answer import TAG_COUNTED, ui_base_url
 from segsweep.errors import ConfigError, UserError
-from segsweep.tracking import (
+from segsweep.reports import curve as report
+from segsweep.reports.answer import TAG_COUNTED, ui_base_url
+from segsweep.tracking import mlflow_view
+from segsweep.tracking.mlflow_writer import (
     TAG_KIND,
     TAG_PHASE,
     TAG_STATUS,
@@ -68,7 +69,7 @@ def web_root() -> Path:
     env = os.environ.get("SEGSWEEP_DASHBOARD_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "dashboards" / "web"
+    return Path(__file__).resolve().parents[3] / "dashboards" / "web"
 
 
 def _clean(value: Any) -> Any:

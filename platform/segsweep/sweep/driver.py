@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segsweep.budget import planned_steps
 from segsweep.errors import ConfigError, Interrupted, UserError, one_line
 from segsweep.files import new_folder, only_writer, require_writable_file, write_atomic
-from segsweep.sweepspec import Cell, Plan, load_spec, run_config_of, trial_run_name
-from segsweep.tracking import (
+from segsweep.sweep.spec import Cell, Plan, load_spec, run_config_of, trial_run_name
+from segsweep.tracking.mlflow_writer import (
     STATUS_INTERRUPTED,
     TAG_CELL,
     TAG_KEY,
@@ -57,6 +56,7 @@ from segsweep.tracking import (
     tag_run,
     with_retries,
 )
+from segsweep.training.budget import planned_steps
 from segsweep.waiting import poll
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def trial_main(config: dict[str, Any], ctx: SweepContext) -> None:
     import torch
     from ray import tune
 
-    from segsweep.runner import execute, make_tracker, prepare
+    from segsweep.training.runner import execute, make_tracker, prepare
 
     config = config.get("trial", config)
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
@@ -208,7 +208,7 @@ class CellSearcher(_searcher_base()):  # type: ignore[misc]
     @property
     def studies(self) -> dict[str, Any]:
         if self._studies is None:
-            from segsweep.studies import CellStudy
+            from segsweep.sweep.studies import CellStudy
 
             self._studies = {
                 c.id: CellStudy(
@@ -425,7 +425,7 @@ class SweepCallback(_callback_base()):  # type: ignore[misc]
     @property
     def client(self) -> Any:
         if self._client is None:
-            from segsweep.tracking import client_for
+            from segsweep.tracking.mlflow_writer import client_for
 
             self._client = client_for(self.ctx.tracking_uri)
         return self._client
@@ -676,7 +676,7 @@ def _ray_init(address: str | None, plan: Plan) -> None:
     if address:
         # Trials on other machines need the tracking server's credentials: they travel in the
         # job's runtime environment (the cluster is token-authenticated), never as params.
-        from segsweep.tracking import CREDENTIAL_VARS
+        from segsweep.tracking.mlflow_writer import CREDENTIAL_VARS
 
         secrets = {k: os.environ[k] for k in CREDENTIAL_VARS if os.environ.get(k)}
         kwargs["runtime_env"]["env_vars"].update(secrets)
@@ -687,7 +687,7 @@ def _ray_init(address: str | None, plan: Plan) -> None:
     else:
         import torch
 
-        from segsweep.engine import usable_cpus
+        from segsweep.training.loop import usable_cpus
 
         cpus = usable_cpus()  # a job's or container's share, not the host's cores
         if plan.spec.resources.cpus_per_trial > cpus:  # said before Ray takes seconds to start
@@ -846,7 +846,7 @@ def check_trials(plan: Plan, on_cluster: bool = False, download: bool = True) ->
     builds the models on its CPU (a worker still checks its device when its trial starts).
     ``download`` False (``--dry-run``): ImageNet weights are not fetched, the models are built
     without them, and the notes returned name the encoders a run will fetch."""
-    from segsweep.runner import prepare
+    from segsweep.training.runner import prepare
 
     on_driver = {"train.device": "cpu"} if on_cluster else {}
     seen: set[str] = set()
@@ -875,8 +875,8 @@ def describe_plan(plan: Plan) -> list[str]:
     """What a sweep would run, cell by cell (``segsweep sweep --dry-run``): trials and steps
     (``train.epochs`` counted over the cell's split), the published point the curve will set
     it beside, and what a trial costs on a GPU where that was measured."""
-    from segsweep.costs import describe_costs
-    from segsweep.report import published_point
+    from segsweep.reports.curve import published_point
+    from segsweep.sweep.costs import describe_costs
 
     spec = plan.spec
     final = f", then {len(plan.cells) * len(spec.final.seeds)} final runs" if spec.final else ""
@@ -915,7 +915,7 @@ def resume_progress(plan: Plan, state: dict[str, Any]) -> str:
     """For a dry run of a resume: how far the sweep got, read from its trials' runs in the
     store the resume would use. Trials that failed run again (Ray resumes errored trials), as
     do those cut short; finished, stopped-early and diverged ones do not."""
-    from segsweep.tracking import client_for
+    from segsweep.tracking.mlflow_writer import client_for
 
     parent = state.get("parent_run_id")
     if not parent:
@@ -1065,7 +1065,7 @@ def _run_sweep(
     own_storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
     storage_url = spec.optuna_storage or os.environ.get("SEGSWEEP_OPTUNA_STORAGE") or own_storage
     if storage_url != own_storage:  # a database of its own: reachable before anything starts
-        from segsweep.studies import check_storage
+        from segsweep.sweep.studies import check_storage
 
         try:
             check_storage(storage_url)

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from segsweep import report
 from segsweep.errors import ConfigError
-from segsweep.report import Curve
-from segsweep.sweepspec import ratio_text
-from segsweep.tracking import RunRecord, client_for, fetch_runs, log_files, tag_run
+from segsweep.reports import curve as report
+from segsweep.reports.curve import Curve
+from segsweep.sweep.spec import ratio_text
+from segsweep.tracking.mlflow_writer import RunRecord, client_for, fetch_runs, log_files, tag_run
 
 TAG_COUNTED = "segsweep.counted"
 #: The filter that shows the counted runs only (MLflow's search syntax).
@@ -110,7 +110,7 @@ def publish(
 ) -> Answer:
     """Tag the counted runs, log the curve to the parent, describe it and store the view.
     A sweep with no finished run (nothing to count) writes the tags and nothing else."""
-    from segsweep import mlflow_view
+    from segsweep.tracking import mlflow_view
 
     runs = fetch_runs(uri, experiment)
     parent, children = report.one_sweep(runs, parent_run_id, experiment)

@@ -37,7 +37,7 @@ from typing import Any
 
 from segsweep.errors import ConfigError
 from segsweep.files import make_folder, write_atomic
-from segsweep.tracking import (
+from segsweep.tracking.mlflow_writer import (
     TAG_CELL,
     TAG_KIND,
     TAG_PARENT,
@@ -55,7 +55,7 @@ RULE_TEXT = {
     "last": "value: val/mIoU at the last evaluation",
     "best_tune": "value: val/mIoU at the evaluation best on the tuning split",
 }
-PUBLISHED = Path(__file__).resolve().parent / "reference" / "published.csv"
+PUBLISHED = Path(__file__).resolve().parents[1] / "reference" / "published.csv"
 
 
 @dataclass

@@ -229,7 +229,7 @@ def load_file_weights(encoder: nn.Module, path: Path) -> None:
     ``model.`` (or a whole model's ``encoder.``) prefix, ``efficientnet_pytorch`` names
     converted; every encoder key must be matched, with its shape. Extra keys (a classifier
     head) are ignored."""
-    from segsweep.models import read_torch_file
+    from segsweep.models.network import read_torch_file
 
     what = f"model.encoder_weights: {path}"
     state = read_torch_file(path, what)

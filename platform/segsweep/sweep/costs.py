@@ -15,7 +15,7 @@ from pathlib import Path
 
 from segsweep.config import RunConfig
 
-COSTS = Path(__file__).resolve().parent / "reference" / "gpu_costs.csv"
+COSTS = Path(__file__).resolve().parents[1] / "reference" / "gpu_costs.csv"
 
 
 @dataclass(frozen=True)

@@ -54,12 +54,18 @@ import torch.nn.functional as F
 from segsweep.config import RunConfig, set_dotted, validate_run_config
 from segsweep.data.loaders import hash_seed, stream_loader
 from segsweep.data.transforms import strong_views
-from segsweep.engine import numerics_for, seed_everything, to_device, usable_cpus
 from segsweep.errors import ConfigError
-from segsweep.models import build_model
+from segsweep.models.network import build_model
 from segsweep.primitives import poly_lr
-from segsweep.runner import prepare
-from segsweep.tracking import NullTracker, RunTracker, TrackingError, local_server, session_members
+from segsweep.tracking.mlflow_writer import (
+    NullTracker,
+    RunTracker,
+    TrackingError,
+    local_server,
+    session_members,
+)
+from segsweep.training.loop import numerics_for, seed_everything, to_device, usable_cpus
+from segsweep.training.runner import prepare
 
 SCHEMA = 1
 
@@ -807,8 +813,14 @@ def curve_row(report: Report, count: int, echo: Callable[[str], None]) -> None:
     """Read ``count`` runs back from a SQLite store and draw the curve (bulk queries)."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from segsweep import report as curves
-    from segsweep.tracking import TAG_PHASE, TAG_STATUS, client_for, ensure_experiment, fetch_runs
+    from segsweep.reports import curve as curves
+    from segsweep.tracking.mlflow_writer import (
+        TAG_PHASE,
+        TAG_STATUS,
+        client_for,
+        ensure_experiment,
+        fetch_runs,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
@@ -990,9 +1002,9 @@ def sweep_rows(report: Report, quick: bool, echo: Callable[[str], None]) -> None
     steady state, from a sweep of trivial trials (1 step and 1 evaluation each)."""
     import yaml
 
-    from segsweep.sweep import run_sweep
-    from segsweep.sweepspec import plan_sweep
-    from segsweep.tracking import TAG_KIND, fetch_runs
+    from segsweep.sweep.driver import run_sweep
+    from segsweep.sweep.spec import plan_sweep
+    from segsweep.tracking.mlflow_writer import TAG_KIND, fetch_runs
 
     n = 8 if quick else 16
     with tempfile.TemporaryDirectory() as tmp:

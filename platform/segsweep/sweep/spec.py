@@ -35,7 +35,7 @@ from segsweep.data.splits import split_folder_of
 from segsweep.errors import ConfigError, redact
 from segsweep.files import expand_user
 from segsweep.methods import METHODS
-from segsweep.tracking import resolve_uri, uri_origin
+from segsweep.tracking.mlflow_writer import resolve_uri, uri_origin
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 REQUIRED_GRID_KEYS = ("method", "data.label_ratio", "seed")

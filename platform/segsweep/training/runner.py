@@ -12,15 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from segsweep.budget import resolved
 from segsweep.config import RunConfig, dump_yaml
 from segsweep.data import Data, build_data
 from segsweep.data.check import require_files, require_valid
-from segsweep.engine import Numerics, Reporter, RunResult, Trainer
 from segsweep.errors import ConfigError, Diverged, Stopped, UserError, one_line
 from segsweep.methods import Stage
-from segsweep.sweepspec import ratio_text
-from segsweep.tracking import (
+from segsweep.sweep.spec import ratio_text
+from segsweep.tracking.mlflow_writer import (
     STATUS_INTERRUPTED,
     TAG_ERROR,
     TAG_SPLIT_FAMILY,
@@ -29,6 +27,8 @@ from segsweep.tracking import (
     RunTracker,
     TrackingError,
 )
+from segsweep.training.budget import resolved
+from segsweep.training.loop import Numerics, Reporter, RunResult, Trainer
 
 
 @dataclass
@@ -116,7 +116,7 @@ def resolved_params(numerics: Numerics) -> dict[str, object]:
 
 def run_tags(cfg: RunConfig, data: Data) -> dict[str, str]:
     """Tags that decide whether two runs are comparable: same split family, same evaluation."""
-    from segsweep.report import method_colour
+    from segsweep.reports.curve import method_colour
 
     return {
         "mlflow.runColor": method_colour(cfg.method),  # one colour per method in the UI's charts

@@ -1,0 +1,1 @@
+"""``segsweep bench``: a developer tool, outside the runtime import chain."""

@@ -1,0 +1,1 @@
+"""Models: smp networks and their pretrained encoder weights."""

@@ -1,0 +1,1 @@
+"""Reports: label-ratio curves, the answer published to MLflow, the dashboard."""

@@ -1,0 +1,1 @@
+"""The sweep: its spec, the driver, resume state, Ray Tune and Optuna at the edges."""

@@ -1,0 +1,1 @@
+"""Tracking: the MLflow writer, the store's read side, MLflow UI links."""

@@ -1,0 +1,1 @@
+"""Training: one run's loop, evaluation, checkpoints, devices, budgets."""
