@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export RAY_DEDUP_LOGS ?= 0
 export PYTHONWARNINGS ?= ignore
 
-.PHONY: install demo test test-fast test-cluster lint dashboard clean browser postgres lock bench-gpu gpu-check gpu-wheels
+.PHONY: install demo test test-fast test-cluster lint dashboard clean browser postgres lock bench-gpu gpu-check gpu-wheels docs-check
 
 install: $(STAMP)
 
@@ -58,9 +58,9 @@ DLV3 := --set model.arch=deeplabv3plus --set model.encoder=resnet50 --set data.s
 bench-gpu: install
 	$(PY) -m pytest tests/test_transforms.py -k "gpu" -p no:cacheprovider
 	$(VENV)/bin/segsweep bench --only step,data,flops,gpu,packing --peak-tflops $(PEAK_TFLOPS) \
-	  --set train.steps=100 --json docs/bench-gpu.json
+	  --set train.steps=100 --json docs/results/bench-gpu.json
 	$(VENV)/bin/segsweep bench --only step,data,flops,gpu --methods supervised,fixmatch \
-	  --peak-tflops $(PEAK_TFLOPS) $(DLV3) --json docs/bench-gpu-dlv3.json
+	  --peak-tflops $(PEAK_TFLOPS) $(DLV3) --json docs/results/bench-gpu-dlv3.json
 
 # The whole GPU kit in one call (a lent device: run(command="make gpu-check", carry=[".venv"])):
 # the CUDA-only tests, 50 steps of voc_classic (321 px) and cityscapes (801 px) with ResNet-101
@@ -90,3 +90,8 @@ lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^segsweep' > requirements.lock.new
 	{ sed -n '1,2p' requirements.lock; cat requirements.lock.new; } > requirements.lock.tmp
 	mv requirements.lock.tmp requirements.lock && rm requirements.lock.new
+
+# Every command shown in README.md and docs/: parsed with the real CLI, configs, specs and make
+# targets checked, the cheap ones run (--help, --dry-run, check-data on generated trees, 2-step runs).
+docs-check: install
+	$(PY) docs/check_docs.py --run

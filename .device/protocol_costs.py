@@ -23,7 +23,8 @@ import torch
 from segsweep.primitives import poly_lr
 from segsweep.sweep.spec import plan_sweep, run_config_of
 from segsweep.training.budget import planned_steps
-from segsweep.training.loop import evaluate, micro_batches
+from segsweep.training.evaluation import evaluate
+from segsweep.training.loop import micro_batches
 from segsweep.training.runner import prepare
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from segsweep.tracking.mlflow_writer import NullTracker
+from segsweep.tracking.protocol import NullTracker
 
 
 @contextlib.contextmanager
@@ -127,7 +127,7 @@ def store_with_two_sweeps_named_alike(uri: str, experiment: str) -> tuple[str, s
     supervised 0.30 in both. Returns the parents' run ids, old then new."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from segsweep.tracking.mlflow_writer import client_for, ensure_experiment
+    from segsweep.tracking.store import client_for, ensure_experiment
 
     client = client_for(uri)
     exp = ensure_experiment(client, experiment, uri)

@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from segsweep.reports.answer import COUNTED_FILTER, TAG_COUNTED, description, publish, ui_base_url
 from segsweep.reports.curve import METHOD_COLOURS, build_curve, method_colour
 from segsweep.sweep.spec import ratio_text, trial_run_name
-from segsweep.tracking.mlflow_writer import RunTracker, fetch_runs
+from segsweep.tracking.mlflow_writer import RunTracker
+from segsweep.tracking.store import fetch_runs
 
 
 def make_sweep(uri: str, experiment: str) -> tuple[str, dict[tuple[str, float, int], str]]:

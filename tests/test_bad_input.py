@@ -17,7 +17,7 @@ import yaml
 from segsweep.cli import main
 from segsweep.data.synthetic import cache_key
 from segsweep.files import first_missing, make_folder, unmake_folder
-from segsweep.sweep import driver as sweep
+from segsweep.sweep import ray_tune as sweep
 
 from .conftest import tiny_tree
 from .helpers import runs_in, tiny_spec, write_config, write_spec
@@ -66,7 +66,7 @@ def test_the_dashboard_never_creates_a_store(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(segsweep.dashboard, "serve", never_serve)
+    monkeypatch.setattr(segsweep.reports.dashboard, "serve", never_serve)
     # named for what gave the URI: no flag was given, so not --tracking-uri
     one_error(capsys, main(["dashboard", "--port", "0"]), "error: the default store: no MLflow store at")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'nope.db'}")
@@ -101,7 +101,7 @@ def test_a_dashboard_that_cannot_listen_blames_the_right_flag(
     def refuse(*_args: object) -> None:
         raise error
 
-    monkeypatch.setattr(segsweep.dashboard, "ThreadingHTTPServer", refuse)
+    monkeypatch.setattr(segsweep.reports.dashboard, "ThreadingHTTPServer", refuse)
     store = tmp_path / "mlflow.db"
     store.write_bytes(b"")  # an empty file is a new SQLite store, not a wrong file
     code = main(
@@ -232,7 +232,7 @@ def test_a_run_out_of_memory_names_the_settings_that_size_it(
     import torch
 
     from segsweep.methods import METHODS
-    from segsweep.tracking.mlflow_writer import TAG_ERROR
+    from segsweep.tracking.tags import TAG_ERROR
 
     real_step = METHODS["supervised"].training_step
 
@@ -389,7 +389,7 @@ def test_a_model_too_big_for_its_device_is_one_line(
 
 
 def test_out_of_memory_sizes_read_in_their_unit() -> None:
-    from segsweep.training.loop import allocation
+    from segsweep.training.devices import allocation
 
     def cpu(n: int) -> RuntimeError:  # the CPU allocator's text, as torch 2.14 words it
         return RuntimeError(
@@ -441,7 +441,7 @@ def test_a_sweep_refuses_a_ray_address_nobody_answers_on(
 def test_a_local_sweep_asking_more_cpus_per_trial_than_it_may_use_is_refused_before_ray(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from segsweep.training.loop import usable_cpus
+    from segsweep.training.devices import usable_cpus
 
     monkeypatch.chdir(tmp_path)
     path = write_spec(tmp_path, tiny_spec("greedy", resources={"cpus_per_trial": usable_cpus() + 1}))

@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from segsweep.bench.suite import (
-    base_config,
-    check,
-    format_table,
-    gpu_idle_share,
-    overhead,
-    overlap_rate,
-    run_bench,
-    speedup,
-    steady_seconds_per_trial,
-)
+from segsweep.bench.gpu import overlap_rate
+from segsweep.bench.layers import steady_seconds_per_trial
+from segsweep.bench.measure import gpu_idle_share
+from segsweep.bench.report import base_config, check, format_table, overhead, speedup
+from segsweep.bench.suite import run_bench
 from segsweep.config import validate_run_config
 from segsweep.data import transforms as T
 from segsweep.errors import ConfigError
-from segsweep.training.loop import numerics_for
+from segsweep.training.devices import numerics_for
 from segsweep.training.runner import prepare
 
 from .helpers import segsweep, without_collector
@@ -34,6 +30,19 @@ def test_ratio_arithmetic() -> None:
     assert speedup(30.0, 10.0) == 3.0
     assert check(0.02, 0.03) and not check(0.04, 0.03)
     assert check(2.5, 2.0, below=False) and not check(1.5, 2.0, below=False)
+
+
+def test_the_command_line_does_not_import_the_bench() -> None:
+    # The bench is a developer tool: every other command (and the CLI module itself) runs
+    # without it; only ``segsweep bench`` imports it. A fresh interpreter, so nothing this
+    # test session imported counts.
+    probe = (
+        "import segsweep.cli, sys\n"
+        "segsweep.cli.build_parser()\n"
+        "assert not any(m.startswith('segsweep.bench') for m in sys.modules), sorted(sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_gpu_idle_share_is_the_gap_before_each_batch_over_the_step() -> None:
@@ -200,7 +209,7 @@ def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
     current: list[int] = []  # below torch.cuda.set_device: its own argument checks run
     monkeypatch.setattr(torch._C, "_cuda_setDevice", current.append)
     # and a machine with the cores of a GPU node (a run's threads are capped by its CPUs)
-    monkeypatch.setattr("segsweep.training.loop.usable_cpus", lambda: 64)
+    monkeypatch.setattr("segsweep.training.devices.usable_cpus", lambda: 64)
 
     def workers(**data: object) -> int:
         device = data.pop("device", "cpu")
@@ -229,7 +238,7 @@ def test_loader_workers_default_to_zero_on_cpu_and_to_the_threads_on_a_gpu(
 def test_gpu_rows_take_the_median_of_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
     # The GPU rows' arithmetic, on a CPU: the trainer is replaced by a clock that says how
     # long each setting's step took in each round (no time is measured).
-    from segsweep.bench import suite as bench
+    from segsweep.bench import gpu as bench
 
     seconds = {("off", False, False): [0.10, 0.30, 0.20], ("bf16", True, True): [0.05, 0.04, 0.20]}
     calls: list[tuple[str, bool, bool]] = []
@@ -246,7 +255,7 @@ def test_gpu_rows_take_the_median_of_interleaved_rounds(monkeypatch: pytest.Monk
         bench, "_packed_rate", lambda tree, measure, trials: ({1: 100.0, 4: 250.0}[trials], True)
     )
     report = bench.Report(1, "now", {}, {})
-    tree = bench.base_config(True, "cpu")
+    tree = base_config(True, "cpu")
     bench.gpu_rows(report, tree, 4, lambda _m: None, rounds=3)
     bench.packing_row(report, tree, 4, lambda _m: None)
     rows = {r.name: r for r in report.rows}
@@ -265,7 +274,7 @@ def test_gpu_rows_take_the_median_of_interleaved_rounds(monkeypatch: pytest.Monk
 def test_readback_row_is_the_median_overhead_of_alternating_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     # The bare loop with and without a per-step read of the loss, replaced by a clock (no time
     # is measured): pairs (0.11, 0.10), (0.30, 0.10), (0.12, 0.10) cost +10%, +200%, +20%.
-    from segsweep.bench import suite as bench
+    from segsweep.bench import gpu as bench
 
     clock = iter([0.11, 0.10, 0.30, 0.10, 0.12, 0.10])
     modes: list[bool] = []
@@ -276,7 +285,7 @@ def test_readback_row_is_the_median_overhead_of_alternating_pairs(monkeypatch: p
 
     monkeypatch.setattr(bench, "bare_run", fake_bare)
     report = bench.Report(1, "now", {}, {})
-    cfg = bench.validate_run_config(bench.base_config(True, "cpu"), "bench")
+    cfg = validate_run_config(base_config(True, "cpu"), "bench")
     bench.readback_row(report, cfg, 8, 4, lambda _m: None, rounds=3)
     (row,) = report.rows
     assert row.name == "gpu/readback_per_step" and modes == [True, False] * 3
@@ -289,8 +298,8 @@ def test_an_untracked_run_renders_no_panels_and_the_bench_times_the_tracker_call
 ) -> None:
     # Panels are rendered only for a tracker that keeps them, on the training thread: the
     # tracking overhead row then counts them, and untracked runs do not pay for them.
-    from segsweep.bench.suite import TimedCalls
-    from segsweep.tracking.mlflow_writer import NullTracker
+    from segsweep.bench.measure import TimedCalls
+    from segsweep.tracking.protocol import NullTracker
     from segsweep.training import loop as engine
 
     rendered: list[int] = []
@@ -334,7 +343,7 @@ def test_a_panel_reuses_the_pseudo_labels_of_the_diagnostic_pass(tiny) -> None:
 
     from segsweep.data.loaders import eval_loader, to_model
     from segsweep.data.transforms import pad_to_multiple
-    from segsweep.training.loop import pseudo_mask_quality, sample_panel
+    from segsweep.training.evaluation import pseudo_mask_quality, sample_panel
 
     cfg = tiny(method="fixmatch", **{"eval.batch_size": 2, "eval.panel_samples": 3})
     trainer = prepare(cfg).trainer
@@ -381,8 +390,8 @@ def test_a_tracking_server_that_will_not_start_leaves_its_rows_unmeasured(
     """The SQLite rows stand; the server's say why they were not measured."""
     from contextlib import contextmanager
 
-    from segsweep.bench import suite as bench
-    from segsweep.tracking.mlflow_writer import TrackingError
+    from segsweep.bench import tracked as bench
+    from segsweep.tracking.retries import TrackingError
 
     @contextmanager
     def no_server(_folder: Path):
@@ -405,8 +414,8 @@ def test_a_tracking_error_against_a_started_server_fails_the_bench(monkeypatch: 
     runs is a fault of the tracker, not of this machine, and must not hide as a skipped row."""
     from contextlib import contextmanager
 
-    from segsweep.bench import suite as bench
-    from segsweep.tracking.mlflow_writer import TrackingError
+    from segsweep.bench import tracked as bench
+    from segsweep.tracking.retries import TrackingError
 
     @contextmanager
     def fake_server(_folder: Path):

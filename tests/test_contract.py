@@ -215,3 +215,14 @@ def test_pseudo_labels_have_the_documented_shapes(name: str, knobs: dict) -> Non
     assert pseudo.dtype == torch.long and keep.dtype == torch.bool
     assert ((conf >= 0) & (conf <= 1)).all()
     assert torch.equal(keep, conf >= method.conf_threshold)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_its_knobs_are_the_config_section_of_its_name(name: str) -> None:
+    # METHODS is the one source: the entry alone gives a run config its section
+    from segsweep.config import validate_run_config
+
+    cfg = validate_run_config({"method": name}, "test")
+    assert type(cfg.knobs()) is METHODS[name].Knobs and cfg.knobs() == METHODS[name].Knobs()
+    others = {other for other in METHODS if other != name}
+    assert not {key.split(".")[0] for key in cfg.flat()} & others  # only its own knobs are tracked

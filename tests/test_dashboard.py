@@ -9,10 +9,38 @@ import numpy as np
 import pytest
 
 from segsweep.errors import ConfigError
+from segsweep.reports import dashboard
 from segsweep.reports.dashboard import Dashboard, serve
 from segsweep.tracking.mlflow_writer import RunTracker
 
 from .helpers import chrome, store_with_two_sweeps_named_alike
+
+
+def test_the_page_ships_inside_the_package_and_the_environment_overrides_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Package data, not the checkout's: a non-editable install has it too (test_packaging.py).
+    monkeypatch.delenv("SEGSWEEP_DASHBOARD_DIR", raising=False)
+    shipped = Path(dashboard.__file__).parent / "web"
+    assert dashboard.web_root() == shipped and (shipped / "index.html").is_file()
+    own = tmp_path / "page"
+    own.mkdir()
+    monkeypatch.setenv("SEGSWEEP_DASHBOARD_DIR", str(own))
+    assert dashboard.web_root() == own
+    with pytest.raises(ConfigError, match="dashboard files not found"):  # a folder without a page
+        serve(None, "127.0.0.1", 0, None)
+    (own / "index.html").write_text("<p>mine</p>")
+    server = serve(None, "127.0.0.1", 0, None)
+    try:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/", timeout=30) as page:
+            assert page.read() == b"<p>mine</p>"
+    finally:
+        server.shutdown()
+        server.server_close()
+
 
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"
 

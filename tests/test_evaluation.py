@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segsweep.training.loop import Numerics, predict_logits
+from segsweep.training.devices import Numerics
+from segsweep.training.evaluation import predict_logits
 
 CPU = Numerics(torch.device("cpu"), None, False)
 

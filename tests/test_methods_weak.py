@@ -28,7 +28,7 @@ from segsweep.methods.mixandmatch import (
     triplet_loss,
 )
 from segsweep.primitives import IGNORE
-from segsweep.tracking.mlflow_writer import NullTracker
+from segsweep.tracking.protocol import NullTracker
 from segsweep.training.runner import prepare
 
 from .helpers import Recorder

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from segsweep.errors import ConfigError
 from segsweep.methods.mixandmatch import colour_first_layer
-from segsweep.tracking.mlflow_writer import NullTracker
+from segsweep.tracking.protocol import NullTracker
 from segsweep.training.probe import ProbeSettings, fit, network, probe_logits, read_at
 from segsweep.training.runner import prepare
 

@@ -16,7 +16,9 @@ from segsweep.models.network import HeadOptions, build_model
 from segsweep.primitives import IGNORE, dropout_off, ohem_cross_entropy
 from segsweep.sweep.spec import plan_sweep, run_config_of
 from segsweep.training.budget import epoch_steps, planned_steps
-from segsweep.training.loop import Numerics, build_method, micro_batches, predict_logits
+from segsweep.training.devices import Numerics
+from segsweep.training.evaluation import predict_logits
+from segsweep.training.loop import build_method, micro_batches
 
 from .conftest import tiny_tree
 from .helpers import assert_user_error, segsweep

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from segsweep.cli import build_parser, main
-from segsweep.tracking.mlflow_writer import RunTracker, redact, safe_params
+from segsweep.tracking.mlflow_writer import RunTracker
+from segsweep.tracking.uris import redact, safe_params
 
 from .conftest import tiny_tree
 from .fixtures import write_folder
@@ -143,7 +144,7 @@ def test_a_tracking_server_that_does_not_answer_is_said_at_once_and_fails_in_one
     # that it waits, and gives up at its budget with a one-line error
     import socket
 
-    from segsweep.tracking.mlflow_writer import TrackingError, await_server
+    from segsweep.tracking.retries import TrackingError, await_server
 
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
@@ -271,7 +272,7 @@ def test_a_write_that_fails_outside_the_store_fails_the_run_not_the_writer(tmp_p
     # writer must record it as the run's error, not die and let flush() report nothing.
     from mlflow.tracking import MlflowClient
 
-    from segsweep.tracking.mlflow_writer import TrackingError
+    from segsweep.tracking.retries import TrackingError
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = RunTracker(uri, "broken-image", run_name="b")
@@ -293,7 +294,7 @@ def test_stepped_images_are_laid_out_as_mlflow_lays_them_out(tmp_path: Path) -> 
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
 
-    from segsweep.tracking.mlflow_writer import image_artifacts
+    from segsweep.tracking.store import image_artifacts
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     rng = np.random.default_rng(0)
@@ -366,7 +367,7 @@ def tracked_run(cache_dir: Path, tmp_path: Path):
 def test_checkpoints_that_cannot_be_uploaded_end_the_run_failed_and_say_why(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from segsweep.tracking.mlflow_writer import TrackingError
+    from segsweep.tracking.retries import TrackingError
     from segsweep.training.runner import execute
 
     prepared, tracker = tracked_run(cache_dir, tmp_path)
@@ -639,7 +640,7 @@ def test_generated_sweep_specs_plan_or_fail_in_one_line(
 
 def test_a_bad_tracking_uri_from_the_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     from segsweep.errors import ConfigError
-    from segsweep.tracking.mlflow_writer import resolve_uri
+    from segsweep.tracking.uris import resolve_uri
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
     with pytest.raises(ConfigError, match=r"^MLFLOW_TRACKING_URI: 'file:///tmp/mlruns': file stores"):
@@ -693,7 +694,7 @@ def test_secrets_never_become_params_and_uris_are_redacted() -> None:
 def test_a_tracking_stores_error_never_shows_its_password(caplog: pytest.LogCaptureFixture) -> None:
     """MLflow's own error text quotes the URL it called, userinfo included: the retry
     warnings and the one-line error both hide it."""
-    from segsweep.tracking.mlflow_writer import TrackingError, with_retries
+    from segsweep.tracking.retries import TrackingError, with_retries
 
     url = "http://bob:s3cret@mlflow:5000/api/2.0/mlflow/runs/get"
     calls = iter(
@@ -712,7 +713,8 @@ def test_a_tracking_stores_error_never_shows_its_password(caplog: pytest.LogCapt
 def test_no_tag_holds_a_uri_password(tmp_path: Path) -> None:
     """Tags a run starts with, tags set later (an error line may quote a URI), and tags the
     sweep's driver writes when it ends a trial's run: every one redacted."""
-    from segsweep.tracking.mlflow_writer import RunTracker, client_for, end_run
+    from segsweep.tracking.mlflow_writer import RunTracker
+    from segsweep.tracking.store import client_for, end_run
 
     uri, secret = f"sqlite:///{tmp_path / 'm.db'}", "http://alice:hunter2-long@mlflow:5000"
     tracker = RunTracker(uri, "x", run_name="r", tags={"origin": secret})
@@ -734,7 +736,7 @@ def test_services_listen_on_loopback_by_default() -> None:
 
 
 def test_a_race_on_one_tag_is_retried_but_a_rejected_request_is_not() -> None:
-    from segsweep.tracking.mlflow_writer import is_transient
+    from segsweep.tracking.retries import is_transient
 
     race = Exception("(sqlite3.IntegrityError) UNIQUE constraint failed: tags.key, tags.run_uuid")
     assert is_transient(race)  # a worker and the driver set the same tag at once
@@ -763,7 +765,7 @@ def test_a_worker_closing_late_leaves_the_drivers_interrupted_mark(tmp_path: Pat
     is reopened by ``--resume`` the old mark no longer holds and the run closes normally."""
     from mlflow.tracking import MlflowClient
 
-    from segsweep.tracking.mlflow_writer import STATUS_INTERRUPTED, TAG_STATUS
+    from segsweep.tracking.tags import STATUS_INTERRUPTED, TAG_STATUS
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
@@ -792,7 +794,7 @@ def test_a_local_server_takes_runs_over_http_and_leaves_no_process(tmp_path: Pat
 
     from mlflow.tracking import MlflowClient
 
-    from segsweep.tracking.mlflow_writer import local_server, session_members, session_running
+    from segsweep.tracking.local_server import local_server, session_members, session_running
 
     with local_server(tmp_path / "server") as (uri, pid):
         assert uri.startswith("http://127.0.0.1:") and pid in session_running(pid)
@@ -825,10 +827,10 @@ def test_a_sigterm_still_stops_the_local_server_and_zombies_are_told_apart(tmp_p
     import subprocess
     import sys
 
-    from segsweep.tracking.mlflow_writer import session_members, session_running
+    from segsweep.tracking.local_server import session_members, session_running
 
     script = (
-        "import sys, time\nfrom pathlib import Path\nfrom segsweep.tracking.mlflow_writer import local_server\n"
+        "import sys, time\nfrom pathlib import Path\nfrom segsweep.tracking.local_server import local_server\n"
         "with local_server(Path(sys.argv[1])) as (uri, pid):\n    print(pid, flush=True)\n    time.sleep(300)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "s")], stdout=subprocess.PIPE)

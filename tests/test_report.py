@@ -14,11 +14,11 @@ from segsweep.reports.curve import (
     compare,
     format_table,
     paired_differences,
-    published_table,
     select_rows,
     write_outputs,
 )
-from segsweep.tracking.mlflow_writer import RunRecord
+from segsweep.reports.published import published_table
+from segsweep.tracking.store import RunRecord
 
 from .helpers import store_with_two_sweeps_named_alike
 
@@ -340,7 +340,7 @@ def test_curve_of_one_sweep_of_an_experiment(
     import csv
 
     from segsweep.cli import main
-    from segsweep.tracking.mlflow_writer import client_for
+    from segsweep.tracking.store import client_for
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     old, new = store_with_two_sweeps_named_alike(uri, "e")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from segsweep.methods import METHODS, Method
-from segsweep.tracking.mlflow_writer import NullTracker
+from segsweep.tracking.protocol import NullTracker
 from segsweep.training.runner import prepare
 
 from .helpers import Recorder
@@ -89,7 +89,7 @@ def test_the_honest_number_is_val_at_the_evaluation_best_on_the_tune_split(
     score was highest (first one on a tie), ``best.pt`` holds that step, and the flattering
     best-on-val and the last evaluation are reported apart. The scores are scripted so that
     the three differ."""
-    import segsweep.training.loop as engine
+    import segsweep.training.evaluation as engine
 
     val = iter([0.10, 0.40, 0.20, 0.30])  # best on val: evaluation 2 (step 4)
     tune = iter([0.20, 0.10, 0.50, 0.50])  # best on tune: evaluation 3 (step 6), tie at 8

@@ -66,7 +66,7 @@ def test_early_stopping_compares_trials_only_within_their_cell(tmp_path: Path) -
     import ray
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
-    from segsweep.sweep.driver import CellScheduler
+    from segsweep.sweep.ray_tune import CellScheduler
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -117,13 +117,13 @@ def test_a_worker_is_reused_after_a_trial_slow_to_close(tmp_path: Path) -> None:
     import ray
     from ray import tune
 
-    from segsweep.sweep.driver import _ray_init
+    from segsweep.sweep.ray_tune import ray_init
 
     plan = SimpleNamespace(
         spec=SimpleNamespace(resources=SimpleNamespace(gpus_per_trial=0, cpus_per_trial=1))
     )
     with pinned_to_one_cpu():  # and so the Ray processes it starts
-        _ray_init(None, plan)  # type: ignore[arg-type]
+        ray_init(None, plan)  # type: ignore[arg-type]
     try:
         assert ray.cluster_resources()["CPU"] == 1
         tuner = tune.Tuner(
@@ -391,83 +391,3 @@ def test_an_interrupted_sweep_says_so_and_resumes(cache_dir: Path, tmp_path: Pat
     cut = [k for k in kids if k.data.tags.get("segsweep.status") == "interrupted"]
     assert cut and all(k.info.status == "KILLED" for k in cut)
     _resume_and_count(path, uri, before, tmp_path, steps=30)
-
-
-def test_the_live_view_shows_the_best_value_of_trials_that_ended_before_a_resume(tmp_path: Path) -> None:
-    """A trial restored as ended shows its best val/mIoU over training, as a trial seen running
-    does, not its last value (the view is labelled "best so far")."""
-    from types import SimpleNamespace
-
-    from segsweep.sweep.driver import SweepCallback, SweepContext
-
-    lines: list[str] = []
-    ctx = SweepContext("s", "live", f"sqlite:///{tmp_path}/m.db", "parent", {}, 1.0, str(tmp_path))
-    cb = SweepCallback(ctx, "tune/mIoU", "max", "search", 1, 1, lines.append, {})
-    config = {"cell": "method=fixmatch,ratio=0.25,seed=0", "phase": "search", "sample": 0, "params": {}}
-    restored = SimpleNamespace(
-        trial_id="a",
-        status="TERMINATED",
-        config=config,
-        error_file=None,
-        last_result={"val/mIoU": 0.31, "step": 9, "done": True},
-        metric_analysis={"val/mIoU": {"max": 0.35, "last": 0.31}},
-    )
-    cb._view([restored], force=True)
-    assert lines[-1].strip() == "best val/mIoU so far: fixmatch@0.25/s0 0.350", lines
-
-
-def test_the_live_view_closes_the_runs_of_stopped_and_killed_trials(tmp_path: Path) -> None:
-    """A trial stopped after its last report, and one whose worker died, leave RUNNING runs:
-    the driver's callback ends them (stopped early: FINISHED, with the step; died: FAILED).
-    A store that refuses does not stop the sweep: a one-line warning says so."""
-    from types import SimpleNamespace
-
-    from segsweep.sweep.driver import SweepCallback, SweepContext
-    from segsweep.tracking.mlflow_writer import TAG_STATUS, client_for
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = client_for(uri)
-    experiment = client.create_experiment("live")
-    stopped, died = (client.create_run(experiment).info.run_id for _ in range(2))
-    lines: list[str] = []
-    ctx = SweepContext("s", "live", uri, "parent", {}, 1.0, str(tmp_path))
-    cb = SweepCallback(ctx, "tune/mIoU", "max", "search", 2, 1, lines.append, {})
-
-    def trial(trial_id: str, run_id: str, **result: object) -> SimpleNamespace:
-        config = {"cell": "c", "phase": "search", "sample": 0, "params": {}}
-        return SimpleNamespace(
-            trial_id=trial_id, config=config, error_file=None, last_result={"mlflow_run_id": run_id, **result}
-        )
-
-    cb.on_trial_complete(0, [], trial("a", stopped, step=40, **{"tune/mIoU": 0.3}))
-    cb.on_trial_error(0, [], trial("b", died, step=10))
-    a, b = client.get_run(stopped), client.get_run(died)
-    assert (a.info.status, a.data.tags[TAG_STATUS], a.data.tags["segsweep.stopped_at_step"]) == (
-        "FINISHED",
-        "stopped_early",
-        "40",
-    )
-    assert (b.info.status, b.data.tags[TAG_STATUS]) == ("FAILED", "failed")
-    assert cb.outcomes["a"].status == "stopped_early" and cb.outcomes["b"].status == "failed"
-    # a later Ctrl+C cuts short only what was still going: "b" failed for good by itself
-    from segsweep.sweep.driver import INTERRUPT
-
-    cb.ended_before = set()
-    waiting = trial("d", "x")
-    try:
-        INTERRUPT.set()
-        cb.on_trial_error(0, [], trial("e", "no-such-run"))  # failed as the signal reached it
-    finally:
-        INTERRUPT.clear()
-    lines.clear()
-    names = [
-        t.trial_id
-        for t in cb.interrupted_trials([trial("a", stopped), trial("b", died), waiting, trial("e", "-")])
-    ]
-    assert names == ["d", "e"]
-
-    cb.on_trial_complete(0, [], trial("c", "no-such-run", step=5))
-    warnings = [line for line in lines if "warning" in line]
-    assert len(warnings) == 1 and warnings[0].startswith(
-        "  warning: could not close run no-such-run: tracking"
-    )

@@ -179,17 +179,57 @@ def test_a_set_on_a_grid_key_is_refused_rather_than_silently_overridden(tmp_path
 
 
 def test_a_damaged_sweep_state_is_named_in_one_line(tmp_path: Path) -> None:
-    from segsweep.sweep.driver import read_state
+    from segsweep.sweep.state import FORMAT, read_state
 
     state = tmp_path / "sweep.json"
-    for text in ('{"fingerprint": "ab', "", "[]", "{}"):
+    for text in ('{"fingerprint": "ab', "", "[]", "{}", f'{{"format": {FORMAT}, "fingerprint": 3}}'):
         state.write_text(text)
         with pytest.raises(
             ConfigError, match=r"sweep.json: (unreadable sweep state|not a segsweep sweep state)"
         ):
             read_state(state)
-    state.write_text('{"fingerprint": "ab", "instance": "x"}')
+    state.write_text(f'{{"format": {FORMAT}, "fingerprint": "ab", "instance": "x"}}')
     assert read_state(state)["instance"] == "x"
+    state.write_text(f'{{"format": {FORMAT + 1}, "fingerprint": "ab", "instance": "x"}}')
+    with pytest.raises(ConfigError, match=r"sweep.json: made by a later segsweep version"):
+        read_state(state)
+
+
+def test_a_sweep_folder_of_an_earlier_version_is_refused_in_one_line(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A folder made before sweep.json recorded its format (its Ray state names modules this
+    version no longer has): one line, exit 2, whether resumed with its --set or with others,
+    or started again; nothing in it changes."""
+    from segsweep.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec()))
+    plan = plan_sweep(tmp_path / "s.yaml", cwd=tmp_path)
+    folder = tmp_path / "sweeps" / "t"
+    (folder / "ray").mkdir(parents=True)
+    # sweep.json as the version before wrote it: no format, the studies' prefix of its own
+    old = {
+        "fingerprint": plan.fingerprint(),
+        "instance": "ab12cd34",
+        "study_prefix": "t",
+        "parent_run_id": "r1",
+        "tracking_uri": plan.tracking_uri,
+        "experiment": "t",
+        "sets": [],
+        "cwd": str(tmp_path),
+        "trials": plan.trial_settings(),
+    }
+    (folder / "sweep.json").write_text(json.dumps(old))
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    for extra in (["--resume"], ["--resume", "--set", "train.steps=5"], ["--resume", "--dry-run"], []):
+        assert main(["sweep", "s.yaml", *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"error: {folder / 'sweep.json'}: made by an earlier segsweep version; start a new sweep "
+            "(--dir) or use the version that made it"
+        ], (extra, err)
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
 
 
 def test_a_sweep_that_cannot_write_or_reach_its_stores_fails_before_it_starts(tmp_path: Path) -> None:
@@ -252,11 +292,14 @@ def test_a_dry_run_lists_the_trials_checks_them_and_writes_nothing(
     assert main(["sweep", "s.yaml", "--dry-run", "--resume"]) == 2
     assert "--resume: no sweep 't' in sweeps to resume" in capsys.readouterr().err
     (tmp_path / "sweeps" / "t").mkdir(parents=True)
-    (tmp_path / "sweeps" / "t" / "sweep.json").write_text(json.dumps({"fingerprint": "0", "sets": []}))
+    from segsweep.sweep.state import FORMAT
+
+    state = {"format": FORMAT, "fingerprint": "0", "instance": "i", "sets": [], "trials": {}}
+    (tmp_path / "sweeps" / "t" / "sweep.json").write_text(json.dumps(state))
     assert main(["sweep", "s.yaml", "--dry-run"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["sweep", "s.yaml", "--dry-run", "--resume"]) == 2
-    assert "changed since the sweep started" in capsys.readouterr().err
+    assert "this resume would change its cells (added method=supervised" in capsys.readouterr().err
 
 
 def test_every_shipped_spec_and_declared_search_space_is_valid(tmp_path: Path, cache_dir: Path) -> None:
@@ -299,7 +342,7 @@ def test_outcomes_of_an_interrupted_sweep_skip_trials_that_never_started() -> No
     """SIGTERM while trials wait: Ray's results then hold trials with no config and no metrics."""
     from types import SimpleNamespace
 
-    from segsweep.sweep.driver import SweepContext, _outcomes_from
+    from segsweep.sweep.ray_tune import outcomes_from
 
     cfg = {"cell": "method=supervised,ratio=0.5,seed=0", "phase": "search", "sample": 0, "params": {}}
     done = SimpleNamespace(
@@ -318,14 +361,14 @@ def test_outcomes_of_an_interrupted_sweep_skip_trials_that_never_started() -> No
     class Grid(list):  # a ResultGrid: iterable results plus Ray's trial records
         _experiment_analysis = SimpleNamespace(trials=trials)
 
-    ctx = SweepContext("s", "s", "sqlite://", "p", {}, 1.0, "/tmp", "s@1")
-    out, complete = _outcomes_from(Grid([done, never, running]), ctx, "tune/mIoU")
+    out, complete = outcomes_from(Grid([done, never, running]), "s@1", "tune/mIoU")
     assert not complete
     assert list(out) == ["a"] and out["a"].status == "finished" and out["a"].val == 0.3
+    assert out["a"].key == "s@1/search/method=supervised,ratio=0.5,seed=0/0"
 
 
 def test_a_trial_given_no_gpu_trains_on_the_cpu_unless_its_config_names_a_device() -> None:
-    from segsweep.sweep.driver import trial_device
+    from segsweep.sweep.trial import trial_device
 
     assert trial_device("auto", []) == "cpu"  # gpus_per_trial 0: Ray still shows every GPU
     assert trial_device("auto", ["0"]) == "auto"  # its GPU is the one CUDA shows it
@@ -380,6 +423,7 @@ def test_a_resume_that_differs_says_what_differs(
     tmp_path: Path, cache_dir: Path, first: tuple, again: tuple, fragments: list[str]
 ) -> None:
     from segsweep.sweep.driver import run_sweep
+    from segsweep.sweep.state import FORMAT
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec(), sort_keys=False))
@@ -390,21 +434,17 @@ def test_a_resume_that_differs_says_what_differs(
     folder = tmp_path / "sweeps" / "t"
     folder.mkdir(parents=True)
     started = plan(*first)
-    state = {"fingerprint": started.fingerprint(), "instance": "i", "tracking_uri": started.tracking_uri}
-    kept = {"sets": started.sets, "cwd": started.cwd, "trials": started.trial_settings()}
-    (folder / "sweep.json").write_text(json.dumps(state | kept))
+    state = {"format": FORMAT, "fingerprint": started.fingerprint(), "instance": "i"}
+    kept = {"tracking_uri": started.tracking_uri, "sets": started.sets, "cwd": started.cwd}
+    (folder / "sweep.json").write_text(json.dumps(state | kept | {"trials": started.trial_settings()}))
     with pytest.raises(ConfigError) as err:
         run_sweep(plan(*again), tmp_path / "sweeps", resume=True)
     for fragment in fragments:
         assert fragment in str(err.value), (fragment, str(err.value))
-    # A sweep started before its trials' settings were kept: the general message, with a hint.
-    (folder / "sweep.json").write_text(json.dumps(state))
-    with pytest.raises(ConfigError, match=r"changed since the sweep started.*give the same --set"):
-        run_sweep(plan(*again), tmp_path / "sweeps", resume=True)
 
 
 def test_a_resume_names_cells_and_settings_the_spec_no_longer_has(tmp_path: Path, cache_dir: Path) -> None:
-    from segsweep.sweep.driver import resumable_state
+    from segsweep.sweep.state import FORMAT, resumable_state
 
     path = tmp_path / "spec.yaml"
 
@@ -414,7 +454,9 @@ def test_a_resume_names_cells_and_settings_the_spec_no_longer_has(tmp_path: Path
         folder = tmp_path / "sweeps" / "t"
         folder.mkdir(parents=True, exist_ok=True)
         kept = {
+            "format": FORMAT,
             "fingerprint": plan.fingerprint(),
+            "instance": "i",
             "sets": [],
             "cwd": plan.cwd,
             "trials": plan.trial_settings(),
@@ -467,19 +509,18 @@ def test_a_sweep_resumed_after_its_stores_password_changed_is_the_same_sweep(
     )
     other = plan_sweep(path, tracking_uri="http://alice:old@mlflow2:5000", cwd=tmp_path)
     assert other.fingerprint() != old.fingerprint()
-    # a sweep fingerprinted with its password (started before they were left out) resumes
-    from segsweep.sweep.driver import resumable_state
+    # a sweep started under the old password resumes under the new one
+    from segsweep.sweep.state import FORMAT, resumable_state
 
     (tmp_path / "sweeps" / "t").mkdir(parents=True)
-    state = {"fingerprint": old.fingerprint(with_passwords=True), "instance": "i"}
+    state = {"format": FORMAT, "fingerprint": old.fingerprint(), "instance": "i"}
     (tmp_path / "sweeps" / "t" / "sweep.json").write_text(json.dumps(state))
-    assert old.fingerprint(with_passwords=True) != old.fingerprint()
-    assert resumable_state(old, tmp_path / "sweeps", resume=True)["instance"] == "i"
+    assert resumable_state(new, tmp_path / "sweeps", resume=True)["instance"] == "i"
 
 
 def test_a_dry_run_of_a_resume_says_how_far_the_sweep_got(tmp_path: Path, cache_dir: Path) -> None:
-    from segsweep.sweep.driver import resume_progress
-    from segsweep.tracking.mlflow_writer import client_for, ensure_experiment
+    from segsweep.sweep.state import resume_progress
+    from segsweep.tracking.store import client_for, ensure_experiment
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec(final={"seeds": [7]}, **{"grid/seed": [0]}), sort_keys=False))
@@ -508,7 +549,7 @@ def test_a_dry_run_of_a_resume_says_how_far_the_sweep_got(tmp_path: Path, cache_
 def test_the_cpus_a_process_may_use_are_its_affinity_and_its_quota(tmp_path: Path) -> None:
     """A local sweep starts one trial per usable CPU: a job's or container's share (its
     affinity, its cgroup's quota), not the host's cores that ``os.cpu_count()`` counts."""
-    from segsweep.training.loop import cgroup_quotas, cpu_quota, usable_cpus
+    from segsweep.training.devices import cgroup_quotas, cpu_quota, usable_cpus
 
     assert cpu_quota("max 100000\n") is None and cpu_quota("-1 100000") is None  # no limit
     assert cpu_quota("400000 100000") == 4 and cpu_quota("150000 100000") == 1  # docker --cpus=1.5
@@ -540,7 +581,7 @@ def test_the_cpus_a_process_may_use_are_its_affinity_and_its_quota(tmp_path: Pat
     import torch
 
     from segsweep.config import validate_run_config
-    from segsweep.training.loop import numerics_for
+    from segsweep.training.devices import numerics_for
 
     threads = torch.get_num_threads()
     try:

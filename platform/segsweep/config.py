@@ -3,30 +3,47 @@
 A run config is one YAML file (see ``experiments/``). Every field has a default, so the
 smallest valid config is ``method: supervised``. Method knobs live in a section named after
 the method (``fixmatch: {conf_threshold: 0.9}``); only the active method's section is used.
+
+The registries are the one source of what a config may name: each method of ``METHODS``
+(``segsweep.methods``) adds its ``Knobs`` as the section of its name, and the names a config
+accepts for ``method``, ``data.name`` (``segsweep.data.DATASETS``) and ``model.arch``
+(``segsweep.models.network.ARCHS``) are ``Literal``s built from them (``run_config_model``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from segsweep.data import DATASETS
 from segsweep.errors import ConfigError
 from segsweep.files import UserPath
 from segsweep.methods import METHODS
-from segsweep.methods.fixmatch import FixMatchKnobs
-from segsweep.methods.guidedmix import GuidedMixKnobs
-from segsweep.methods.hfpl import HFPLKnobs
-from segsweep.methods.mixandmatch import MixAndMatchKnobs
-from segsweep.methods.s4mim import S4MIMKnobs
-from segsweep.methods.supervised import SupervisedKnobs
+from segsweep.models.network import ARCHS
 
 #: Seeds go to torch's generators, which take at most 64 bits (and negative ones wrap).
 MAX_SEED = 2**63 - 1
+
+
+def names_of(registry: Mapping[str, object]) -> Any:
+    """``Literal["a", "b", ...]`` of a registry's names, in its order."""
+    return Literal[tuple(registry)]
 
 
 class Section(BaseModel):
@@ -75,7 +92,9 @@ class AugmentConfig(Section):
         return self
 
 
-DatasetName = Literal["synthetic", "voc", "voc_aug", "cityscapes", "folder"]
+#: The dataset names a config accepts: ``DATASETS``'s at import (``run_config_model``
+#: follows a registry changed later).
+DatasetName = names_of(DATASETS)
 
 
 class DataConfig(Section):
@@ -124,8 +143,12 @@ class DataConfig(Section):
         return self
 
 
+#: The architecture names a config accepts: ``ARCHS``'s at import.
+ArchName = names_of(ARCHS)
+
+
 class ModelConfig(Section):
-    arch: Literal["deeplabv3plus", "unet", "fpn"] = "unet"
+    arch: ArchName = "unet"
     encoder: str = "tu-mobilenetv3_small_050"
     encoder_weights: Literal["imagenet"] | UserPath | None = Field(
         None,
@@ -274,7 +297,11 @@ class DebugConfig(Section):
     nan_at_step: int | None = Field(None, ge=1, description="make the loss NaN at this step")
 
 
-class RunConfig(Section):
+class RunConfigBase(Section):
+    """The sections every run config has. ``RunConfig`` adds one section per method (its
+    ``Knobs``, from ``METHODS``) and narrows ``method`` to the registered names: configs are
+    validated through ``validate_run_config``, never with this class directly."""
+
     method: str = "supervised"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     output_dir: UserPath = Field(Path("runs"), description="local checkpoints and run files")
@@ -284,20 +311,22 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     debug: DebugConfig = DebugConfig()
-    # One section per method (its knobs); only the section of `method` is used.
-    supervised: SupervisedKnobs = SupervisedKnobs()
-    fixmatch: FixMatchKnobs = FixMatchKnobs()
-    guidedmix: GuidedMixKnobs = GuidedMixKnobs()
-    s4mim: S4MIMKnobs = S4MIMKnobs()
-    hfpl: HFPLKnobs = HFPLKnobs()
-    mixandmatch: MixAndMatchKnobs = MixAndMatchKnobs()
 
-    @field_validator("method")
+    @field_validator("method", mode="before")
     @classmethod
-    def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method '{v}'; valid methods: {', '.join(METHODS)}")
+    def _known_method(cls, v: Any) -> Any:
+        # Before the Literal's own check, whose message would list the names without saying
+        # what they are; a value that is not text gets pydantic's usual message.
+        if not isinstance(v, str):
+            raise PydanticCustomError("string_type", "Input should be a valid string")
+        if v not in cls.method_names():
+            raise ValueError(f"unknown method '{v}'; valid methods: {', '.join(cls.method_names())}")
         return v
+
+    @classmethod
+    def method_names(cls) -> tuple[str, ...]:
+        """The methods this model has a section for (its ``method`` Literal's names)."""
+        return get_args(cls.model_fields["method"].annotation)
 
     def knobs(self) -> BaseModel:
         """The active method's knobs."""
@@ -305,8 +334,65 @@ class RunConfig(Section):
 
     def flat(self) -> dict[str, Any]:
         """Flattened ``a.b.c: value`` view for tracking: the active method's knobs only."""
-        raw = self.model_dump(mode="json", exclude=set(METHODS) - {self.method})
+        raw = self.model_dump(mode="json", exclude=set(self.method_names()) - {self.method})
         return flatten(raw)
+
+
+SectionT = TypeVar("SectionT", bound=Section)
+
+
+def _narrowed(section: type[SectionT], name: str, names: tuple[str, ...]) -> type[SectionT]:
+    """``section`` whose field ``name`` accepts ``names`` (a Literal of them): the class itself
+    when it already does, else a subclass of the same name that says so."""
+    field = section.model_fields[name]
+    if get_args(field.annotation) == names:
+        return section
+    narrowed: type[SectionT] = create_model(  # type: ignore[call-overload]
+        section.__name__,
+        __base__=section,
+        __module__=section.__module__,
+        **{name: (Literal[names], Field(field.default, description=field.description))},
+    )
+    return narrowed
+
+
+@functools.cache
+def _build_run_config(
+    methods: tuple[tuple[str, type[BaseModel]], ...], datasets: tuple[str, ...], archs: tuple[str, ...]
+) -> type[RunConfigBase]:
+    """The run config model for these method sections (name, Knobs), dataset and architecture
+    names: ``RunConfigBase`` with a section per method, ``method``, ``data.name`` and
+    ``model.arch`` each a Literal of its registry's names. Cached: one class per registry state."""
+    data, model = _narrowed(DataConfig, "name", datasets), _narrowed(ModelConfig, "arch", archs)
+    names = tuple(name for name, _ in methods)
+    fields: dict[str, Any] = {
+        "method": (Literal[names], "supervised"),
+        "data": (data, Field(default_factory=data)),
+        "model": (model, Field(default_factory=model)),
+    }
+    # One section per method (its knobs), in the registry's order; only the section of
+    # `method` is used.
+    fields.update({name: (knobs, Field(default_factory=knobs)) for name, knobs in methods})
+    built: type[RunConfigBase] = create_model(  # type: ignore[call-overload]
+        "RunConfig", __base__=RunConfigBase, __module__=__name__, **fields
+    )
+    return built
+
+
+def run_config_model() -> type[RunConfigBase]:
+    """The run config model of the registries as they are now: ``RunConfig`` itself unless a
+    method, dataset or architecture was registered since this module was imported (a plugin,
+    a test's toy method)."""
+    return _build_run_config(
+        tuple((name, cls.Knobs) for name, cls in METHODS.items()), tuple(DATASETS), tuple(ARCHS)
+    )
+
+
+if TYPE_CHECKING:
+    RunConfig = RunConfigBase
+else:
+    #: The run config of the registered methods, datasets and architectures.
+    RunConfig = run_config_model()
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -417,8 +503,10 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
 
 
 def validate_run_config(tree: dict[str, Any], source: str) -> RunConfig:
+    """``tree`` as a run config of the registries as they are now; a ConfigError naming
+    ``source`` and the first offending field otherwise."""
     try:
-        return RunConfig.model_validate(tree)
+        return run_config_model().model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source)) from None
 
@@ -434,7 +522,7 @@ def public_tree(cfg: BaseModel) -> dict[str, Any]:
     """The config as plain data, a password inside ``tracking.uri`` hidden: what is saved
     (config.yaml, checkpoints) and logged (a checkpoint is an artifact every user of the store
     may read)."""
-    from segsweep.tracking.mlflow_writer import redact
+    from segsweep.tracking.uris import redact
 
     tree = cfg.model_dump(mode="json")
     if isinstance(tree.get("tracking"), dict) and tree["tracking"].get("uri"):

@@ -1,7 +1,9 @@
 """Datasets, label-ratio splits, augmentation and loaders.
 
-``DATASETS`` maps each dataset name to its reader; ``build_data`` turns a ``DataConfig`` into
-the source, its deterministic split, and the augmentation parameters.
+``DATASETS`` maps each dataset name to its ``Reader``: the one place a dataset is
+registered (``data.name`` accepts exactly its names; the config builds its ``Literal`` from
+it). ``build_data`` turns a ``DataConfig`` into the source, its deterministic split, and the
+augmentation parameters.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from segsweep.data.loaders import AugmentParams, Data
 from segsweep.data.sources import (
@@ -48,12 +50,22 @@ def _rooted(reader: Callable[[Path], Source]) -> Callable[[DataConfig], Source]:
     return load
 
 
-DATASETS: dict[str, tuple[str, Callable[[DataConfig], Source]]] = {
-    "synthetic": ("embedded synthetic scenes (7 classes), generated offline", _synthetic),
-    "voc": ("PASCAL VOC 2012, 1,464 fine training masks", _rooted(lambda r: voc_source(r, False))),
-    "voc_aug": ("PASCAL VOC 2012 + SBD, 10,582 training masks", _rooted(lambda r: voc_source(r, True))),
-    "cityscapes": ("Cityscapes gtFine, 19 classes", _rooted(cityscapes_source)),
-    "folder": ("images/, masks/, classes.txt (unlabeled images need no mask)", _rooted(folder_source)),
+class Reader(NamedTuple):
+    """A dataset in ``DATASETS``: one line for ``segsweep datasets``, and ``load``, which
+    reads the config's ``data`` section (``root``, and any section of its own) into a
+    ``Source`` whose samples keep the contract of ``sources.Source``."""
+
+    summary: str
+    load: Callable[[DataConfig], Source]
+
+
+#: Every dataset a config may name (``data.name``), in the order ``segsweep datasets`` lists them.
+DATASETS: dict[str, Reader] = {
+    "synthetic": Reader("embedded synthetic scenes (7 classes), generated offline", _synthetic),
+    "voc": Reader("PASCAL VOC 2012, 1,464 fine training masks", _rooted(lambda r: voc_source(r, False))),
+    "voc_aug": Reader("PASCAL VOC 2012 + SBD, 10,582 training masks", _rooted(lambda r: voc_source(r, True))),
+    "cityscapes": Reader("Cityscapes gtFine, 19 classes", _rooted(cityscapes_source)),
+    "folder": Reader("images/, masks/, classes.txt (unlabeled images need no mask)", _rooted(folder_source)),
 }
 
 
@@ -62,7 +74,7 @@ def load_source(cfg: DataConfig) -> Source:
         raise ConfigError(f"data.name: unknown dataset '{cfg.name}'; valid: {', '.join(DATASETS)}")
     if cfg.root is not None:  # a file where the dataset (or the synthetic cache) should be
         require_folder(cfg.root.expanduser(), "data.root")
-    return DATASETS[cfg.name][1](cfg)
+    return DATASETS[cfg.name].load(cfg)
 
 
 def build_data(cfg: DataConfig) -> Data:
@@ -85,4 +97,4 @@ def build_data(cfg: DataConfig) -> Data:
     return Data(source, split, aug)
 
 
-__all__ = ["DATASETS", "Data", "Source", "Split", "build_data", "default_cache", "load_source"]
+__all__ = ["DATASETS", "Data", "Reader", "Source", "Split", "build_data", "default_cache", "load_source"]

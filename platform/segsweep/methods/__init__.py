@@ -1,4 +1,10 @@
-"""Methods: an explicit name -> class table. Each method is one file (see ``base.py``)."""
+"""Methods: an explicit name -> class table. Each method is one file (see ``base.py``).
+
+``METHODS`` is the one place a method is registered: the run config takes each entry's
+``Knobs`` as the section of its name and accepts exactly these names for ``method``
+(``config.run_config_model``); ``segsweep methods``, sweep specs and the contract tests read
+it too. Adding a method: its file, one entry here.
+"""
 
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ Batch = dict[str, Tensor]
 
 
 class Knobs(BaseModel):
-    """Base of a method's knobs (its config section). Unknown keys are errors."""
+    """Base of a method's knobs: its config section, named after its ``METHODS`` entry (the
+    run config is built from that table). Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -102,9 +103,9 @@ class Method(nn.Module):
         self.knobs = knobs
         self.num_classes = num_classes
         #: The loss of labeled pixels, (B, C, H, W) logits and (B, H, W) masks -> scalar:
-        #: ``train.loss`` (cross-entropy or OHEM), set by ``engine.build_method``.
+        #: ``train.loss`` (cross-entropy or OHEM), set by ``training.loop.build_method``.
         self.supervised_loss: Callable[[Tensor, Tensor], Tensor] = masked_cross_entropy
-        #: The run's training crop side (``data.crop_size``), set by ``engine.build_method``;
+        #: The run's training crop side (``data.crop_size``), set by ``training.loop.build_method``;
         #: sizes that follow the crop (``Knobs.at_crop``) read it outside training steps.
         self.crop_size: int | None = None
 

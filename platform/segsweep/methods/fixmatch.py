@@ -27,6 +27,17 @@ Two knobs choose between segsweep's form (the defaults) and UniMatch's (LiheYoun
   loader (``zip(trainloader_l, trainloader_u, trainloader_u)``, L120); here the loader gives
   one unlabeled batch per step, so the partner image is another image of the same batch
   (the batch rolled by one), only its pseudo mask is made as UniMatch makes it.
+
+Departures (docs/methods.md): the pseudo masks come from a forward pass of the weak views
+alone (no gradient, dropout off); the labeled and strong views share the training pass, and
+a strong view's CutMix partner is another image of the same batch. UniMatch batches labeled
+with weak views, strong views alone, takes the partner from a second unlabeled batch and
+weighs the losses as (L_x + L_u) / 2: ``loss_weighting: mean`` and ``partner_mask: eval`` do
+what UniMatch does (the published specs set both; the defaults, ``sum`` and ``train``, are
+what the embedded results were measured with). Strong augmentation: the blur range scales
+with the crop (UniMatch blurs up to 2 px at 321 px; at 64 px that would erase the textures
+that define the classes), and CutMix box aspect ratios are log-uniform in [0.3, 1/0.3]
+(UniMatch: uniform, mostly tall boxes). ``s4mim`` inherits all of this.
 """
 
 from __future__ import annotations

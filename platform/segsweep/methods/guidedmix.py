@@ -37,7 +37,7 @@ numbers, so the one to compare against them; ``paper`` keeps our reading of the 
   the mixed features only) is built only when a config passes ``mitrans`` (L329-330, L473);
   no released config does, so it is off.
 
-Departures in ``official``, forced by the platform: segsweep's models are smp's (DeepLabV3+,
+Departures in ``official`` (docs/methods.md), forced by the platform: segsweep's models are smp's (DeepLabV3+,
 U-Net, FPN), so the mixed features are the decoder's output map (what the classifier reads)
 rather than the ASPP branches before the bottleneck, and the mix head is a fresh 3x3 conv, BN,
 ReLU and a classifier built as the model's (upsampled as the model upsamples); the loss is

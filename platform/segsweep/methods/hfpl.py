@@ -28,7 +28,7 @@ building on its predecessor arvijj/icam. A pipeline of three stages:
    ``addon_start`` (ours; 0, the paper's schedule, by default) trains the first share of the CAM
    steps with the baseline loss alone. The paper refines an ImageNet-pretrained network whose
    CAMs already localise; from scratch, the feature-similarity loss from the first step can
-   pull the not-yet-localising CAMs into a degenerate shape (README, "Results").
+   pull the not-yet-localising CAMs into a degenerate shape (docs/results/README.md).
 
 2. ``pseudo``: CAMs of every tagged training image, summed over the image scales
    ``cam_scales`` and their flips as in the official inference (``infer_cam_voc.py``), ReLU
@@ -46,10 +46,18 @@ masks of training images are never trained on (the trainer strips them from "tag
 Shapes: images (N, 3, H, W); tags (N, C) multi-hot with C classes incl. background at 0;
 CAM logits z (N, C - 1, h, w) for the foreground classes.
 
-Departures (README, "Methods"): one smp network serves as the CAM classifier (no SEAM or
-AffinityNet/random walk, no CRF); the losses run at a working resolution of at most
-``work_side`` px (FSL is quadratic in pixels): by default 1/8 of the crop as in the official
-ResNet-38 (448 px -> 56), at least 16.
+Departures (docs/methods.md): one smp network serves as the CAM classifier (no SEAM or
+AffinityNet/random walk, no CRF; the add-on's own pieces are what the ablation compares),
+except SEAM's adaptive min-pooling loss, which the official script trains in both arms and
+which here acts on the CAM logits (there on SEAM's refined CAMs); the losses run at a working
+resolution of at most ``work_side`` px (FSL is quadratic in pixels): by default 1/8 of the
+crop as in the official ResNet-38 (448 px -> 56), at least 16 (16 x 16 on the embedded 64 px
+runs), and the feature-similarity sigma scales with it. Ours, not the paper's: the sampling
+temperature (the official code has none, i.e. 1), ``fs_smooth`` (off by default) and
+``addon_start`` (0, the paper's schedule, by default). ``weak_compare.yaml`` and
+``hfpl_ablation.yaml`` use ``addon_start: 0.5`` and a feature-similarity weight of 0.2 (the
+paper: 1.0, beside SEAM's own losses), since from scratch the add-on from the first step
+collapsed two of five CAM runs.
 """
 
 from __future__ import annotations

@@ -30,13 +30,17 @@ encoder only), as the paper starts every tuning run from one colourisation netwo
 Shapes: images (N, 3, H, W), masks (N, H, W); patches (P, 3, s, s) with classes (P,);
 features (P, D) unit vectors.
 
-Departures (README, "Methods"): the encoder is the run's smp encoder (not AlexNet/VGG); the
+Departures (docs/methods.md): the encoder is the run's smp encoder (not AlexNet/VGG); the
 proxy feeds a grayscale image replicated to three channels so the same encoder serves every
 stage, and its first layer is handed over to colour input after the proxy
 (``colour_first_layer``; the official code stays gray throughout); patches follow the issue's
 dominant-class rule where the official code takes the centre pixel's label, with centres
 drawn class-balanced where the official code draws 90% on foreground; the margin defaults to
-0.5 (the code's 2.1 never lets the hinge switch off on unit vectors).
+0.5 (the code's 2.1 never lets the hinge switch off on unit vectors); a patch alone in its
+class in the batch forms no triplet (the code uses it as its own positive); patches are
+resized to a quarter of the crop (128 px at 512, 32 px on the embedded 64 px runs). With
+``proxy_from`` only the encoder carries over, the run has no proxy stage of its own, and a
+``proxy_steps`` set beside it is an error.
 """
 
 from __future__ import annotations

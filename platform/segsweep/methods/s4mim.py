@@ -31,9 +31,14 @@ with those, which must not have absorbed near-blank ones.
 Shapes: images (N, 3, H, W), labels (N, H, W) with 255 = ignore, decoder features
 (N, D, h, w), deepest encoder features (N, E, h', w'), masks (N, H, W) bool.
 
-Departures (README, "Methods"): the paper body and code were unavailable, so loss forms,
+Departures (docs/methods.md): the paper body and code were unavailable, so loss forms,
 the reconstruction decoder and the feature-space masking are our reading of the abstract;
-one class per image per step keeps the cost at one extra forward pass.
+one class per image per step keeps the cost at one extra forward pass. MIM in semantic space
+masks cells of the encoder's deepest map with a learned token and decodes again (one more
+decoder pass); an earlier version masked the decoder's output, where the head could only
+answer with its bias (fixed in ``3913d80``). Before ``19e19b1`` the masked passes moved the
+batch-norm running statistics that evaluation uses (every step's near-blank class-masked
+image); they no longer do. The FixMatch base departs from UniMatch as ``fixmatch.py`` says.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import ConfigError
 
+#: Every architecture a config may name (``model.arch``; the config builds its ``Literal``
+#: from these names): the smp class each one builds.
 ARCHS: dict[str, type[nn.Module]] = {
     "deeplabv3plus": smp.DeepLabV3Plus,
     "unet": smp.Unet,

@@ -20,7 +20,7 @@ from segsweep.errors import ConfigError
 from segsweep.reports import curve as report
 from segsweep.reports.curve import Curve
 from segsweep.sweep.spec import ratio_text
-from segsweep.tracking.mlflow_writer import RunRecord, client_for, fetch_runs, log_files, tag_run
+from segsweep.tracking.store import RunRecord, client_for, fetch_runs, log_files, tag_run
 
 TAG_COUNTED = "segsweep.counted"
 #: The filter that shows the counted runs only (MLflow's search syntax).

@@ -1,6 +1,6 @@
 """The segsweep dashboard: a small web server over the MLflow store.
 
-``segsweep dashboard`` serves the single page in ``dashboards/web/`` and a JSON API:
+``segsweep dashboard`` serves the single page in ``web/`` (beside this module) and a JSON API:
 
     /api/experiments                 experiments in the store
     /api/curve?experiment=&value=    label-ratio summary, paired differences, published points
@@ -9,7 +9,7 @@
     /api/run?id=                     one run: params, tags, metric histories, panel images
     /api/artifact?run=&path=         a logged image (panels, curves) of a run
 
-It reads MLflow through ``tracking.py`` (a local SQLite store or a server) and writes
+It reads MLflow through ``segsweep.tracking`` (a local SQLite store or a server) and writes
 nothing. The page renders every name with ``textContent``: run names and tags are data, never
 markup. It listens on 127.0.0.1 unless told otherwise.
 """
@@ -35,19 +35,19 @@ from segsweep.errors import ConfigError, UserError
 from segsweep.reports import curve as report
 from segsweep.reports.answer import TAG_COUNTED, ui_base_url
 from segsweep.tracking import mlflow_view
-from segsweep.tracking.mlflow_writer import (
-    TAG_KIND,
-    TAG_PHASE,
-    TAG_STATUS,
+from segsweep.tracking.store import (
     download_artifact,
     fetch_runs,
     get_run,
     image_artifacts,
     list_experiments,
     metric_history,
-    redact,
-    resolve_uri,
 )
+from segsweep.tracking.tags import TAG_KIND, TAG_PHASE, TAG_STATUS
+from segsweep.tracking.uris import redact, resolve_uri
+
+#: The dashboard's single page (index.html, app.js, style.css), inside the package.
+WEB = Path(__file__).resolve().parent / "web"
 
 HISTORY_KEYS = (
     "train/loss",
@@ -65,11 +65,13 @@ HISTORY_KEYS = (
 
 
 def web_root() -> Path:
-    """``dashboards/web`` of the checkout (or $SEGSWEEP_DASHBOARD_DIR, e.g. in an image)."""
+    """The page's folder: ``web/`` beside this module, shipped as package data (an installed
+    segsweep and a checkout alike), or $SEGSWEEP_DASHBOARD_DIR where it is set (a page of
+    one's own)."""
     env = os.environ.get("SEGSWEEP_DASHBOARD_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "dashboards" / "web"
+    return WEB
 
 
 def _clean(value: Any) -> Any:

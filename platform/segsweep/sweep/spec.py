@@ -1,6 +1,6 @@
 """Sweep specs: one YAML file that defines a grid of cells, a search per cell, early stopping,
 resources, tracking and an optional final re-run over seeds. Validated with pydantic; every
-error names the field. No Ray or Optuna here: ``sweep.py`` runs what this module plans.
+error names the field. No Ray or Optuna here: ``driver.py`` runs what this module plans.
 
 A *cell* is one point of the grid (e.g. method=fixmatch, data.label_ratio=1/16, seed=0).
 Each cell gets ``num_samples`` trials searched by its own Optuna study (or a single trial
@@ -35,7 +35,7 @@ from segsweep.data.splits import split_folder_of
 from segsweep.errors import ConfigError, redact
 from segsweep.files import expand_user
 from segsweep.methods import METHODS
-from segsweep.tracking.mlflow_writer import resolve_uri, uri_origin
+from segsweep.tracking.uris import resolve_uri, uri_origin
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 REQUIRED_GRID_KEYS = ("method", "data.label_ratio", "seed")
@@ -277,19 +277,18 @@ class Plan:
     def total_trials(self) -> int:
         return sum(self.samples(c) for c in self.cells)
 
-    def fingerprint(self, with_passwords: bool = False) -> str:
+    def fingerprint(self) -> str:
         """Changes when anything that defines the trials changes (checked on --resume). URI
         passwords and the cells' order are left out: a sweep resumed after its store's
         password changed, or its grid's values were listed in another order, runs the same
-        trials. ``with_passwords``: as sweeps started before that were fingerprinted."""
-        cells = self.cells if with_passwords else sorted(self.cells, key=lambda c: c.id)
+        trials."""
+        cells = sorted(self.cells, key=lambda c: c.id)
         payload = json.dumps(
             [[c.id, c.tree, {k: v.model_dump() for k, v in c.space.items()}] for c in cells],
             sort_keys=True,
             default=str,
         )
-        payload = payload if with_passwords else redact(payload)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return hashlib.sha256(redact(payload).encode()).hexdigest()[:16]
 
     def trial_settings(self) -> dict[str, dict[str, str]]:
         """Per cell, what defines its trials as flat strings, URI passwords hidden: kept in
@@ -371,6 +370,25 @@ def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return tree
 
 
+def with_values(tree: dict[str, Any], values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A copy of ``tree`` with each dotted key of ``values`` set to its value, as data
+    (missing sections are created); a key through a value is a one-line error naming
+    ``source``."""
+    tree = copy.deepcopy(tree)
+    for key, value in values.items():
+        *sections, last = key.split(".")
+        node = tree
+        for part in sections:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: {key}: '{part}' is a value, not a section")
+            node = child
+        node[last] = copy.deepcopy(value)  # the tree owns its values: no list shared with the spec
+    return tree
+
+
 def plan_sweep(
     path: Path,
     sets: list[str] | None = None,
@@ -380,19 +398,8 @@ def plan_sweep(
     """Validate the spec and every cell's run config; nothing is started or written."""
     spec, _ = load_spec(path)
     cwd = cwd or Path.cwd()
-    if isinstance(spec.base, Path):
-        base_path = spec.base if spec.base.is_absolute() else path.parent / spec.base
-        if not base_path.exists():  # name the spec and its key, not only the missing file
-            raise ConfigError(f"{path}: base: {base_path}: config file not found")
-        base_tree = read_yaml(base_path)
-        base_source = str(base_path)
-    else:
-        base_tree, base_source = dict(spec.base), f"{path}: base"
-    varied = set(spec.grid).union(*(set(v) for v in spec.variants))
-    for item in sets or []:
-        key = ".".join(parse_override(item)[0])
-        if key in varied:  # the grid sets it per cell and would silently win
-            raise ConfigError(f"--set {key}: '{key}' is varied by the spec's grid; change it there")
+    base_tree, base_source = _base_tree(spec, path)
+    _refuse_sets_on_grid_keys(spec, sets or [])
     base_tree = apply_overrides(base_tree, sets or [])
     # Resolved here, on the driver: a trial runs in its own folder and would otherwise
     # silently write a store of its own there.
@@ -404,53 +411,13 @@ def plan_sweep(
     )
     uri = resolve_uri(given)
     experiment = spec.tracking.experiment or spec.name
-
-    # Cell ids read the same whatever the YAML order: method, label ratio, others, seed.
-    cells = []
-    for variant in spec.variants or [{}]:
-        axes = {**spec.grid, **{k: [v] for k, v in variant.items()}}
-        others = [k for k in axes if k not in REQUIRED_GRID_KEYS]
-        keys = ["method", "data.label_ratio", *others, "seed"]
-        for combo in itertools.product(*(axes[k] for k in keys)):
-            cells.append(dict(zip(keys, combo, strict=True)))
-    seen_ids: set[str] = set()
-    ran: set[str] = set()  # the methods of the cells
-    planned = []
-    for values in cells:
-        overrides = [f"{k}={json.dumps(v)}" for k, v in values.items()]
-        tree = apply_overrides(base_tree, overrides)
-        tree = apply_overrides(
-            tree, [f"tracking.experiment={json.dumps(experiment)}", "tracking.enabled=true"]
-        )
-        tree = apply_overrides(tree, [f"tracking.uri={json.dumps(uri)}"])
-        cid = cell_id(values)
-        cfg = validate_run_config(tree, f"{base_source} (cell {cid})")
-        ran.add(cfg.method)
-        space = spec.search.get(cfg.method, {})
-        for key, param in space.items():  # every searched value must be valid in the config
-            for value in param.corner_values():
-                validate_run_config(
-                    apply_overrides(tree, [f"{key}={json.dumps(value)}"]),
-                    f"{path}: search.{cfg.method}.{key}",
-                )
-        if cid in seen_ids:
-            raise ConfigError(f"{path}: the cell {cid} appears twice (variants overlap the grid)")
-        seen_ids.add(cid)
-        # Relative paths are resolved against the folder the sweep was started from.
-        planned.append(Cell(cid, values, _resolve_paths(tree, cwd), space))
+    tracking = {"tracking.experiment": experiment, "tracking.enabled": True, "tracking.uri": uri}
+    points = grid_points(spec)
+    cells = [_plan_cell(spec, path, values, base_tree, base_source, tracking, cwd) for values in points]
+    _refuse_twice_listed_cells(cells, path)
     if spec.final:
-        # Each cell is re-run over final.seeds: cells differing only in their seed would each
-        # run every final seed, and a curve would count each seed several times.
-        by_arm: dict[str, list[Any]] = {}
-        for values in cells:
-            arm = cell_id({k: v for k, v in values.items() if k != "seed"})
-            by_arm.setdefault(arm, []).append(values["seed"])
-        several = next(((arm, seeds) for arm, seeds in by_arm.items() if len(seeds) > 1), None)
-        if several is not None:
-            raise ConfigError(
-                f"{path}: final: re-runs each cell's best configuration over final.seeds, so a cell "
-                f"takes one seed ({several[0]} has {len(several[1])}); search with one seed, or drop final"
-            )
+        _refuse_several_seeds_per_arm(points, path)
+    ran = {c.method for c in cells}
     # A search kept for a method the grid leaves out (narrowed for a quick run) is not an
     # error, but the user is told that it does nothing.
     notes = [
@@ -460,7 +427,7 @@ def plan_sweep(
     return Plan(
         spec,
         path.read_text(encoding="utf-8"),
-        planned,
+        cells,
         uri,
         experiment,
         notes,
@@ -470,9 +437,85 @@ def plan_sweep(
     )
 
 
+def _base_tree(spec: SweepSpec, path: Path) -> tuple[dict[str, Any], str]:
+    """The run-config tree every cell starts from, and where it came from (for errors)."""
+    if not isinstance(spec.base, Path):
+        return dict(spec.base), f"{path}: base"
+    base_path = spec.base if spec.base.is_absolute() else path.parent / spec.base
+    if not base_path.exists():  # name the spec and its key, not only the missing file
+        raise ConfigError(f"{path}: base: {base_path}: config file not found")
+    return read_yaml(base_path), str(base_path)
+
+
+def _refuse_sets_on_grid_keys(spec: SweepSpec, sets: list[str]) -> None:
+    varied = set(spec.grid).union(*(set(v) for v in spec.variants))
+    for item in sets:
+        key = ".".join(parse_override(item)[0])
+        if key in varied:  # the grid sets it per cell and would silently win
+            raise ConfigError(f"--set {key}: '{key}' is varied by the spec's grid; change it there")
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The grid values of every cell, variant by variant. Cell ids read the same whatever
+    the YAML order: method, label ratio, others, seed."""
+    points = []
+    for variant in spec.variants or [{}]:
+        axes = {**spec.grid, **{k: [v] for k, v in variant.items()}}
+        others = [k for k in axes if k not in REQUIRED_GRID_KEYS]
+        keys = ["method", "data.label_ratio", *others, "seed"]
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            points.append(dict(zip(keys, combo, strict=True)))
+    return points
+
+
+def _plan_cell(
+    spec: SweepSpec,
+    path: Path,
+    values: dict[str, Any],
+    base_tree: dict[str, Any],
+    base_source: str,
+    tracking: dict[str, Any],
+    cwd: Path,
+) -> Cell:
+    """One cell: the base tree with its grid values and the sweep's ``tracking``, validated
+    as a run config, and with every searched value's bounds."""
+    cid = cell_id(values)
+    tree = with_values(base_tree, {**values, **tracking}, f"{base_source} (cell {cid})")
+    cfg = validate_run_config(tree, f"{base_source} (cell {cid})")
+    space = spec.search.get(cfg.method, {})
+    for key, param in space.items():  # every searched value must be valid in the config
+        source = f"{path}: search.{cfg.method}.{key}"
+        for value in param.corner_values():
+            validate_run_config(with_values(tree, {key: value}, source), source)
+    # Relative paths are resolved against the folder the sweep was started from.
+    return Cell(cid, values, _resolve_paths(tree, cwd), space)
+
+
+def _refuse_twice_listed_cells(cells: list[Cell], path: Path) -> None:
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.id in seen:
+            raise ConfigError(f"{path}: the cell {cell.id} appears twice (variants overlap the grid)")
+        seen.add(cell.id)
+
+
+def _refuse_several_seeds_per_arm(points: list[dict[str, Any]], path: Path) -> None:
+    """Each cell is re-run over final.seeds: cells differing only in their seed would each
+    run every final seed, and a curve would count each seed several times."""
+    by_arm: dict[str, list[Any]] = {}
+    for values in points:
+        arm = cell_id({k: v for k, v in values.items() if k != "seed"})
+        by_arm.setdefault(arm, []).append(values["seed"])
+    several = next(((arm, seeds) for arm, seeds in by_arm.items() if len(seeds) > 1), None)
+    if several is not None:
+        raise ConfigError(
+            f"{path}: final: re-runs each cell's best configuration over final.seeds, so a cell "
+            f"takes one seed ({several[0]} has {len(several[1])}); search with one seed, or drop final"
+        )
+
+
 def run_config_of(cell: Cell, params: dict[str, Any], seed: int | None = None) -> RunConfig:
-    """The RunConfig of one trial: the cell's tree plus its searched values (and seed)."""
-    overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
-    if seed is not None:
-        overrides.append(f"seed={seed}")
-    return validate_run_config(apply_overrides(cell.tree, overrides), f"cell {cell.id}")
+    """The RunConfig of one trial: the cell's tree with its searched values (and seed) set
+    as data, validated once."""
+    values = {**params, **({"seed": seed} if seed is not None else {})}
+    return validate_run_config(with_values(cell.tree, values, f"cell {cell.id}"), f"cell {cell.id}")

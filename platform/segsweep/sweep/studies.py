@@ -2,11 +2,13 @@
 
 One study per sweep cell, named after the sweep and the cell, in an RDB storage (SQLite
 beside the sweep by default, PostgreSQL on a cluster) so ``optuna-dashboard <storage>``
-opens every cell's study. Trials are driven with ask/tell by the sweep's searcher.
+opens every cell's study. Trials are driven with ask/tell: ``CellSearch`` hands out the
+trials of every cell in turn (the scheduler's searcher in ``ray_tune.py`` wraps it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -20,7 +22,8 @@ from optuna.distributions import (
 from optuna.trial import TrialState
 
 from segsweep.errors import first_line
-from segsweep.sweep.spec import SearchParam
+from segsweep.sweep.spec import Cell, SearchParam
+from segsweep.sweep.trial import TrialOrder
 
 optuna.logging.set_verbosity(logging.WARNING)
 
@@ -106,6 +109,100 @@ class CellStudy:
     def _frozen(self, number: int) -> optuna.trial.FrozenTrial | None:
         trials = self.study.get_trials(deepcopy=False)
         return trials[number] if 0 <= number < len(trials) else None
+
+
+def study_name(sweep: str, cell: Cell) -> str:
+    """A cell's study: ``sweep`` is ``<name>@<instance>``, so a sweep started anew under an
+    old name on a shared storage never continues the old sweep's studies."""
+    return f"{sweep}:{cell.id}"
+
+
+def stable_seed(text: str) -> int:
+    """A sampler seed that is the same for the same text in every process."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % 2**31
+
+
+class CellSearch:
+    """Which trial runs next: every cell in turn, each asking its own study where it has a
+    search space. Its state (which scheduler trial is which cell's sample) is saved with the
+    scheduler's, so a restored sweep neither repeats nor loses a sample."""
+
+    def __init__(
+        self, cells: list[Cell], samples: dict[str, int], storage: str, sweep_name: str, mode: str
+    ) -> None:
+        self.cells, self.samples = list(cells), dict(samples)
+        self.storage, self.sweep_name, self.mode = storage, sweep_name, mode
+        self.started: dict[str, int] = {c.id: 0 for c in self.cells}
+        self.assigned: dict[str, tuple[str, int | None]] = {}  # trial id -> (cell, optuna no.)
+        self._studies: dict[str, CellStudy] | None = None
+
+    # Optuna studies hold a database engine: never pickled, reopened on demand.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_studies": None}
+
+    @property
+    def studies(self) -> dict[str, CellStudy]:
+        """The study of every cell with a search space, by cell id."""
+        if self._studies is None:
+            self._studies = {
+                c.id: CellStudy(
+                    self.storage, study_name(self.sweep_name, c), c.space, self.mode, stable_seed(c.id)
+                )
+                for c in self.cells
+                if c.space
+            }
+        return self._studies
+
+    def next(self, trial_id: str) -> TrialOrder | None:
+        """The order of the scheduler's trial ``trial_id``; None once every sample started.
+        The cell that started fewest goes first (ties keep the grid's order)."""
+        waiting = [c for c in self.cells if self.started[c.id] < self.samples[c.id]]
+        if not waiting:
+            return None
+        cell = min(waiting, key=lambda c: self.started[c.id])
+        number, params = self.studies[cell.id].ask() if cell.space else (None, {})
+        sample = self.started[cell.id]
+        self.started[cell.id] += 1
+        self.assigned[trial_id] = (cell.id, number)
+        return TrialOrder(cell.id, "search", params, sample=sample, optuna_trial=number)
+
+    def progress(self, trial_id: str, value: float, step: int) -> None:
+        """An intermediate value of a trial (TPE ranks pruned trials by how far they got)."""
+        cell, number = self.assigned.get(trial_id, (None, None))
+        if number is not None:
+            self.studies[cell].report(number, value, step)  # type: ignore[index]
+
+    def ended(self, trial_id: str, result: dict[str, Any] | None, error: bool, metric: str) -> None:
+        """Tell the trial's study how it ended. Trials stopped early are PRUNED, not COMPLETE
+        with a truncated value."""
+        cell, number = self.assigned.get(trial_id, (None, None))
+        if number is None:
+            return
+        study = self.studies[cell]  # type: ignore[index]
+        if error or not result or result.get("diverged"):
+            study.tell(number, "fail")
+        elif result.get("final") and metric in result:
+            study.tell(number, "complete", float(result[metric]))
+        else:  # stopped early: a truncated value is not a final one
+            study.tell(number, "pruned")
+
+    def state(self) -> dict[str, Any]:
+        """What a restored sweep needs to go on where this one was."""
+        return {"started": self.started, "assigned": self.assigned}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on from ``state``; trials asked for but never handed to the scheduler FAIL."""
+        self.started, self.assigned = state["started"], state["assigned"]
+        known: dict[str, set[int]] = {}
+        for cell, number in self.assigned.values():
+            if number is not None:
+                known.setdefault(cell, set()).add(number)
+        for cell_id, study in self.studies.items():
+            study.fail_orphans(known.get(cell_id, set()))
+
+    def importances(self) -> dict[str, dict[str, float]]:
+        """Per searched cell, how much each knob mattered (Optuna's fANOVA), where known."""
+        return {cell: imp for cell, study in self.studies.items() if (imp := study.importances())}
 
 
 def check_storage(storage: str) -> None:

@@ -1,167 +1,52 @@
-"""The trainer: one plain loop per stage that owns AMP, the loaders, the LR schedule,
-evaluation and checkpoint/resume. Methods plug in through ``training_step``; nothing here
-branches on a method's name.
+"""The trainer: one plain loop per stage. Methods plug in through ``training_step``; nothing
+here branches on a method's name.
 
 A run is a list of stages (``Method.stages``; one for single-loop methods). Each stage
 builds its own optimizer, streams its batches, evaluates every ``train.eval_every`` steps
-and at its end, and checkpoints at each evaluation (a finished stage's weights are also
-kept as ``checkpoints/<stage>.pt``). A checkpoint holds the method (student,
-teacher, heads), optimizer, AMP scaler, stage and step, best-so-far bookkeeping and every
-RNG state; the data streams are pure functions of (seed, position), so resuming continues
-the exact same run.
+and at its end, and checkpoints at each evaluation (``checkpoints.py``: what a checkpoint
+holds, and resuming from one). Devices and numerics are in ``devices.py``, scoring in
+``evaluation.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-import random
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from segsweep.config import RunConfig, TrainConfig, public_tree
+from segsweep.config import RunConfig, TrainConfig
 from segsweep.data import Data
-from segsweep.data.loaders import eval_loader, hash_seed, stream_loader, to_model
+from segsweep.data.loaders import eval_loader, hash_seed, stream_loader
 from segsweep.data.sources import Sample
-from segsweep.data.transforms import pad_to_multiple
-from segsweep.errors import ConfigError, Diverged, InjectedFailure, OutOfMemory, Stopped, first_line, one_line
-from segsweep.files import remove_leftovers, write_atomic
+from segsweep.errors import ConfigError, Diverged, InjectedFailure, Stopped
+from segsweep.files import remove_leftovers
 from segsweep.methods import Method, Stage, get_method
 from segsweep.models.network import HeadOptions, build_model
-from segsweep.primitives import (
-    IGNORE,
-    class_map,
-    confusion_matrix,
-    masked_cross_entropy,
-    ohem_cross_entropy,
-    poly_lr,
-    scores_from_confusion,
+from segsweep.primitives import masked_cross_entropy, ohem_cross_entropy, poly_lr
+from segsweep.tracking.protocol import NullTracker, Tracker
+from segsweep.training import checkpoints
+from segsweep.training.checkpoints import Progress, rng_state, set_rng_state
+from segsweep.training.devices import (
+    allocation,
+    numerics_for,
+    out_of_memory_said,
+    seed_everything,
+    to_device,
 )
-from segsweep.tracking.mlflow_writer import NullTracker, RunTracker
-from segsweep.training.panels import colour, compose, heat, image_tile
+from segsweep.training.evaluation import pseudo_mask_quality, sample_panel, score_models, summary_metrics
 
 #: Called at each evaluation with the metrics and the folder of the checkpoint just written
 #: (the sweep layer hands both to Ray Tune).
 Reporter = Callable[[dict[str, Any], Path], None]
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices and numerics
-
-
-@dataclass(frozen=True)
-class Numerics:
-    device: torch.device
-    amp_dtype: torch.dtype | None  # None: full precision
-    channels_last: bool
-    workers: int = 0  # DataLoader workers per loader
-
-    def autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-
-def cpu_quota(quota_and_period: str) -> int | None:
-    """Whole CPUs a cgroup's CPU quota grants, as cgroup v2's ``cpu.max`` writes it
-    ("150000 100000": 1.5 CPUs, so 1; at least 1), or None for no limit ("max 100000"; v1's
-    ``cfs_quota_us`` says -1). ValueError for anything else."""
-    quota, period = [*quota_and_period.split(), "", ""][:2]
-    if quota in ("max", "-1"):
-        return None
-    if not (quota.isdigit() and period.isdigit() and int(period) > 0):
-        raise ValueError(f"not a CPU quota: {quota_and_period!r}")
-    return max(1, int(quota) // int(period))
-
-
-def cgroup_quotas(
-    membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")
-) -> Iterator[int | None]:
-    """The CPU quota of this process's cgroup and of each one above it (v2, or v1's ``cpu``
-    controller, mounted as ``cpu`` or ``cpu,cpuacct``); unreadable ones are skipped. A
-    container without its own cgroup namespace sees the host's path of its group: the walk
-    up reaches the container's own root."""
-    try:
-        lines = membership.read_text(errors="replace").splitlines()
-    except OSError:  # not Linux
-        return
-    for line in lines:
-        fields = line.split(":", 2)
-        if len(fields) != 3:
-            continue
-        _, controllers, group = fields
-        if controllers == "":  # v2: hierarchy-id 0, no controller named
-            roots, files = [mount], ("cpu.max",)
-        elif "cpu" in controllers.split(","):
-            roots, files = [mount / "cpu", mount / controllers], ("cpu.cfs_quota_us", "cpu.cfs_period_us")
-        else:
-            continue
-        root = next((r for r in roots if r.is_dir()), None)
-        if root is None:
-            continue
-        folder = root / group.strip().lstrip("/")
-        for part in (folder, *folder.parents):
-            try:
-                yield cpu_quota(" ".join((part / f).read_text().strip() for f in files))
-            except (OSError, ValueError):
-                pass
-            if part == root:
-                break
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may use: its affinity (``taskset``, a Slurm job, a container's
-    cpuset), capped by its cgroups' CPU quota (``docker --cpus``, Kubernetes limits).
-    ``os.cpu_count()`` counts the host's: a local sweep on a 4-CPU job on a 64-core node
-    would start 64 trials at once."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
-    return min([cpus, *(q for q in cgroup_quotas() if q is not None)])
-
-
-def numerics_for(cfg: RunConfig) -> Numerics:
-    t = cfg.train
-    name = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":  # asked for by name: say so in one line rather than fail in torch
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            have = f"{count} CUDA device(s)" if count else "no CUDA device"
-            raise ConfigError(
-                f"train.device: '{t.device}' asked for, but this machine has {have}; use auto or cpu"
-            )
-        # The current device too: pinned memory, CUDA events and memory statistics otherwise
-        # go to (and measure) GPU 0 in a cuda:1 run. "cuda" alone is the current device.
-        if device.index is not None:
-            torch.cuda.set_device(device)
-    if t.amp == "auto":
-        amp = torch.bfloat16 if device.type == "cuda" else None
-    else:
-        amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
-    channels_last = t.channels_last if t.channels_last is not None else device.type == "cuda"
-    # torch counts the CPUs of its affinity, not its cgroup's quota: in a container held to 2
-    # CPUs on a 64-core host it would run 64 threads on 2 CPUs' time. (A sweep trial has
-    # already set its share, which is smaller.)
-    torch.set_num_threads(min(torch.get_num_threads(), usable_cpus()))
-    workers = cfg.data.num_workers
-    if workers is None:
-        # A sweep trial's torch threads are its CPU share (sweep.py sets them), so packed
-        # trials split the machine's cores rather than each starting 8 workers.
-        workers = min(8, torch.get_num_threads()) if device.type == "cuda" else 0
-    return Numerics(device, amp, channels_last, workers)
 
 
 def build_method(cfg: RunConfig, num_classes: int) -> Method:
@@ -199,192 +84,6 @@ def micro_batches(batch: dict[str, Tensor], parts: int) -> list[dict[str, Tensor
     return [{key: pieces[key][i] for key in batch} for i in range(parts)]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """Every random stream a run draws from; on a GPU, only its own device's: a run resumed
-    with other GPUs visible (or its GPU under another index) restores the stream it used."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())  # RNG states are CPU byte tensors, wherever saved
-    cuda = state.get("cuda")
-    if isinstance(cuda, list):  # written before: one state per visible device
-        index = device.index or 0
-        cuda = cuda[index] if index < len(cuda) else None
-    if cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda.cpu(), device)
-
-
-def to_device(batch: dict[str, Tensor], numerics: Numerics) -> dict[str, Tensor]:
-    """A loader's batch on the run's device, normalised (``loaders.to_model``)."""
-    return to_model(batch, numerics.device, numerics.channels_last)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module, image: Tensor, mode: str, window: int, stride: int, numerics: Numerics
-) -> Tensor:
-    """Logits (B, C, H, W) for a batch of whole images.
-
-    ``whole``: one pass over the image padded to a multiple of 32. ``sliding``: windows of
-    ``window`` px every ``stride`` px, logits averaged where windows overlap (for images
-    larger than the training crop, e.g. Cityscapes at 1024 x 2048).
-    """
-    h, w = image.shape[-2:]
-    with numerics.autocast():
-        if mode == "whole" or (h <= window and w <= window):
-            padded, _ = pad_to_multiple(image)
-            return model(padded)[..., :h, :w].float()
-        win_h, win_w = min(window, h), min(window, w)
-        logits = None
-        count = torch.zeros(1, 1, h, w, device=image.device)
-        tops = list(range(0, max(h - win_h, 0) + 1, stride))
-        lefts = list(range(0, max(w - win_w, 0) + 1, stride))
-        tops += [h - win_h] if tops[-1] != h - win_h else []
-        lefts += [w - win_w] if lefts[-1] != w - win_w else []
-        for top in tops:
-            for left in lefts:
-                crop = image[..., top : top + win_h, left : left + win_w]
-                padded, _ = pad_to_multiple(crop)
-                out = model(padded)[..., :win_h, :win_w].float()
-                if logits is None:
-                    logits = torch.zeros(image.shape[0], out.shape[1], h, w, device=image.device)
-                logits[..., top : top + win_h, left : left + win_w] += out
-                count[..., top : top + win_h, left : left + win_w] += 1
-        return logits / count
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Any,
-    num_classes: int,
-    numerics: Numerics,
-    mode: str = "whole",
-    window: int = 512,
-    stride: int = 341,
-) -> dict[str, Any]:
-    """mIoU, per-class IoU and pixel accuracy of ``model`` over ``loader`` (255 ignored)."""
-    was_training = model.training
-    model.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=numerics.device)
-    for batch in loader:
-        batch = to_device(batch, numerics)
-        pred = class_map(predict_logits(model, batch["image"], mode, window, stride, numerics))
-        conf += confusion_matrix(pred, batch["mask"], num_classes)
-    model.train(was_training)
-    return scores_from_confusion(conf.cpu())
-
-
-@torch.no_grad()
-def pseudo_mask_quality(
-    method: Method, loader: Any, numerics: Numerics, hold: int = 0
-) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """How good the method's pseudo masks are on held unlabeled images with ground truth.
-
-    ``pseudo/mIoU``: the pseudo masks (every pixel) against the truth; ``pseudo/kept_share``:
-    share of labeled pixels kept by the threshold; ``pseudo/kept_acc``: accuracy of the kept
-    ones. What one needs to choose a confidence threshold. Measured in eval mode (running
-    batch-norm statistics): a method labelling with its student in train mode (FixMatch or
-    S4MIM without a teacher, as UniMatch does) trains on masks made with the batch's own
-    statistics, so these figures describe its network, not each training batch's exact masks.
-
-    Also hands back the first ``hold`` images with their pseudo labels (``image``, ``mask``,
-    ``pseudo``, ``conf``, ``keep``; each (hold, ...), cropped to the image), so that a sample
-    panel reuses this pass instead of labelling the same images again.
-    """
-    was_training = method.training
-    method.eval()
-    n = method.num_classes
-    conf = torch.zeros(n, n, dtype=torch.long, device=numerics.device)
-    kept = correct = total = 0
-    held: dict[str, list[Tensor]] = {}
-    taken = 0
-    for batch in loader:
-        batch = to_model(batch, numerics.device, channels_last=False)
-        image, mask = batch["image"], batch["mask"]
-        padded, (h, w) = pad_to_multiple(image)
-        with numerics.autocast():
-            pseudo, confidence, keep = method.pseudo_label(padded)
-        pseudo, confidence, keep = pseudo[..., :h, :w], confidence[..., :h, :w], keep[..., :h, :w]
-        if taken < hold:  # copies of a few images: views would keep the whole batch alive
-            fields = {"image": image, "mask": mask, "pseudo": pseudo, "conf": confidence, "keep": keep}
-            for name, t in fields.items():
-                held.setdefault(name, []).append(t[: hold - taken].clone())
-            taken += len(held["image"][-1])
-        conf += confusion_matrix(pseudo, mask, n)
-        labeled = mask != IGNORE
-        kept += int((keep & labeled).sum())
-        correct += int((keep & labeled & (pseudo == mask)).sum())
-        total += int(labeled.sum())
-    method.train(was_training)
-    scores = {
-        "pseudo/mIoU": float(scores_from_confusion(conf.cpu())["mIoU"]),
-        "pseudo/kept_share": kept / max(total, 1),
-        "pseudo/kept_acc": correct / kept if kept else float("nan"),
-    }
-    return scores, {name: torch.cat(parts) for name, parts in held.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Sample panels
-
-
-@torch.no_grad()
-def sample_panel(method: Method, held: dict[str, Tensor], numerics: Numerics) -> np.ndarray:
-    """Rows of image | ground truth | prediction | pseudo mask (dropped pixels white) |
-    confidence, one row per held unlabeled image: the MLflow image slider shows it per step.
-
-    ``held``: the images and pseudo labels ``pseudo_mask_quality`` kept from this
-    evaluation's pass; only the prediction costs a forward pass here."""
-    model = method.model  # only the student runs here: only it switches to eval mode
-    was_training = model.training
-    model.eval()
-    padded, (h, w) = pad_to_multiple(held["image"])
-    with numerics.autocast():
-        pred = class_map(model(padded))[..., :h, :w].cpu()
-    model.train(was_training)
-    image, mask, pseudo, keep = (held[k].cpu() for k in ("image", "mask", "pseudo", "keep"))
-    conf = held["conf"].float().cpu()
-    rows = []
-    for i in range(image.shape[0]):
-        dropped = torch.where(keep[i], pseudo[i], torch.full_like(pseudo[i], IGNORE))
-        rows.append([image_tile(image[i]), colour(mask[i]), colour(pred[i]), colour(dropped), heat(conf[i])])
-    panel = compose(rows)
-    # Small tiles (64 px) are blown up, pixels kept sharp: MLflow's image grid scales a small
-    # image up with smoothing, and masks of a few pixels become a smear there.
-    factor = max(1, PANEL_MIN_WIDTH // panel.shape[1])
-    return panel.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else panel
-
-
-#: Panels narrower than this are enlarged by a whole factor (nearest neighbour).
-PANEL_MIN_WIDTH = 640
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through ``write_atomic``: a crash never leaves a truncated checkpoint."""
-    write_atomic(path, lambda fh: torch.save(obj, fh))
-
-
 @dataclass
 class Timing:
     """Per-step clocks of the main loop (for ``segsweep bench``): when each step ended and
@@ -392,61 +91,6 @@ class Timing:
 
     step_end: deque = field(default_factory=lambda: deque(maxlen=100_000))
     data_wait: deque = field(default_factory=lambda: deque(maxlen=100_000))
-
-
-@dataclass
-class Progress:
-    """Where a run is, and the best-so-far bookkeeping; saved in every checkpoint."""
-
-    stage: int = 0
-    step: int = 0  # optimizer steps done in the current stage
-    best_tune: float = -math.inf
-    best_val: float = -math.inf  # the flattering number peers report; kept apart
-    val_at_best_tune: float = float("nan")
-    last: dict[str, float] = field(default_factory=dict)
-    resumed: bool = False
-    seconds: float = 0.0  # wall seconds of training up to this checkpoint, over every attempt
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A CUDA allocation that failed, or a CPU one the kernel refused outright (a process
-    that grows past the machine's memory is killed by the kernel instead: nothing to catch)."""
-    text = str(exc) if isinstance(exc, RuntimeError) else ""
-    return isinstance(exc, torch.OutOfMemoryError) or any(
-        sign in text for sign in ("can't allocate memory", "CUDA error: out of memory")
-    )
-
-
-@contextmanager
-def out_of_memory_said(describe: Callable[[RuntimeError], str]) -> Iterator[None]:
-    """An out-of-memory error in the block becomes ``OutOfMemory(describe(exc))``: one line
-    naming what to change. Anything else passes through untouched."""
-    try:
-        yield
-    except RuntimeError as exc:  # torch.OutOfMemoryError is one
-        if not is_out_of_memory(exc):
-            raise
-        raise OutOfMemory(describe(exc)) from exc
-
-
-def allocation(exc: BaseException) -> str:
-    """What an out-of-memory error asked for, e.g. "2.00 GiB more did not fit" (torch's own text
-    is long, and the CPU allocator's starts with an assertion); its first line otherwise."""
-    asked = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B|\d+ bytes)", str(exc))
-    if asked is None:
-        return first_line(exc, 160)
-    size = asked.group(1)
-    if size.endswith(" bytes"):
-        n = int(size.split()[0])
-        for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-            if n >= 2**power:
-                size = f"{n / 2**power:.2f} {unit}"
-                break
-    return f"{size} more did not fit"
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
 
 
 @dataclass
@@ -464,36 +108,14 @@ class Trainer:
         """Build model, method and evaluation loaders; raises ConfigError before any run exists."""
         self.cfg, self.data = cfg, data
         self.run_dir = Path(cfg.output_dir)
-        self.tracker: RunTracker | NullTracker = NullTracker()
+        self.tracker: Tracker = NullTracker()
         self.reporter: Reporter | None = None
         self.should_stop: Callable[[], bool] | None = None
         self.echo = echo or (lambda _msg: None)
         self.numerics = numerics_for(cfg)
-        num_classes = data.source.num_classes
-        self.method: Method = build_method(cfg, num_classes)
-        model = self.method.model
-        with out_of_memory_said(  # a model too big for the device: the user's choice to fix
-            lambda exc: (
-                f"out of memory on {self.numerics.device} placing the model ({cfg.model.arch}, "
-                f"{cfg.model.encoder}; {allocation(exc)}): choose a smaller model or another device"
-            )
-        ):
-            self.method.to(self.numerics.device)
-        if self.numerics.channels_last:
-            self.method.to(memory_format=torch.channels_last)
-        if cfg.train.compile:
-            # Compile the encoder and decoder in place: both ``model(x)`` and the methods'
-            # ``forward_features`` run through the compiled graphs.
-            model.net.encoder.compile()
-            model.net.decoder.compile()
-        t = cfg.train
-        per_part = (t.unlabeled_batch_size or t.batch_size) // t.accumulate
-        if self.method.uses_unlabeled and per_part < self.method.unlabeled_per_micro_batch():
-            raise ConfigError(
-                f"train.accumulate: {t.accumulate} micro-batches leave {per_part} unlabeled image(s) in "
-                f"each, and {cfg.method} needs {self.method.unlabeled_per_micro_batch()} (its CutMix "
-                "partner comes from the same micro-batch); accumulate less"
-            )
+        self.method: Method = build_method(cfg, data.source.num_classes)
+        self._place_method()
+        self._check_micro_batches()
         self.stages = self.method.stages(cfg.train.steps)
         names = [s.name for s in self.stages]
         if cfg.debug.fail_at_step is not None and cfg.debug.fail_stage not in names:
@@ -509,8 +131,10 @@ class Trainer:
         self.final_report: dict[str, Any] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(enabled=self.numerics.amp_dtype == torch.float16)
-        e = cfg.eval
-        workers = self.numerics.workers
+        # A resumed run's optimizer and RNG states, put back when its stage starts.
+        self._pending_optimizer: dict[str, Any] | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        e, workers = cfg.eval, self.numerics.workers
         self.val_loader = eval_loader(data.source, data.source.val, e.batch_size, workers)
         self.tune_loader = (
             eval_loader(data.source, data.split.tune, e.batch_size, workers) if data.split.tune else None
@@ -520,6 +144,35 @@ class Trainer:
         # Images in a sample panel (taken from the diagnostic pass); panels tile images of
         # one size, so none for datasets of mixed sizes.
         self.panel_samples = min(e.panel_samples, len(diag)) if data.source.fixed_size else 0
+
+    def _place_method(self) -> None:
+        """The method on the run's device, in its memory format, compiled if asked."""
+        cfg, model = self.cfg, self.method.model
+        with out_of_memory_said(  # a model too big for the device: the user's choice to fix
+            lambda exc: (
+                f"out of memory on {self.numerics.device} placing the model ({cfg.model.arch}, "
+                f"{cfg.model.encoder}; {allocation(exc)}): choose a smaller model or another device"
+            )
+        ):
+            self.method.to(self.numerics.device)
+        if self.numerics.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            # Compile the encoder and decoder in place: both ``model(x)`` and the methods'
+            # ``forward_features`` run through the compiled graphs.
+            model.net.encoder.compile()
+            model.net.decoder.compile()
+
+    def _check_micro_batches(self) -> None:
+        """A ``train.accumulate`` that leaves a micro-batch too few unlabeled images is refused."""
+        t, needs = self.cfg.train, self.method.unlabeled_per_micro_batch()
+        per_part = (t.unlabeled_batch_size or t.batch_size) // t.accumulate
+        if self.method.uses_unlabeled and per_part < needs:
+            raise ConfigError(
+                f"train.accumulate: {t.accumulate} micro-batches leave {per_part} unlabeled image(s) in "
+                f"each, and {self.cfg.method} needs {needs} (its CutMix "
+                "partner comes from the same micro-batch); accumulate less"
+            )
 
     def _diagnostic_samples(self, count: int) -> list[Sample]:
         """A fixed sample of unlabeled images whose ground truth exists (never trained on)."""
@@ -538,6 +191,36 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def elapsed_seconds(self) -> float:
+        """Wall seconds this run has trained, over every attempt (``time/run_seconds``)."""
+        return self._seconds_before + time.time() - self._attempt_started
+
+    def save_checkpoint(self, name: str) -> Path:
+        """Everything needed to continue this run, as ``checkpoints/<name>``."""
+        self.progress.seconds = self.elapsed_seconds()
+        return checkpoints.save_run_state(
+            self.checkpoint_dir / name,
+            self.cfg,
+            self.method,
+            self.optimizer,
+            self.scaler,
+            self.progress,
+            self.numerics.device,
+            self.tracker.run_id,
+        )
+
+    def save_stage_weights(self, stage: Stage) -> Path:
+        """A finished stage's weights, as ``checkpoints/<stage>.pt`` (``checkpoints.save_stage_weights``)."""
+        path = self.checkpoint_dir / f"{stage.name}.pt"
+        return checkpoints.save_stage_weights(path, self.cfg, self.method, stage.name)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from ``path`` (a ``last.pt``); a file that is not a whole checkpoint of
+        this run's method and model is a one-line ``ConfigError`` naming it."""
+        resumed = checkpoints.load_run_state(path, self.cfg, self.method, self.scaler)
+        self.progress = resumed.progress
+        self._pending_optimizer, self._pending_rng = resumed.optimizer, resumed.rng
+
     def _out_of_memory(self, exc: RuntimeError) -> str:
         """What did not fit, and the settings that size it (a user's fix, not a bug)."""
         cfg, stage = self.cfg, self.stages[self.progress.stage]
@@ -549,81 +232,191 @@ class Trainer:
             "reports the peak memory of a run"
         )
 
-    def elapsed_seconds(self) -> float:
-        """Wall seconds this run has trained, over every attempt (``time/run_seconds``)."""
-        return self._seconds_before + time.time() - self._attempt_started
+    # -- the run -----------------------------------------------------------------------------
+    def run(
+        self,
+        run_dir: Path,
+        tracker: Tracker | None = None,
+        reporter: Reporter | None = None,
+        resume_from: Path | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> RunResult:
+        """Train every stage (from ``resume_from``'s stage and step when given).
 
-    def save_checkpoint(self, name: str) -> Path:
-        path = self.checkpoint_dir / name
-        self.progress.seconds = self.elapsed_seconds()
-        atomic_save(
-            {
-                "method": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "scaler": self.scaler.state_dict(),
-                "progress": self.progress.__dict__,
-                "rng": rng_state(self.numerics.device),
-                "config": public_tree(self.cfg),
-                "run_id": self.tracker.run_id,
-            },
-            path,
+        ``should_stop`` is polled every step: a sweep's scheduler may stop the trial between
+        two reports, and the rest of the interval is then not trained for nothing.
+        """
+        self.run_dir = run_dir
+        # A run killed mid-save left a temporary beside its checkpoints; a sweep would copy
+        # it with every checkpoint it reports. This run is the folder's only writer.
+        remove_leftovers(self.checkpoint_dir)
+        self.should_stop = should_stop
+        self.tracker = tracker or NullTracker()
+        self.reporter = reporter
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self._attempt_started, self._seconds_before = time.time(), self.progress.seconds
+        self.echo(
+            f"run {self.tracker.run_id or '(untracked)'}: {self.cfg.method} on "
+            f"{self.data.source.name}, {len(self.data.split.labeled)} labeled / "
+            f"{len(self.data.split.unlabeled)} unlabeled images, device {self.numerics.device}"
         )
-        return path
+        with out_of_memory_said(self._out_of_memory):
+            for index in range(self.progress.stage, len(self.stages)):
+                if index != self.progress.stage:  # entering a new stage from the previous one
+                    self.progress.stage, self.progress.step = index, 0
+                    self._pending_optimizer = None  # a resumed optimizer is its own stage's only
+                self._run_stage(self.stages[index], last=index == len(self.stages) - 1)
+                if index < len(self.stages) - 1:
+                    self.save_stage_weights(self.stages[index])
+        # Built from the checkpointed progress, so a run resumed at its very end reports too.
+        self.final_report = {
+            **{k: v for k, v in self.progress.last.items() if "/iou/" not in k},
+            **summary_metrics(self.progress),
+            "step": self.stages[-1].steps,
+            "stage": self.stages[-1].name,
+            "final": True,
+            "mlflow_run_id": self.tracker.run_id,
+        }
+        return RunResult("finished", summary_metrics(self.progress), self.run_dir)
 
-    def save_stage_weights(self, stage: Stage) -> Path:
-        """The method's weights at the end of a stage that is not the last, kept apart as
-        ``checkpoints/<stage>.pt``: ``last.pt`` moves on with the next stage, and a later run
-        may start from a finished stage (e.g. ``mixandmatch.proxy_from``: a proxy trained once,
-        shared by every fine-tuning run, as the paper does). Weights and config only, no
-        optimizer: it is a starting point, not a resume point."""
-        path = self.checkpoint_dir / f"{stage.name}.pt"
-        atomic_save(
-            {
-                "method": self.method.state_dict(),
-                "stage": stage.name,
-                "config": public_tree(self.cfg),
-            },
-            path,
-        )
-        return path
+    def _prefix(self, stage: Stage) -> str:
+        return "" if stage.name == "train" else f"{stage.name}/"
 
-    def load_checkpoint(self, path: Path) -> None:
-        """Continue from ``path`` (a ``last.pt``); a file that is not a whole checkpoint of
-        this run's method and model is a one-line ``ConfigError`` naming it."""
-        try:
-            # On the CPU: load_state_dict copies weights and optimizer state onto their
-            # parameters' device, and the RNG states must stay CPU byte tensors
-            # (torch.set_rng_state refuses a CUDA one: every GPU resume failed).
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
-            raise ConfigError(
-                f"{path}: not a readable checkpoint ({one_line(exc).split('. ')[0][:200]})"
-            ) from None
-        saved = state.get("config") if isinstance(state, dict) else None
-        if isinstance(saved, dict):  # same shapes would load, and train another method on
-            was = (
-                saved.get("method"),
-                (saved.get("model") or {}).get("arch"),
-                (saved.get("model") or {}).get("encoder"),
+    def _run_stage(self, stage: Stage, last: bool) -> None:
+        """Train one stage from ``progress.step`` to its budget: the loop itself."""
+        t, debug = self.cfg.train, self.cfg.debug
+        self.method.begin_stage(stage)
+        if stage.steps == 0:  # a stage of pure computation (e.g. writing pseudo masks)
+            self._compute_stage(stage)
+            return
+        next_batch = self._start_stage(stage)
+        base_lr = t.scaled_lr()
+        window: dict[str, list[float]] = {}  # logs since the last printed line
+        tic, tic_step = time.perf_counter(), self.progress.step
+
+        while self.progress.step < stage.steps:
+            step = self.progress.step
+            # a sweep's scheduler may stop the trial between two reports
+            if self.should_stop is not None and self.should_stop():
+                raise Stopped
+            if debug.fail_at_step == step + 1 and debug.fail_stage == stage.name:
+                self._inject_failure(step + 1)
+
+            # the learning rate of this step (poly decay), scaled per parameter group
+            lr = poly_lr(base_lr, step, stage.steps, t.poly_power)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+
+            # the batch, and how long the step waited for it
+            waited = time.perf_counter()
+            batch = next_batch()
+            self.timing.data_wait.append(time.perf_counter() - waited)
+
+            # forward, backward and the optimizer step; then the method's own update (EMA)
+            logs = self._train_step(batch, step, nan_loss=last and debug.nan_at_step == step + 1)
+            self.method.after_step(step)
+            self.progress.step = step = step + 1
+            self.timing.step_end.append(time.perf_counter())
+
+            # every log_every steps: the window's mean logs, tracked and printed
+            for k, v in logs.items():
+                window.setdefault(k, []).append(v)
+            if step % t.log_every == 0 or step == stage.steps:
+                rate = (step - tic_step) / max(time.perf_counter() - tic, 1e-9)
+                self._log_window(stage, step, window, lr, rate)
+                window = {}
+
+            # every eval_every steps and at the end: evaluate (or not) and checkpoint
+            if step % t.eval_every == 0 or step == stage.steps:
+                if stage.evaluate:
+                    self._evaluate(stage, step)
+                else:  # still checkpoint: a crash costs at most eval_every steps
+                    self._checkpoint_and_report(stage, {})
+
+    def _start_stage(self, stage: Stage) -> Callable[[], dict[str, Tensor]]:
+        """The stage's optimizer (a resumed one's state loaded), its batch streams from the
+        current step, the resumed RNG state, the panel before training; its next-batch function."""
+        self.optimizer = self._optimizer()
+        if self._pending_optimizer is not None:
+            self.optimizer.load_state_dict(self._pending_optimizer)
+            self._pending_optimizer = None
+        next_batch = self._streams(stage, self.progress.step)
+        if self._pending_rng is not None:  # after the loaders exist: restore the exact random stream
+            set_rng_state(self._pending_rng, self.numerics.device)
+            self._pending_rng = None
+        if not self.progress.step and stage.name == self.stages[-1].name:
+            self._log_start_panel()
+        self.method.train()
+        return next_batch
+
+    def _train_step(self, batch: dict[str, Tensor], step: int, nan_loss: bool = False) -> dict[str, float]:
+        """One optimizer step on ``batch``; its logs, averaged over the micro-batches.
+
+        The batch runs in ``train.accumulate`` micro-batches: each one's loss is divided by
+        their count and back-propagated before the next runs, so the summed gradient is that
+        of the whole batch (exactly, where batch norm is frozen) and only one micro-batch's
+        activations are held at a time. ``nan_loss``: fault injection (``debug.nan_at_step``).
+        """
+        t, optimizer = self.cfg.train, self.optimizer
+        assert optimizer is not None
+        optimizer.zero_grad(set_to_none=True)
+        parts = micro_batches(batch, t.accumulate)
+        logs: dict[str, float] = {}
+        for part in parts:
+            with self.numerics.autocast():
+                loss, part_logs = self.method.training_step(part, step)
+            if nan_loss:
+                loss = loss * float("nan")
+                part_logs["loss"] = float("nan")
+            bad = next(
+                (k for k, v in part_logs.items() if k.startswith("loss") and not math.isfinite(v)), None
             )
-            now = (self.cfg.method, self.cfg.model.arch, self.cfg.model.encoder)
-            if was != now:
-                raise ConfigError(
-                    f"{path}: a checkpoint of {'/'.join(map(str, was))}, but this run is "
-                    f"{'/'.join(now)} (method/arch/encoder); resume with the config it was written with"
-                )
-        try:
-            self.method.load_state_dict(state["method"])
-            self.progress = Progress(**{**state["progress"], "resumed": True})
-            self._pending_optimizer = state["optimizer"]
-            self.scaler.load_state_dict(state["scaler"])
-            self._pending_rng = state["rng"]
-        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-            raise ConfigError(
-                f"{path}: does not fit this run's method and model ({one_line(exc)[:200]})"
-            ) from None
+            if bad is not None:
+                raise Diverged(step + 1, bad, part_logs[bad])
+            self.scaler.scale(loss / len(parts)).backward()
+            for k, v in part_logs.items():
+                logs[k] = logs.get(k, 0.0) + v / len(parts)
+        if t.grad_clip:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return logs
 
-    # -- the loop ----------------------------------------------------------------------------
+    def _log_window(
+        self, stage: Stage, step: int, window: dict[str, list[float]], lr: float, rate: float
+    ) -> None:
+        """Track the means of the logs since the last line, and print one line."""
+        prefix = self._prefix(stage)
+        means = {f"{prefix}train/{k}": sum(v) / len(v) for k, v in window.items()}
+        means[f"{prefix}lr"] = lr
+        self.tracker.log_metrics(means, step)
+        self.echo(
+            f"  {prefix}step {step}/{stage.steps}  loss {means[f'{prefix}train/loss']:.4f}"
+            f"  lr {lr:.2e}  {rate:.1f} it/s"
+        )
+
+    def _compute_stage(self, stage: Stage) -> None:
+        """A stage without optimizer steps: the method's ``run_stage`` once, its floats
+        tracked as metrics and its arrays as images, then a checkpoint."""
+        if self.progress.step:  # done before a resume
+            return
+        prefix = self._prefix(stage)
+        # No optimizer of its own: the previous stage's would be saved with this stage's
+        # checkpoint and loaded into the next stage's (other parameters) on resume.
+        self.optimizer = None
+        out = self.method.run_stage(stage, self.data)
+        self.progress.step = 1
+        metrics = {f"{prefix}{k}": float(v) for k, v in out.items() if not isinstance(v, np.ndarray)}
+        for key, image in out.items():
+            if isinstance(image, np.ndarray):
+                self.tracker.log_image(image, f"{prefix}{key}", 0)
+        self.tracker.log_metrics(metrics, 0)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.echo(f"  stage {stage.name}: {shown}")
+        self._checkpoint_and_report(stage, metrics)
+
     def _optimizer(self) -> torch.optim.Optimizer:
         """Encoder at the scaled lr, everything else (decoder, method heads) at lr x mult."""
         t = self.cfg.train
@@ -668,154 +461,6 @@ class Trainer:
 
         return next_batch
 
-    def run(
-        self,
-        run_dir: Path,
-        tracker: RunTracker | NullTracker | None = None,
-        reporter: Reporter | None = None,
-        resume_from: Path | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> RunResult:
-        """Train every stage (from ``resume_from``'s stage and step when given).
-
-        ``should_stop`` is polled every step: a sweep's scheduler may stop the trial between
-        two reports, and the rest of the interval is then not trained for nothing.
-        """
-        self.run_dir = run_dir
-        # A run killed mid-save left a temporary beside its checkpoints; a sweep would copy
-        # it with every checkpoint it reports. This run is the folder's only writer.
-        remove_leftovers(self.checkpoint_dir)
-        self.should_stop = should_stop
-        self.tracker = tracker or NullTracker()
-        self.reporter = reporter
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-        self._attempt_started, self._seconds_before = time.time(), self.progress.seconds
-        self.echo(
-            f"run {self.tracker.run_id or '(untracked)'}: {self.cfg.method} on "
-            f"{self.data.source.name}, {len(self.data.split.labeled)} labeled / "
-            f"{len(self.data.split.unlabeled)} unlabeled images, device {self.numerics.device}"
-        )
-        with out_of_memory_said(self._out_of_memory):
-            for index in range(self.progress.stage, len(self.stages)):
-                if index != self.progress.stage:  # entering a new stage from the previous one
-                    self.progress.stage, self.progress.step = index, 0
-                    self._pending_optimizer = None  # a resumed optimizer is its own stage's only
-                self._run_stage(self.stages[index], last=index == len(self.stages) - 1)
-                if index < len(self.stages) - 1:
-                    self.save_stage_weights(self.stages[index])
-        # Built from the checkpointed progress, so a run resumed at its very end reports too.
-        self.final_report = {
-            **{k: v for k, v in self.progress.last.items() if "/iou/" not in k},
-            **self._final_metrics(),
-            "step": self.stages[-1].steps,
-            "stage": self.stages[-1].name,
-            "final": True,
-            "mlflow_run_id": self.tracker.run_id,
-        }
-        return RunResult("finished", self._final_metrics(), self.run_dir)
-
-    def _prefix(self, stage: Stage) -> str:
-        return "" if stage.name == "train" else f"{stage.name}/"
-
-    def _run_stage(self, stage: Stage, last: bool) -> None:
-        cfg, t, prefix = self.cfg, self.cfg.train, self._prefix(stage)
-        self.method.begin_stage(stage)
-        if stage.steps == 0:  # a stage of pure computation (e.g. writing pseudo masks)
-            if not self.progress.step:
-                # No optimizer of its own: the previous stage's would be saved with this stage's
-                # checkpoint and loaded into the next stage's (other parameters) on resume.
-                self.optimizer = None
-                out = self.method.run_stage(stage, self.data)
-                self.progress.step = 1
-                metrics = {f"{prefix}{k}": float(v) for k, v in out.items() if not isinstance(v, np.ndarray)}
-                for key, image in out.items():
-                    if isinstance(image, np.ndarray):
-                        self.tracker.log_image(image, f"{prefix}{key}", 0)
-                self.tracker.log_metrics(metrics, 0)
-                shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                self.echo(f"  stage {stage.name}: {shown}")
-                self._checkpoint_and_report(stage, metrics)
-            return
-
-        self.optimizer = self._optimizer()
-        pending = getattr(self, "_pending_optimizer", None)
-        if pending is not None:
-            self.optimizer.load_state_dict(pending)
-            self._pending_optimizer = None
-        next_batch = self._streams(stage, self.progress.step)
-        rng = getattr(self, "_pending_rng", None)
-        if rng is not None:  # after the loaders exist: restore the exact random stream
-            set_rng_state(rng, self.numerics.device)
-            self._pending_rng = None
-        base_lr = t.scaled_lr()
-        if not self.progress.step and stage.name == self.stages[-1].name:
-            self._log_start_panel()
-        self.method.train()
-        window: dict[str, list[float]] = {}
-        tic, tic_step = time.perf_counter(), self.progress.step
-
-        while self.progress.step < stage.steps:
-            step = self.progress.step
-            if self.should_stop is not None and self.should_stop():
-                raise Stopped
-            if cfg.debug.fail_at_step == step + 1 and cfg.debug.fail_stage == stage.name:
-                self._inject_failure(step + 1)
-            lr = poly_lr(base_lr, step, stage.steps, t.poly_power)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-
-            waited = time.perf_counter()
-            batch = next_batch()
-            self.timing.data_wait.append(time.perf_counter() - waited)
-            # One step's batch, in ``train.accumulate`` micro-batches: each one's loss is
-            # divided by their count and back-propagated before the next runs, so the summed
-            # gradient is that of the whole batch (exactly, where batch norm is frozen) and
-            # only one micro-batch's activations are held at a time.
-            self.optimizer.zero_grad(set_to_none=True)
-            parts = micro_batches(batch, t.accumulate)
-            logs = {}
-            for part in parts:
-                with self.numerics.autocast():
-                    loss, part_logs = self.method.training_step(part, step)
-                if cfg.debug.nan_at_step == step + 1 and last:
-                    loss = loss * float("nan")
-                    part_logs["loss"] = float("nan")
-                bad = next(
-                    (k for k, v in part_logs.items() if k.startswith("loss") and not math.isfinite(v)), None
-                )
-                if bad is not None:
-                    raise Diverged(step + 1, bad, part_logs[bad])
-                self.scaler.scale(loss / len(parts)).backward()
-                for k, v in part_logs.items():
-                    logs[k] = logs.get(k, 0.0) + v / len(parts)
-            if t.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.method.after_step(step)
-            self.progress.step = step = step + 1
-            self.timing.step_end.append(time.perf_counter())
-
-            for k, v in logs.items():
-                window.setdefault(k, []).append(v)
-            if step % t.log_every == 0 or step == stage.steps:
-                means = {f"{prefix}train/{k}": sum(v) / len(v) for k, v in window.items()}
-                means[f"{prefix}lr"] = lr
-                self.tracker.log_metrics(means, step)
-                rate = (step - tic_step) / max(time.perf_counter() - tic, 1e-9)
-                self.echo(
-                    f"  {prefix}step {step}/{stage.steps}  loss {means[f'{prefix}train/loss']:.4f}"
-                    f"  lr {lr:.2e}  {rate:.1f} it/s"
-                )
-                window = {}
-            if step % t.eval_every == 0 or step == stage.steps:
-                if stage.evaluate:
-                    self._evaluate(stage, step)
-                else:  # still checkpoint: a crash costs at most eval_every steps
-                    self._checkpoint_and_report(stage, {})
-
     def _inject_failure(self, step: int) -> None:
         """Fault injection for retry tests: fail once per run folder, not again on the retry."""
         marker = self.run_dir / ".fault_injected"
@@ -828,6 +473,7 @@ class Trainer:
             f"segsweep run --resume {self.run_dir}"
         )
 
+    # -- evaluation --------------------------------------------------------------------------
     def _log_start_panel(self) -> None:
         """The pseudo masks before the main stage's first step, at step 0: the MLflow image
         grid's slider starts at the first logged step, and now shows where training began."""
@@ -854,37 +500,27 @@ class Trainer:
 
     def _evaluate(self, stage: Stage, step: int) -> None:
         """Score every eval model on val (reported) and tune (held out), log, checkpoint, report."""
-        e, p, prefix = self.cfg.eval, self.progress, self._prefix(stage)
-        n = self.data.source.num_classes
-        names = self.data.source.class_names
-        metrics: dict[str, float] = {}
+        e, prefix = self.cfg.eval, self._prefix(stage)
+        metrics = score_models(
+            self.method,
+            self.val_loader,
+            self.tune_loader,
+            self.data.source.class_names,
+            self.numerics,
+            e.mode,
+            e.window,
+            e.stride,
+            prefix,
+        )
         held: dict[str, Tensor] = {}  # a sample panel's images, pseudo labels and confidences
-        for role, model in self.method.eval_models().items():
-            suffix = f"_{role}" if role else ""
-            val = evaluate(model, self.val_loader, n, self.numerics, e.mode, e.window, e.stride)
-            metrics[f"{prefix}val{suffix}/mIoU"] = val["mIoU"]
-            metrics[f"{prefix}val{suffix}/pixel_acc"] = val["pixel_acc"]
-            for name, iou in zip(names, val["iou"], strict=True):
-                metrics[f"{prefix}val{suffix}/iou/{name}"] = iou
-            if self.tune_loader is not None:
-                tune = evaluate(model, self.tune_loader, n, self.numerics, e.mode, e.window, e.stride)
-                metrics[f"{prefix}tune{suffix}/mIoU"] = tune["mIoU"]
         if self.diag_loader is not None and self.method.uses_unlabeled and not prefix:
             quality, held = pseudo_mask_quality(
                 self.method, self.diag_loader, self.numerics, hold=self.panel_samples
             )
             metrics.update(quality)
-
-        if not prefix:  # best/last bookkeeping concerns the reported (main) stage
-            val_miou = metrics["val/mIoU"]
-            tune_miou = metrics.get("tune/mIoU", float("nan"))
-            p.best_val = max(p.best_val, val_miou)
-            is_best = not math.isnan(tune_miou) and tune_miou > p.best_tune
-            if is_best:
-                p.best_tune, p.val_at_best_tune = tune_miou, val_miou
-            p.last = {k: v for k, v in metrics.items() if not math.isnan(v)}
-            if is_best:
-                self.save_checkpoint("best.pt")
+        # best/last bookkeeping concerns the reported (main) stage
+        if not prefix and self.progress.record(metrics):
+            self.save_checkpoint("best.pt")
         self.tracker.log_metrics(metrics, step)
         if held:  # rendered only by a tracker that keeps it
             self.tracker.log_image(
@@ -908,19 +544,3 @@ class Trainer:
         last = stage is self.stages[-1] and self.progress.step == stage.steps
         if not last:
             self.reporter(report, self.checkpoint_dir)
-
-    def _final_metrics(self) -> dict[str, float]:
-        """Summary values of the run: the last evaluation, and the best kept apart from it.
-
-        ``val/mIoU_at_best_tune`` is the honest model-selection number (picked on the tuning
-        split); ``val/mIoU_best`` is the best over evaluations on the reported split itself,
-        which flatters, and is logged only so the two can be compared.
-        """
-        p = self.progress
-        out = {f"{k}_last": v for k, v in p.last.items() if k.endswith("/mIoU")}
-        if p.best_val > -math.inf:
-            out["val/mIoU_best"] = p.best_val
-        if not math.isnan(p.val_at_best_tune):
-            out["val/mIoU_at_best_tune"] = p.val_at_best_tune
-            out["tune/mIoU_best"] = p.best_tune
-        return out

@@ -8,7 +8,7 @@ per-pixel logistic regression on every encoder level but the input (smp's encode
 the image itself first) and the decoder map, each upsampled bilinearly to the image. It is
 fitted on the run's labeled images and scored by mIoU on the validation images. Features
 that know the classes score far above a random initialisation's; on the embedded dataset a
-supervised network does (see docs/mixandmatch-confirmation.md).
+supervised network does (see docs/results/2026-11-28-mixandmatch-confirmation.md).
 
 Shapes: images (B, 3, H, W); a level's features (B, C_l, h_l, w_l); the probe's weights
 (K, sum C_l) for K classes. Because bilinear upsampling and the per-channel standardisation
@@ -36,7 +36,8 @@ from segsweep.data.transforms import pad_to_multiple
 from segsweep.errors import ConfigError
 from segsweep.models.network import SegModel, read_torch_file
 from segsweep.primitives import IGNORE, class_map, confusion_matrix, scores_from_confusion
-from segsweep.training.loop import build_method, numerics_for
+from segsweep.training.devices import numerics_for
+from segsweep.training.loop import build_method
 
 
 @dataclass

@@ -18,17 +18,13 @@ from segsweep.data.check import require_files, require_valid
 from segsweep.errors import ConfigError, Diverged, Stopped, UserError, one_line
 from segsweep.methods import Stage
 from segsweep.sweep.spec import ratio_text
-from segsweep.tracking.mlflow_writer import (
-    STATUS_INTERRUPTED,
-    TAG_ERROR,
-    TAG_SPLIT_FAMILY,
-    TAG_STATUS,
-    NullTracker,
-    RunTracker,
-    TrackingError,
-)
+from segsweep.tracking.mlflow_writer import RunTracker
+from segsweep.tracking.protocol import NullTracker
+from segsweep.tracking.retries import TrackingError
+from segsweep.tracking.tags import STATUS_INTERRUPTED, TAG_ERROR, TAG_SPLIT_FAMILY, TAG_STATUS
 from segsweep.training.budget import resolved
-from segsweep.training.loop import Numerics, Reporter, RunResult, Trainer
+from segsweep.training.devices import Numerics
+from segsweep.training.loop import Reporter, RunResult, Trainer
 
 
 @dataclass
