@@ -52,6 +52,7 @@ def make_sweep(uri: str, experiment: str) -> tuple[str, dict[tuple[str, float, i
     return parent.run_id, ids
 
 
+@pytest.mark.slow
 def test_publish_tags_the_counted_runs_and_describes_the_answer(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent_id, ids = make_sweep(uri, "answer")
@@ -94,6 +95,7 @@ def test_a_sweep_without_a_finished_run_counts_nothing(tmp_path: Path) -> None:
     assert fetch_runs(uri, "empty")[0].tags.get(TAG_COUNTED) in ("false", None)
 
 
+@pytest.mark.slow
 def test_the_description_has_a_row_per_method_and_the_published_points(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent_id, _ = make_sweep(uri, "table")

@@ -222,6 +222,7 @@ def test_an_error_line_never_shows_a_uri_password(capsys: pytest.CaptureFixture)
     assert "hunter2" not in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device_error", ["cpu", "cuda"])
 def test_a_run_out_of_memory_names_the_settings_that_size_it(
     cache_dir: Path, tmp_path: Path, monkeypatch, capsys, device_error: str
@@ -261,6 +262,7 @@ def test_a_run_out_of_memory_names_the_settings_that_size_it(
     assert run.info.status == "FAILED" and run.data.tags[TAG_ERROR] == line.removeprefix("error: ")
 
 
+@pytest.mark.slow
 def test_one_process_at_a_time_resumes_a_run_or_drives_a_sweep(
     cache_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -406,6 +408,7 @@ def test_out_of_memory_sizes_read_in_their_unit() -> None:
     assert allocation(RuntimeError("CUDA error: out of memory\nmore")) == "CUDA error: out of memory"
 
 
+@pytest.mark.slow
 def test_a_sweep_waits_for_a_ray_head_that_is_starting(capsys: pytest.CaptureFixture) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

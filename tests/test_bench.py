@@ -21,7 +21,7 @@ from segsweep.errors import ConfigError
 from segsweep.training.devices import numerics_for
 from segsweep.training.runner import prepare
 
-from .helpers import segsweep, without_collector
+from .helpers import segsweep, segsweep_here, without_collector
 
 
 def test_ratio_arithmetic() -> None:
@@ -65,6 +65,7 @@ def test_steady_state_ignores_the_start_up_before_the_first_trial_ends() -> None
         steady_seconds_per_trial([1.0], 2)
 
 
+@pytest.mark.slow
 def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     with without_collector():  # its CPU would count as the writer's (bounded below)
         report = run_bench(
@@ -152,6 +153,7 @@ def test_report_schema_and_consistent_ratios(cache_dir: Path) -> None:
     assert "overhead/supervised_vs_bare" in format_table(report)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_json_report(cache_dir: Path, tmp_path: Path) -> None:
     proc = segsweep(
         "bench", "--quick", "--no-sweep", "--methods", "supervised", "--json", "out/bench.json", cwd=tmp_path
@@ -159,7 +161,7 @@ def test_cli_writes_the_json_report(cache_dir: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "out/bench.json").read_text())
     assert data["config"]["quick"] is True and any(r["name"] == "step/bare" for r in data["rows"])
-    bad = segsweep("bench", "--methods", "mixmatch", cwd=tmp_path)
+    bad = segsweep_here("bench", "--methods", "mixmatch", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown method 'mixmatch'" in bad.stderr
 
 
@@ -184,13 +186,13 @@ def test_only_runs_the_chosen_sections_and_saves_after_each(cache_dir: Path) -> 
 
 
 def test_cli_rejects_an_unknown_section(tmp_path: Path) -> None:
-    bad = segsweep("bench", "--quick", "--only", "step,gpus", "--json", "out/b.json", cwd=tmp_path)
+    bad = segsweep_here("bench", "--quick", "--only", "step,gpus", "--json", "out/b.json", cwd=tmp_path)
     assert bad.returncode == 2 and "--only: unknown section(s) gpus" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "out").exists()
 
 
 def test_cli_checks_set_before_it_starts_measuring(tmp_path: Path) -> None:
-    bad = segsweep("bench", "--quick", "--set", "train.batch_size=0", cwd=tmp_path)
+    bad = segsweep_here("bench", "--quick", "--set", "train.batch_size=0", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
         "error: bench: train.batch_size: Input should be greater than or equal to 1"
@@ -384,6 +386,7 @@ def test_a_panel_reuses_the_pseudo_labels_of_the_diagnostic_pass(tiny) -> None:
     assert panel.ndim == 3 and panel.shape[0] > 3 * cfg.data.crop_size  # three rows of tiles
 
 
+@pytest.mark.slow
 def test_a_tracking_server_that_will_not_start_leaves_its_rows_unmeasured(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

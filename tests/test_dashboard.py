@@ -82,6 +82,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     return uri
 
 
+@pytest.mark.slow
 def test_api_builds_the_curve_table_and_run_views(store: str) -> None:
     app = Dashboard(store, "http://127.0.0.1:5000")
     curve = app.curve("dash", "last")

@@ -231,6 +231,7 @@ def test_colourisation_targets() -> None:
 # -- pipelines resume from the last finished stage ---------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "stage", "fail_at"),
     # at step 1 of hfpl's train stage the last checkpoint is the pseudo stage's (no optimizer)
@@ -285,6 +286,7 @@ def test_multi_stage_runs_resume_from_the_last_stage_and_step(
         assert 0 < full.metrics[("pseudo/is_object_mass", 0)] < 1  # the sampling diagnostic
 
 
+@pytest.mark.slow
 def test_a_fixed_threshold_is_kept_and_the_sampling_diagnostic_still_logged(tiny, tmp_path: Path) -> None:
     cfg = tiny(**{"method": "hfpl", "train.steps": 2, "hfpl.cam_steps": 2, "hfpl.bg_threshold": 0.35})
     got = Recorder()

@@ -53,6 +53,7 @@ def test_the_probe_separates_linearly_separable_classes() -> None:
     assert ((((noise - mean) / std) @ weight.t() + bias).argmax(1) == y).float().mean() < 0.6
 
 
+@pytest.mark.slow
 def test_probe_command_reports_the_start_and_each_checkpoint(
     tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,7 +21,7 @@ from segsweep.training.evaluation import predict_logits
 from segsweep.training.loop import build_method, micro_batches
 
 from .conftest import tiny_tree
-from .helpers import assert_user_error, segsweep
+from .helpers import assert_user_error, segsweep, segsweep_here
 from .published_trees import make_cityscapes, make_voc
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -192,6 +192,7 @@ def test_the_weak_and_self_supervised_specs_hold_their_papers_settings(
         assert cfg.mixandmatch.at_crop(cfg.data.crop_size).patch_input == 128
 
 
+@pytest.mark.slow
 def test_a_voc_classic_dry_run_shows_every_cell_its_steps_and_its_published_point(voc_root: Path) -> None:
     import contextlib
     import io
@@ -224,7 +225,7 @@ def test_every_published_spec_dry_runs_against_a_tree_of_its_dataset(
     # voc_mixandmatch tunes from a proxy trained once beforehand: here, a short proxy per run
     extra = ["mixandmatch.proxy_from=null", "mixandmatch.proxy_steps=1"] if spec == "voc_mixandmatch" else []
     sets = [a for s in [f"data.root={root}", *SMALL, *extra] for a in ("--set", s)]
-    proc = segsweep("sweep", str(EXPERIMENTS / f"{spec}.yaml"), "--dry-run", *sets, cwd=tmp_path)
+    proc = segsweep_here("sweep", str(EXPERIMENTS / f"{spec}.yaml"), "--dry-run", *sets, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "dry run: every trial's config, dataset and model checked" in proc.stdout
     assert "trial(s) x " in proc.stdout and " steps" in proc.stdout
@@ -232,6 +233,7 @@ def test_every_published_spec_dry_runs_against_a_tree_of_its_dataset(
         assert "epochs)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_check_data_reads_every_list_a_spec_names(cityscapes_root: Path, tmp_path: Path) -> None:
     spec, root = str(EXPERIMENTS / "cityscapes.yaml"), f"data.root={cityscapes_root}"
     proc = segsweep("check-data", spec, "--set", root, cwd=tmp_path)
@@ -245,7 +247,7 @@ def test_check_data_reads_every_list_a_spec_names(cityscapes_root: Path, tmp_pat
     victim = next((cityscapes_root / "gtFine" / "val").rglob("*_labelTrainIds.png"))
     victim.unlink()
     try:
-        proc = segsweep("check-data", spec, "--set", root, cwd=tmp_path)
+        proc = segsweep_here("check-data", spec, "--set", root, cwd=tmp_path)
         assert proc.returncode == 2
         assert f"{victim}: file not found" in proc.stdout
     finally:
@@ -263,12 +265,12 @@ def test_the_colourisation_proxy_config_is_valid() -> None:
 
 def test_a_published_spec_without_its_data_root_is_one_line(tmp_path: Path) -> None:
     for spec, name in (("voc_classic", "voc_aug"), ("cityscapes", "cityscapes")):
-        proc = segsweep("sweep", str(EXPERIMENTS / f"{spec}.yaml"), "--dry-run", cwd=tmp_path)
+        proc = segsweep_here("sweep", str(EXPERIMENTS / f"{spec}.yaml"), "--dry-run", cwd=tmp_path)
         assert_user_error(proc, "data.root", name)
 
 
 def test_an_encoder_smp_does_not_know_is_one_line(voc_root: Path, tmp_path: Path) -> None:
-    proc = segsweep(
+    proc = segsweep_here(
         "sweep", str(EXPERIMENTS / "voc_classic.yaml"), "--dry-run", "--set", f"data.root={voc_root}",
         "--set", "model.encoder=resnet1001", "--set", "model.encoder_weights=null", cwd=tmp_path,
     )  # fmt: skip
@@ -279,6 +281,7 @@ def test_an_encoder_smp_does_not_know_is_one_line(voc_root: Path, tmp_path: Path
 # A few CPU steps of each protocol at its real crop, with a small encoder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("spec", "method"),
     [
@@ -322,6 +325,7 @@ def test_a_training_step_runs_at_the_published_crop(
         assert cfg.train.steps == planned_steps(run_config_of(cell, {})) > 1000
 
 
+@pytest.mark.slow
 def test_a_cityscapes_image_is_scored_by_a_sliding_window_at_full_resolution() -> None:
     model = build_model("deeplabv3plus", "resnet18", 19, head=HeadOptions(16, (6, 12, 18), 0.0, False)).eval()
     numerics = Numerics(torch.device("cpu"), None, False, 0)

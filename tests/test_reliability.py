@@ -64,6 +64,7 @@ def test_a_diverging_trial_stops_at_once_is_not_retried_and_the_sweep_goes_on(
     assert diverged.data.metrics.get("train/loss") is None or np.isfinite(diverged.data.metrics["train/loss"])
 
 
+@pytest.mark.slow
 def test_a_diverging_run_exits_1_with_one_line(cache_dir: Path, tmp_path: Path) -> None:
     cfg = write_config(
         tmp_path / "r.yaml", tiny_tree(cache_dir, **{"debug.nan_at_step": 2, "tracking.enabled": True})
@@ -137,6 +138,7 @@ def test_racing_writers_of_one_file_leave_one_whole_file(tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["train_images.npy"]
 
 
+@pytest.mark.slow
 def test_a_tracking_server_that_does_not_answer_is_said_at_once_and_fails_in_one_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -159,6 +161,7 @@ def test_a_tracking_server_that_does_not_answer_is_said_at_once_and_fails_in_one
     await_server("sqlite:///anything.db", 0.0)  # not a server: nothing to wait for
 
 
+@pytest.mark.slow
 def test_eight_concurrent_writers_lose_no_metric(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     RunTracker(uri, "concurrent", run_name="init").finish()  # the store exists before the writers
@@ -186,6 +189,7 @@ def test_eight_concurrent_writers_lose_no_metric(tmp_path: Path) -> None:
             assert sorted(m.step for m in history) == list(range(100))
 
 
+@pytest.mark.slow
 def test_metrics_of_many_steps_go_out_in_few_writes_and_a_flush_waits_for_none(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = RunTracker(uri, "batched", run_name="b")
@@ -285,6 +289,7 @@ def test_a_write_that_fails_outside_the_store_fails_the_run_not_the_writer(tmp_p
     assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_stepped_images_are_laid_out_as_mlflow_lays_them_out(tmp_path: Path) -> None:
     # The tracker writes MLflow's stepped-image files itself (cheaper encodings, one upload,
     # one tag per run); the UI's image slider and segsweep's dashboard must read them as they
@@ -328,6 +333,7 @@ def test_stepped_images_are_laid_out_as_mlflow_lays_them_out(tmp_path: Path) -> 
 # -- the artifact store fails -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_unwritable_artifact_store_fails_the_run_and_keeps_the_checkpoint(
     cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -387,6 +393,7 @@ def test_checkpoints_that_cannot_be_uploaded_end_the_run_failed_and_say_why(
     assert "No space left" in run.data.tags["segsweep.error"]
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_while_a_run_ends_still_ends_it(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -443,6 +450,7 @@ def folder_config(cache_dir: Path, tmp_path: Path, root: Path, **over: object) -
     return write_config(tmp_path / "folder.yaml", tree)
 
 
+@pytest.mark.slow
 def test_check_data_names_every_broken_file(cache_dir: Path, tmp_path: Path, broken_folder: Path) -> None:
     cfg = folder_config(cache_dir, tmp_path, broken_folder)
     proc = segsweep("check-data", str(cfg), cwd=tmp_path)
@@ -453,6 +461,7 @@ def test_check_data_names_every_broken_file(cache_dir: Path, tmp_path: Path, bro
     assert proc.stderr.strip() == "error: 3 problem(s) in 12 files checked"
 
 
+@pytest.mark.slow
 def test_a_run_with_data_verify_fails_before_training(
     cache_dir: Path, tmp_path: Path, broken_folder: Path
 ) -> None:
@@ -462,6 +471,7 @@ def test_a_run_with_data_verify_fails_before_training(
     assert not (tmp_path / "mlflow.db").exists() or runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}") == []
 
 
+@pytest.mark.slow
 def test_a_split_list_naming_a_missing_file_fails_before_training(cache_dir: Path, tmp_path: Path) -> None:
     root = write_folder(tmp_path / "data", n_masked=10, n_unlabeled=0)
     split = tmp_path / "split"
@@ -531,6 +541,7 @@ KEYS = st.sampled_from(
 )
 
 
+@pytest.mark.slow
 @settings(**GENERATED)
 @given(overrides=st.dictionaries(KEYS, SCALARS, min_size=1, max_size=3))
 def test_generated_run_configs_run_or_fail_in_one_line(
@@ -744,6 +755,7 @@ def test_a_race_on_one_tag_is_retried_but_a_rejected_request_is_not() -> None:
     assert not is_transient(Exception("INVALID_PARAMETER_VALUE: param changed"))
 
 
+@pytest.mark.slow
 def test_the_tracker_counts_its_writer_threads_cpu(tmp_path: Path) -> None:
     """``writer_cpu_s``: CPU seconds of the writer thread alone (the bench's measure of what
     tracking costs the machine); the producer's own work is not in it."""
@@ -786,6 +798,7 @@ def test_a_worker_closing_late_leaves_the_drivers_interrupted_mark(tmp_path: Pat
     assert (run.info.status, run.data.tags[TAG_STATUS]) == ("FINISHED", "stopped_early")
 
 
+@pytest.mark.slow
 def test_a_local_server_takes_runs_over_http_and_leaves_no_process(tmp_path: Path) -> None:
     """The bench's MLflow server: a run written through it lands in its own store, its
     processes are found by session, and leaving the block ends every one of them."""
@@ -819,6 +832,7 @@ def test_a_local_server_takes_runs_over_http_and_leaves_no_process(tmp_path: Pat
         busy.wait()
 
 
+@pytest.mark.slow
 def test_a_sigterm_still_stops_the_local_server_and_zombies_are_told_apart(tmp_path: Path) -> None:
     """Python's default SIGTERM skips ``finally``: ``local_server`` turns it into an exit, so
     a bench stopped by a time limit leaves no server behind. ``session_members`` marks an
@@ -868,3 +882,16 @@ def test_a_sigterm_still_stops_the_local_server_and_zombies_are_told_apart(tmp_p
     finally:
         leader.kill()
         leader.wait()
+
+
+def test_status_codes_count_only_as_whole_numbers_never_inside_a_run_id() -> None:
+    from segsweep.tracking.retries import is_transient
+
+    # MLflow's refusal quotes the run ID; this one holds "504" and "403" among its hex digits.
+    refused = Exception(
+        "Changing param values is not allowed. ... for run ID='435f4deb86214603808c389e14e01504'."
+    )
+    assert not is_transient(refused)
+    assert is_transient(Exception("API request failed with error code 504 != 200"))
+    assert is_transient(Exception("HTTPError: 503 Server Error: Service Unavailable"))
+    assert not is_transient(Exception("API request failed with error code 403 != 200: connection ok"))

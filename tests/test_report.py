@@ -332,6 +332,7 @@ def test_runs_on_other_backbones_are_not_repeats_of_each_other() -> None:
     assert len(curve.rows) == 2 and not any("repeat" in note for note in curve.notes)
 
 
+@pytest.mark.slow
 def test_curve_of_one_sweep_of_an_experiment(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,6 +18,7 @@ from .helpers import Recorder
 ONE_STAGE = [name for name, cls in METHODS.items() if cls.stages is Method.stages]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ONE_STAGE)
 def test_resumed_run_matches_the_uninterrupted_one(tiny, tmp_path: Path, method: str) -> None:
     """Every one-stage method, its own randomness included (S4MIM's masks, GuidedMix's

@@ -121,3 +121,26 @@ def test_the_live_view_closes_the_runs_of_stopped_and_killed_trials(tmp_path: Pa
     assert len(warnings) == 1 and warnings[0].startswith(
         "  warning: could not close run no-such-run: tracking"
     )
+
+
+def test_sigterm_and_ctrl_c_stop_a_sweep_alike_and_a_second_one_quits(capsys) -> None:
+    """A job scheduler's SIGTERM takes the path of Ctrl+C (the end-to-end test sends SIGINT):
+    the first sets the flag the callback hands to Ray Tune, a second quits at once, and the
+    handlers before the sweep come back after it."""
+    import os
+    import signal
+
+    import pytest
+
+    from segsweep.sweep.interrupt import INTERRUPT, signals_caught
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with signals_caught():
+            assert not INTERRUPT.is_set()
+            os.kill(os.getpid(), sig)
+            assert INTERRUPT.is_set()
+            assert "interrupted: saving the sweep's state" in capsys.readouterr().err
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+        assert {s: signal.getsignal(s) for s in before} == before

@@ -11,7 +11,7 @@ import yaml
 from segsweep.errors import ConfigError
 from segsweep.sweep.spec import plan_sweep
 
-from .helpers import assert_user_error, pinned_to_one_cpu, segsweep
+from .helpers import assert_user_error, pinned_to_one_cpu, segsweep_here
 
 BASE = {"data": {"synthetic": {"num_train": 96, "num_val": 16}, "tune_size": 8}, "train": {"steps": 6}}
 
@@ -237,12 +237,12 @@ def test_a_sweep_that_cannot_write_or_reach_its_stores_fails_before_it_starts(tm
     # before any MLflow run, sweep folder or study exists
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec()))
-    proc = segsweep("sweep", "s.yaml", "--dir", "afile", cwd=tmp_path)
+    proc = segsweep_here("sweep", "s.yaml", "--dir", "afile", cwd=tmp_path)
     assert_user_error(proc, "--dir", "afile is a file, not a folder")
     (tmp_path / "o.yaml").write_text(
         yaml.safe_dump({**spec(), "optuna_storage": "sqlite:////nonexistent/dir/optuna.db"})
     )
-    proc = segsweep("sweep", "o.yaml", cwd=tmp_path)
+    proc = segsweep_here("sweep", "o.yaml", cwd=tmp_path)
     assert_user_error(
         proc, "optuna_storage: cannot reach sqlite:////nonexistent/dir/optuna.db", "unable to open"
     )
@@ -252,7 +252,7 @@ def test_a_sweep_that_cannot_write_or_reach_its_stores_fails_before_it_starts(tm
 
 def test_cli_reports_spec_errors_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec(**{"early_stop": {"metric": "val/mIoU"}})))
-    proc = segsweep("sweep", "s.yaml", cwd=tmp_path)
+    proc = segsweep_here("sweep", "s.yaml", cwd=tmp_path)
     assert_user_error(proc, "early_stop.metric", "tuning split")
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -518,6 +518,7 @@ def test_a_sweep_resumed_after_its_stores_password_changed_is_the_same_sweep(
     assert resumable_state(new, tmp_path / "sweeps", resume=True)["instance"] == "i"
 
 
+@pytest.mark.slow
 def test_a_dry_run_of_a_resume_says_how_far_the_sweep_got(tmp_path: Path, cache_dir: Path) -> None:
     from segsweep.sweep.state import resume_progress
     from segsweep.tracking.store import client_for, ensure_experiment

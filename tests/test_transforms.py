@@ -169,6 +169,7 @@ def test_stream_sampler_restarts_at_any_position() -> None:
     assert sorted(d[0] for d in first[:10]) == list(range(10))  # each epoch is a permutation
 
 
+@pytest.mark.slow
 def test_prefetched_batches_come_in_order_and_errors_reach_the_caller() -> None:
     import gc
     import threading
@@ -275,6 +276,7 @@ def test_loaders_hand_over_uint8_and_to_model_normalises_on_the_device(tiny) -> 
     } <= seen
 
 
+@pytest.mark.slow
 def test_prefetch_threads_are_stopped_and_joined_before_the_interpreter_exits(tmp_path) -> None:
     # A daemon thread still freeing its queued tensors while the interpreter finalizes is
     # killed inside torch's destructor and the process aborts (exit 134 at the end of the

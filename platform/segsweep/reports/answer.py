@@ -25,7 +25,7 @@ from segsweep.tracking.store import RunRecord, client_for, fetch_runs, log_files
 TAG_COUNTED = "segsweep.counted"
 #: The filter that shows the counted runs only (MLflow's search syntax).
 COUNTED_FILTER = f"tags.`{TAG_COUNTED}` = 'true'"
-#: The pseudo-mask panels' image key (``engine.Trainer._evaluate``).
+#: The pseudo-mask panels' image key (``training.evaluation.score_models``).
 PANELS_KEY = "panels/pseudo_masks"
 
 

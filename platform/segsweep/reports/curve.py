@@ -128,7 +128,7 @@ def _finished(run: RunRecord, key: str) -> bool:
 
 
 def arm_of_cell(cell: str) -> str | None:
-    """What a cell compares, from its id (``sweepspec.cell_id``; parsed here so that reports
+    """What a cell compares, from its id (``sweep.spec.cell_id``; parsed here so that reports
     need neither torch nor the methods): its method and any other value it fixes but the
     label ratio and seed, e.g. 'mixandmatch (mm=False)' for
     'method=mixandmatch,ratio=0.03125,mixandmatch.mm=False,seed=0'. Cells of one arm at one

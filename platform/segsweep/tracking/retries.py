@@ -8,6 +8,7 @@ loudly in one line, URI passwords hidden."""
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -35,10 +36,6 @@ TRANSIENT_HINTS = (
     "timeout",
     "temporarily",
     "max retries",
-    "503",
-    "502",
-    "504",
-    "500",
     "reset by peer",
     "refused",
     "unavailable",
@@ -49,15 +46,20 @@ TRANSIENT_HINTS = (
 )
 
 
+#: HTTP statuses, as whole numbers: a run ID (32 hex digits) often holds "500" or "403".
+TRANSIENT_STATUS = re.compile(r"\b50[0234]\b")
+REFUSED_STATUS = re.compile(r"\b40[13]\b")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: a server restarting, a network hiccup, SQLite's writer lock. A local
     file error (permissions, not a directory, disk full) or a rejected request is not."""
     if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
         return False
     text = f"{type(exc).__name__}: {exc}".lower()
-    if "resource_already_exists" in text or "invalid_parameter" in text or "401" in text or "403" in text:
+    if "resource_already_exists" in text or "invalid_parameter" in text or REFUSED_STATUS.search(text):
         return False
-    return any(hint in text for hint in TRANSIENT_HINTS)
+    return any(hint in text for hint in TRANSIENT_HINTS) or bool(TRANSIENT_STATUS.search(text))
 
 
 def with_retries(fn: Callable[[], Any], what: str, budget_s: float) -> Any:
