@@ -217,14 +217,14 @@ def chrome(profile: Path | None = None, size: str = "1200,1600"):
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM a process group started with ``start_new_session``, SIGKILL after 30 s."""
+def stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM a process group started with ``start_new_session``, SIGKILL after ``grace_s``."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)

@@ -201,7 +201,9 @@ class LocalCluster:
     def _stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
         if proc is not None:
-            stop_group(proc)
+            # `ray start --block` sits out a SIGTERM for 30 s: at teardown its group is killed
+            # after 3 (the group holds the raylet, the GCS and the workers; none is left).
+            stop_group(proc, grace_s=3 if name.startswith("ray") else 30)
 
     def stop(self) -> None:
         for name in ("ray-node", "ray-head", "mlflow", "postgres"):
