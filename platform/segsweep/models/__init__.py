@@ -1,1 +1,2 @@
-"""Models: smp networks and their pretrained encoder weights."""
+"""Models: ``network`` (the smp networks, ``ARCHS``, any input size) and ``weights``
+(pretrained encoder weights through smp's and timm's own loaders and caches)."""
