@@ -592,3 +592,22 @@ def test_the_cpus_a_process_may_use_are_its_affinity_and_its_quota(tmp_path: Pat
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_dotted_key_through_a_value_is_one_line_naming_where_it_came_from() -> None:
+    from segsweep.config import apply_overrides, set_dotted, with_values
+    from segsweep.errors import ConfigError
+
+    tree = {"train": {"steps": 3}}
+    with pytest.raises(ConfigError, match=r"^--set 'train\.steps\.x=1': 'steps' is a value, not a section$"):
+        apply_overrides(tree, ["train.steps.x=1"])
+    with pytest.raises(ConfigError, match=r"^cell c: train\.steps\.x: 'steps' is a value, not a section$"):
+        with_values(tree, {"train.steps.x": 1}, "cell c")
+    values = {"data.augment.scale": [0.5, 2.0]}
+    got = with_values(tree, values, "cell c")
+    assert got == {"train": {"steps": 3}, "data": {"augment": {"scale": [0.5, 2.0]}}} and tree == {
+        "train": {"steps": 3}
+    }
+    assert got["data"]["augment"]["scale"] is not values["data.augment.scale"]  # no list shared with the spec
+    set_dotted(tree, "train.lr", 0.1)
+    assert tree == {"train": {"steps": 3, "lr": 0.1}}

@@ -12,6 +12,7 @@ accepts for ``method``, ``data.name`` (``segsweep.data.DATASETS``) and ``model.a
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import re
@@ -423,29 +424,42 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     """tree["a"]["b"] = value for key "a.b", creating missing sections (in place)."""
-    node = tree
     parts = key.split(".")
+    _section_of(tree, parts, key)[parts[-1]] = value
+
+
+def _section_of(tree: dict[str, Any], parts: list[str], where: str) -> dict[str, Any]:
+    """The section that dotted ``parts`` (less the last) lead to, created where missing; a
+    part that is a value is a one-line error naming ``where``."""
+    node = tree
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: '{part}' is a value, not a section")
+        node = child
+    return node
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``tree`` with each ``a.b=c`` applied (missing sections are created)."""
-    import copy
-
     tree = copy.deepcopy(tree)
     for text in overrides:
         parts, value = parse_override(text)
-        node = tree
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: '{part}' is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        _section_of(tree, parts, f"--set {text!r}")[parts[-1]] = value
+    return tree
+
+
+def with_values(tree: dict[str, Any], values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A copy of ``tree`` with each dotted key of ``values`` set to its value, as data (no
+    ``a.b=c`` text and YAML round trip); a key through a value is a one-line error naming
+    ``source``."""
+    tree = copy.deepcopy(tree)
+    for key, value in values.items():
+        parts = key.split(".")
+        # the tree owns its values: no list shared with the spec
+        _section_of(tree, parts, f"{source}: {key}")[parts[-1]] = copy.deepcopy(value)
     return tree
 
 

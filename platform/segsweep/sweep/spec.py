@@ -29,6 +29,7 @@ from segsweep.config import (
     parse_override,
     read_yaml,
     validate_run_config,
+    with_values,
 )
 from segsweep.data import default_cache
 from segsweep.data.splits import split_folder_of
@@ -367,25 +368,6 @@ def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> dict[str, Any]:
             node[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     if data.get("name", "synthetic") == "synthetic" and not data.get("root"):
         data["root"] = str(default_cache().resolve())
-    return tree
-
-
-def with_values(tree: dict[str, Any], values: dict[str, Any], source: str) -> dict[str, Any]:
-    """A copy of ``tree`` with each dotted key of ``values`` set to its value, as data
-    (missing sections are created); a key through a value is a one-line error naming
-    ``source``."""
-    tree = copy.deepcopy(tree)
-    for key, value in values.items():
-        *sections, last = key.split(".")
-        node = tree
-        for part in sections:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"{source}: {key}: '{part}' is a value, not a section")
-            node = child
-        node[last] = copy.deepcopy(value)  # the tree owns its values: no list shared with the spec
     return tree
 
 
