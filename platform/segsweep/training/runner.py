@@ -19,7 +19,7 @@ from segsweep.errors import ConfigError, Diverged, Stopped, UserError, one_line
 from segsweep.methods import Stage
 from segsweep.sweep.spec import ratio_text
 from segsweep.tracking.mlflow_writer import RunTracker
-from segsweep.tracking.protocol import NullTracker
+from segsweep.tracking.protocol import NullTracker, Tracker
 from segsweep.tracking.retries import TrackingError
 from segsweep.tracking.tags import STATUS_INTERRUPTED, TAG_ERROR, TAG_SPLIT_FAMILY, TAG_STATUS
 from segsweep.training.budget import resolved
@@ -129,7 +129,7 @@ def make_tracker(
     run_key: str | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
-) -> RunTracker | NullTracker:
+) -> Tracker:
     t = cfg.tracking
     if not t.enabled:
         return NullTracker()
@@ -147,7 +147,7 @@ def make_tracker(
 
 def execute(
     prepared: Prepared,
-    tracker: RunTracker | NullTracker,
+    tracker: Tracker,
     run_dir: Path,
     reporter: Reporter | None = None,
     resume_from: Path | None = None,
