@@ -233,6 +233,38 @@ def test_every_published_spec_dry_runs_against_a_tree_of_its_dataset(
         assert "epochs)" in proc.stdout
 
 
+def test_a_plan_reads_each_dataset_once_and_each_split_once(
+    voc_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--dry-run`` and a sweep's start: the checks and the ASHA horizons of 24 cells share
+    one read of the tree and of each split's lists, and every split's files are still checked."""
+    from collections import Counter
+
+    import segsweep.data as data_module
+    from segsweep.data import DataCache
+    from segsweep.data.check import missing_files
+
+    plan = plan_sweep(EXPERIMENTS / "voc_blended.yaml", [f"data.root={voc_root}", *SMALL])
+    reads: Counter[str] = Counter()
+    name = run_config_of(plan.cells[0], {}).data.name
+    reader = data_module.DATASETS[name]
+    count = lambda what, real: lambda *a, **k: reads.update([what]) or real(*a, **k)  # noqa: E731
+    monkeypatch.setitem(data_module.DATASETS, name, reader._replace(load=count("tree", reader.load)))
+    monkeypatch.setattr(data_module, "make_split", count("split", data_module.make_split))
+    monkeypatch.setattr("segsweep.data.check.missing_files", count("files", missing_files))
+    cache = DataCache()
+    steps = [planned_steps(run_config_of(c, {}), cache) for c in plan.cells]
+    configs = [run_config_of(c, {}).data for c in plan.cells]
+    checked = [cache.checked(c) for c in configs]
+    splits = {c.model_dump_json() for c in configs}
+    assert len(plan.cells) == 24 and len(splits) == 6
+    assert reads == {"tree": 1, "split": len(splits), "files": len(splits)}
+    assert all(d.source is checked[0].source for d in checked)  # one source, read once
+    one_per_split = {c.model_dump_json(): i for i, c in enumerate(configs)}.values()
+    for i in one_per_split:  # as read alone
+        assert steps[i] == planned_steps(run_config_of(plan.cells[i], {}))
+
+
 @pytest.mark.slow
 def test_check_data_reads_every_list_a_spec_names(cityscapes_root: Path, tmp_path: Path) -> None:
     spec, root = str(EXPERIMENTS / "cityscapes.yaml"), f"data.root={cityscapes_root}"

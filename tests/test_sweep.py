@@ -251,26 +251,29 @@ def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path
 
 
 def test_a_crashing_trial_is_retried_from_its_checkpoint(cache_dir: Path, tmp_path: Path) -> None:
-    one_cell = {"method": ["supervised"], "data.label_ratio": [0.25], "seed": [0]}
-    tree = tiny_spec("crash", grid=one_cell)
-    tree["base"]["debug"] = {"fail_at_step": 5}
+    """One sweep, two cells alike but for a crash injected at step 5 in one: the crashed trial
+    is retried from its step-4 checkpoint and ends exactly where the uninterrupted one ends."""
+    cells = {
+        "method": ["supervised"],
+        "data.label_ratio": [0.25],
+        "seed": [0],
+        "debug.fail_at_step": [5, None],
+    }
+    tree = tiny_spec("crash", grid=cells)
     tree["base"]["train"]["steps"] = 8
     proc = segsweep("sweep", str(write_spec(tmp_path, tree)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "retry" in proc.stdout and "injected failure at step 5" in proc.stdout
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _, [run] = children(uri, "crash")
-    assert run.info.status == "FINISHED"
+    _, kids = children(uri, "crash")
+    [run] = [k for k in kids if k.data.params["debug.fail_at_step"] == "5"]
+    [clean] = [k for k in kids if k.data.params["debug.fail_at_step"] == "None"]
+    assert run.info.status == clean.info.status == "FINISHED"
     from mlflow.tracking import MlflowClient
 
     steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == [2, 4, 6, 8]  # resumed from the step-4 checkpoint, not from scratch
-
     # the retried trial ends exactly where an uninterrupted run with the same seed ends (CPU)
-    tree2 = tiny_spec("clean", grid=one_cell)
-    tree2["base"]["train"]["steps"] = 8
-    assert segsweep("sweep", str(write_spec(tmp_path, tree2)), cwd=tmp_path).returncode == 0
-    _, [clean] = children(uri, "clean")
     assert run.data.metrics["val/mIoU"] == clean.data.metrics["val/mIoU"]
 
 
@@ -282,55 +285,116 @@ def _children_now(uri: str, experiment: str) -> list:
     return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
-KILL_WHEN = {
-    # the driver dies ... before any trial has ended
-    "before_any_trial_ends": lambda kids: kids and not any(k.info.status == "FINISHED" for k in kids),
-    # ... with some trials done and others running
-    "mid_sweep": lambda kids: sum(k.info.status == "FINISHED" for k in kids) >= 2,
-    # ... while the final seeds of the best configurations run
-    "during_the_final_stage": lambda kids: any(k.data.tags.get("segsweep.phase") == "final" for k in kids),
-}
+def _finished(kids: list) -> dict[str, int]:
+    return {k.info.run_id: k.info.end_time for k in kids if k.info.status == "FINISHED"}
 
 
-def _start_then_signal(
-    tmp_path: Path, moment: Callable[[list], bool], how: str, steps: int = 10
-) -> tuple[Path, str, list, subprocess.Popen]:
-    """Start the "killed" sweep in a subprocess and signal it at ``moment``."""
+def _running_new(kids: list, seen: list, phase: str | None = None) -> bool:
+    """A trial running that the last stop had not seen (a trial run again reopens its run,
+    and a run the kill left RUNNING may be stale), in ``phase`` if named."""
+    old = {k.info.run_id for k in seen}
+    return any(
+        k.info.status == "RUNNING"
+        and k.info.run_id not in old
+        and phase in (None, k.data.tags.get("segsweep.phase"))
+        for k in kids
+    )
+
+
+def _drive_until(
+    tmp_path: Path, path: Path, moment: Callable[[list], bool], how: str, resume: bool, env: dict
+) -> tuple[list, subprocess.Popen, str]:
+    """Start the "killed" sweep (or ``--resume`` it) and signal it at ``moment``; the runs as
+    they were then, the driver, and what it printed."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_path = tmp_path / f"driver{len(list(tmp_path.glob('driver*.log')))}.log"
+    # started with a --set, which every resume must reuse unasked
+    args = ["--resume"] if resume else ["--set", "train.steps=30"]
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "segsweep.cli", "sweep", str(path), *args],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env},
+        )
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None and not moment(_children_now(uri, "killed")):
+            time.sleep(0.3)
+        assert driver.poll() is None, (
+            "the sweep ended before the moment to stop it\n" + log_path.read_text()[-3000:]
+        )
+        if how == "SIGKILL":
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        else:
+            os.killpg(driver.pid, signal.SIGINT)  # Ctrl+C: the whole foreground process group
+        driver.wait(timeout=120)
+    return _children_now(uri, "killed"), driver, log_path.read_text()
+
+
+def test_a_sweep_stopped_four_times_resumes_each_time_and_runs_every_trial_once(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """One sweep stopped four ways, each stop followed by ``--resume``: the driver killed
+    (SIGKILL to its process group, Ray's processes included) before any trial has ended, then
+    with some trials done and others running; Ctrl+C with a trial running (exit 130 with one
+    line; running trials end KILLED, not "stopped early", which would count them as done); the
+    driver killed while the final seeds of the best configurations run. The last resume
+    completes it: every trial once, none run again, none left RUNNING. SIGTERM reaches the
+    Ctrl+C handler (tests/test_sweep_live.py). Trials of 30 steps (about 5 s): one seen
+    running must still be running when a signal lands."""
     path = write_spec(tmp_path, tiny_spec("killed", num_samples=3, final={"seeds": [1]}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen(  # started with a --set, which the resume must reuse unasked
-        [sys.executable, "-m", "segsweep.cli", "sweep", str(path), "--set", f"train.steps={steps}"],
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    finished: dict[str, int] = {}
+    env: dict[str, str] = {}
+
+    # 1. killed before any trial has ended
+    kids, _, _ = _drive_until(
+        tmp_path, path, lambda k: k and not any(r.info.status == "FINISHED" for r in k), "SIGKILL", False, env
     )
-    deadline = time.time() + 600
-    while time.time() < deadline and driver.poll() is None:
-        kids = _children_now(uri, "killed")
-        if moment(kids):
-            break
-        time.sleep(0.3)
-    assert driver.poll() is None, "the sweep ended before the moment to stop it"
-    if how == "SIGKILL":
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    elif how == "SIGTERM":
-        driver.send_signal(signal.SIGTERM)  # e.g. a job scheduler's polite stop
-    else:
-        os.killpg(driver.pid, signal.SIGINT)  # Ctrl+C: the whole foreground process group
-    driver.wait(timeout=120)
-    return path, uri, _children_now(uri, "killed"), driver
+    assert kids and not _finished(kids)
+    # 2. killed with some trials done and others running
+    kids, _, out = _drive_until(tmp_path, path, lambda k: len(_finished(k)) >= 2, "SIGKILL", True, env)
+    assert "note: resuming with the --set it was started with: train.steps=30" in out
+    assert len(_finished(kids)) >= 2
+    finished.update(_finished(kids))
+    # The Optuna database is moved and named by SEGSWEEP_OPTUNA_STORAGE (as a changed password
+    # would be): the resumed search must use it, not the storage Ray pickled when it started.
+    old = tmp_path / "sweeps/killed/optuna.db"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for part in old.parent.glob("optuna.db*"):  # with its journal, if the kill left one
+        part.rename(moved / part.name)
+    env["SEGSWEEP_OPTUNA_STORAGE"] = storage = f"sqlite:///{moved / 'optuna.db'}"
 
+    # 3. Ctrl+C with a search trial running
+    seen, done = kids, len(finished)
+    kids, driver, out = _drive_until(
+        tmp_path,
+        path,
+        lambda k: len(_finished(k)) > done and _running_new(k, seen, "search"),
+        "SIGINT",
+        True,
+        env,
+    )
+    assert driver.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "interrupted; continue it with --resume" in out, out[-3000:]
+    parent, after = children(uri, "killed")
+    assert parent.info.status == "KILLED"
+    assert not [k for k in after if k.info.status == "RUNNING"]
+    cut = [k for k in after if k.data.tags.get("segsweep.status") == "interrupted"]
+    assert cut and all(k.info.status == "KILLED" for k in cut)
+    finished.update(_finished(kids))
 
-def _resume_and_count(
-    path: Path, uri: str, before: list, tmp_path: Path, steps: int = 10, env: dict | None = None
-) -> None:
-    """--resume completes the sweep: every trial once, none re-run, none left RUNNING."""
-    finished_before = {k.info.run_id: k.info.end_time for k in before if k.info.status == "FINISHED"}
+    # 4. killed while the final runs run
+    seen = kids
+    kids, _, _ = _drive_until(tmp_path, path, lambda k: _running_new(k, seen, "final"), "SIGKILL", True, env)
+    finished.update(_finished(kids))
+
+    # the last resume completes the sweep
     proc = segsweep("sweep", str(path), "--resume", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"note: resuming with the --set it was started with: train.steps={steps}" in proc.stdout
     parent, kids = children(uri, "killed")
     assert parent.info.status == "FINISHED"
     search = [k for k in kids if k.data.tags["segsweep.phase"] == "search"]
@@ -338,57 +402,15 @@ def _resume_and_count(
     assert len(search) == 2 + 2 * 3 and len(final) == 4  # every trial exactly once ...
     assert len({k.data.tags["segsweep.run_key"] for k in kids}) == len(kids)  # ... no duplicate
     assert all(k.info.status == "FINISHED" for k in kids)  # ... none left RUNNING
-    assert {k.data.params["train.steps"] for k in kids} == {str(steps)}  # ... as the sweep was started
+    assert {k.data.params["train.steps"] for k in kids} == {"30"}  # ... as the sweep was started
     assert {k.data.tags["segsweep.status"] for k in kids} <= {"finished", "stopped_early"}
-    after = {k.info.run_id: k.info.end_time for k in kids}
-    for run_id, end in finished_before.items():  # finished trials were not run again
-        assert after[run_id] == end
+    end_times = {k.info.run_id: k.info.end_time for k in kids}
+    assert {run: end_times[run] for run in finished} == finished  # finished trials not run again
     assert parent.data.metrics["trials/finished"] + parent.data.metrics.get("trials/stopped_early", 0) == 12
-
-
-@pytest.mark.parametrize("moment", list(KILL_WHEN))
-def test_resume_after_the_driver_is_killed(cache_dir: Path, tmp_path: Path, moment: str) -> None:
-    path, uri, before, _ = _start_then_signal(tmp_path, KILL_WHEN[moment], "SIGKILL")
-    assert KILL_WHEN[moment](before) or moment == "mid_sweep"
-    if moment != "mid_sweep":
-        _resume_and_count(path, uri, before, tmp_path)
-        return
-    # Mid-sweep, the Optuna database is moved and named by SEGSWEEP_OPTUNA_STORAGE (as a
-    # changed password would be): the resumed search must use it, not the storage Ray pickled
-    # when the sweep started.
-    old = tmp_path / "sweeps/killed/optuna.db"
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    for part in old.parent.glob("optuna.db*"):  # with its journal, if the kill left one
-        part.rename(moved / part.name)
-    storage = f"sqlite:///{moved / 'optuna.db'}"
-    _resume_and_count(path, uri, before, tmp_path, env={"SEGSWEEP_OPTUNA_STORAGE": storage})
+    # the moved Optuna database holds every searched cell's samples; the old one came not back
     assert not old.exists()
     from segsweep.sweep.studies import counts
 
     studies = counts(storage)
     assert len(studies) == 2 and all(n >= 3 for n in studies.values()), studies  # num_samples each
     assert stat.S_IMODE((tmp_path / "sweeps/killed/ray").stat().st_mode) == 0o700  # Ray's pickles
-
-
-def _mid_sweep_with_a_trial_running(kids: list) -> bool:
-    return KILL_WHEN["mid_sweep"](kids) and any(k.info.status == "RUNNING" for k in kids)
-
-
-def test_an_interrupted_sweep_says_so_and_resumes(cache_dir: Path, tmp_path: Path) -> None:
-    """Ctrl+C (SIGINT to the whole process group, Ray's processes included): exit 130 with one
-    line, running trials end KILLED (not "stopped early", which would count them as done), and
-    --resume runs them again. SIGTERM reaches the same handler (tests/test_sweep_live.py)."""
-    how = "SIGINT"
-    # Trials of 30 steps (about 5 s): one seen running must still be running when the signal
-    # lands, else no run is left to mark as cut short (10 steps last about 1.5 s).
-    path, uri, before, driver = _start_then_signal(tmp_path, _mid_sweep_with_a_trial_running, how, steps=30)
-    out = (tmp_path / "driver.log").read_text()
-    assert driver.returncode == 130, out[-3000:]
-    assert "Traceback" not in out and "interrupted; continue it with --resume" in out, out[-3000:]
-    parent, kids = children(uri, "killed")
-    assert parent.info.status == "KILLED"
-    assert not [k for k in kids if k.info.status == "RUNNING"]
-    cut = [k for k in kids if k.data.tags.get("segsweep.status") == "interrupted"]
-    assert cut and all(k.info.status == "KILLED" for k in cut)
-    _resume_and_count(path, uri, before, tmp_path, steps=30)

@@ -75,12 +75,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for note in plan.notes:
         print(f"note: {note}", flush=True)
     if args.dry_run:
+        from segsweep.data import DataCache
         from segsweep.sweep.dry_run import check_trials, describe_plan
         from segsweep.sweep.state import resumable_state, resume_progress
 
         state = resumable_state(plan, Path(args.dir), args.resume)  # what the sweep would refuse
-        notes = check_trials(plan, on_cluster=bool(args.ray_address or plan.spec.ray.address), download=False)
-        print("\n".join(describe_plan(plan)))
+        data = DataCache()  # each dataset and split read once, for both
+        on_cluster = bool(args.ray_address or plan.spec.ray.address)
+        notes = check_trials(plan, on_cluster=on_cluster, download=False, data=data)
+        print("\n".join(describe_plan(plan, data)))
         for note in notes:
             print(f"note: {note}")
         if state is not None:

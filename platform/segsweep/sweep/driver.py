@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segsweep.data import DataCache
 from segsweep.errors import ConfigError, redact
 from segsweep.files import new_folder, only_writer, require_writable_file, write_atomic
 from segsweep.sweep import ray_tune
@@ -72,6 +73,8 @@ class _Sweep:
     resume: bool
     echo: Callable[[str], None]
     concurrency: int = 1
+    #: The datasets and splits the checks before starting read, for ASHA's horizons.
+    data: DataCache = field(default_factory=DataCache)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -92,7 +95,8 @@ def _run_sweep(
     key_prefix = f"{spec.name}@{instance}"
 
     address = ray_address or spec.ray.address
-    storage_url = _check_before_starting(plan, sweep_dir, address, named_by_flag=bool(ray_address))
+    data = DataCache()
+    storage_url = _check_before_starting(plan, sweep_dir, address, bool(ray_address), data)
     uri = resolve_uri(plan.tracking_uri)
     clock = time.perf_counter()
     ray_tune.ray_init(address, plan)
@@ -111,7 +115,7 @@ def _run_sweep(
         str(sweep_dir),
         key_prefix,
     )
-    sweep = _Sweep(plan, sweep_dir, ctx, parent, storage_url, resume, echo, seconds=seconds)
+    sweep = _Sweep(plan, sweep_dir, ctx, parent, storage_url, resume, echo, data=data, seconds=seconds)
     _prepare_ray_storage(sweep)
     search = CellSearch(
         plan.cells, {c.id: plan.samples(c) for c in plan.cells}, storage_url, key_prefix, spec.early_stop.mode
@@ -134,7 +138,9 @@ def _run_sweep(
     )
 
 
-def _check_before_starting(plan: Plan, sweep_dir: Path, address: str | None, named_by_flag: bool) -> str:
+def _check_before_starting(
+    plan: Plan, sweep_dir: Path, address: str | None, named_by_flag: bool, data: DataCache
+) -> str:
     """Where the sweep writes, its stores, the Ray head and every trial's dataset and model,
     checked before Ray starts; the Optuna storage it uses."""
     from segsweep.sweep.dry_run import check_trials
@@ -142,7 +148,7 @@ def _check_before_starting(plan: Plan, sweep_dir: Path, address: str | None, nam
     require_writable_file(sweep_dir / "spec.yaml", "--dir")
     existing_store(plan.tracking_uri, must_exist=False, what=plan.tracking_origin)
     ray_tune.await_ray_head(address, named="--ray-address" if named_by_flag else "ray.address")
-    check_trials(plan, on_cluster=bool(address))
+    check_trials(plan, on_cluster=bool(address), data=data)
     own_storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
     storage_url = plan.spec.optuna_storage or os.environ.get("SEGSWEEP_OPTUNA_STORAGE") or own_storage
     if storage_url != own_storage:  # a database of its own: reachable before anything starts
@@ -212,7 +218,7 @@ def _search(sweep: _Sweep, search: CellSearch) -> None:
     """The search phase: every cell's trials, stopped early by per-cell ASHA."""
     plan, es = sweep.plan, sweep.plan.spec.early_stop
     scheduler = ray_tune.CellScheduler(
-        {c.id: planned_steps(run_config_of(c, {})) for c in plan.cells},
+        {c.id: planned_steps(run_config_of(c, {}), sweep.data) for c in plan.cells},
         es.metric,
         es.mode,
         es.grace_period,

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 
+from segsweep.data import DataCache
 from segsweep.errors import redact
 from segsweep.sweep.spec import Plan, run_config_of
 from segsweep.training.budget import planned_steps
 
 
-def check_trials(plan: Plan, on_cluster: bool = False, download: bool = True) -> list[str]:
-    """Build every distinct dataset and model of the plan once, before anything is started
-    or written: a broken dataset or model is one line now, not a failed trial later.
+def check_trials(
+    plan: Plan, on_cluster: bool = False, download: bool = True, data: DataCache | None = None
+) -> list[str]:
+    """Build every distinct dataset and model of the plan once (the datasets through
+    ``data``, which the caller may keep), before anything is started or written: a broken
+    dataset or model is one line now, not a failed trial later.
 
     On a cluster the trials run on the workers: the driver may have no GPU of its own, so it
     builds the models on its CPU (a worker still checks its device when its trial starts).
@@ -20,6 +24,7 @@ def check_trials(plan: Plan, on_cluster: bool = False, download: bool = True) ->
     without them, and the notes returned name the encoders a run will fetch."""
     from segsweep.training.runner import prepare
 
+    data = data if data is not None else DataCache()
     on_driver = {"train.device": "cpu"} if on_cluster else {}
     seen: set[str] = set()
     pretrained: set[str] = set()
@@ -31,7 +36,7 @@ def check_trials(plan: Plan, on_cluster: bool = False, download: bool = True) ->
         key = json.dumps([cfg.data.model_dump(mode="json"), cfg.model.model_dump(mode="json"), cfg.method])
         if key not in seen:
             seen.add(key)
-            prepare(cfg)
+            prepare(cfg, data=data.checked(cfg.data))
     if not pretrained:
         return []
     return [
@@ -41,7 +46,7 @@ def check_trials(plan: Plan, on_cluster: bool = False, download: bool = True) ->
     ]
 
 
-def describe_plan(plan: Plan) -> list[str]:
+def describe_plan(plan: Plan, data: DataCache | None = None) -> list[str]:
     """What a sweep would run, cell by cell (``segsweep sweep --dry-run``): trials and steps
     (``train.epochs`` counted over the cell's split), the published point the curve will set
     it beside, and what a trial costs on a GPU where that was measured."""
@@ -58,7 +63,7 @@ def describe_plan(plan: Plan) -> list[str]:
     total, trials, published = 0, [], False
     for cell in plan.cells:
         cfg = run_config_of(cell, {})
-        steps = planned_steps(cfg)
+        steps = planned_steps(cfg, data)
         total += plan.samples(cell) * steps
         epochs = f" ({cfg.train.epochs:g} epochs)" if cfg.train.epochs is not None else ""
         point = published_point(cfg)

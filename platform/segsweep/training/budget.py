@@ -12,8 +12,12 @@ against, so a cell compares methods at one budget).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from segsweep.config import RunConfig
+
+if TYPE_CHECKING:
+    from segsweep.data import DataCache
 
 
 def epoch_steps(cfg: RunConfig, n_labeled: int, n_unlabeled: int) -> int:
@@ -37,12 +41,13 @@ def resolved(cfg: RunConfig, n_labeled: int, n_unlabeled: int) -> RunConfig:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps, "epochs": None})})
 
 
-def planned_steps(cfg: RunConfig) -> int:
+def planned_steps(cfg: RunConfig, data: DataCache | None = None) -> int:
     """The steps a run of ``cfg`` will train: ``train.steps``, or its epochs over its split
-    (read from the dataset's lists: what ``--dry-run`` prints and ASHA's horizon)."""
+    (read from the dataset's lists, through ``data`` where given: what ``--dry-run`` prints
+    and ASHA's horizon)."""
     if cfg.train.epochs is None:
         return cfg.train.steps
-    from segsweep.data import build_data
+    from segsweep.data import DataCache
 
-    split = build_data(cfg.data).split
+    split = (data or DataCache()).build(cfg.data).split
     return epoch_steps(cfg, len(split.labeled), len(split.unlabeled))

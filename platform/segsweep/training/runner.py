@@ -34,16 +34,18 @@ class Prepared:
     trainer: Trainer
 
 
-def prepare(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> Prepared:
-    """Load data and build the model: raises UserError for any bad input, creates nothing."""
-    data = build_data(cfg.data)
+def prepare(cfg: RunConfig, echo: Callable[[str], None] | None = None, data: Data | None = None) -> Prepared:
+    """Load data and build the model: raises UserError for any bad input, creates nothing.
+    ``data``: ``cfg.data`` already built and its files checked (``DataCache.checked``)."""
+    if data is None:
+        data = build_data(cfg.data)
+        # Every file the dataset or its split lists name must exist (cheap: one stat each);
+        # ``data.verify`` decodes them all too (``segsweep check-data`` does the same).
+        require_files(data)
+        if cfg.data.verify:
+            require_valid(data)
     # ``train.epochs`` becomes ``train.steps`` now that the split is known (budget.py).
     cfg = resolved(cfg, len(data.split.labeled), len(data.split.unlabeled))
-    # Every file the dataset or its split lists name must exist (cheap: one stat each);
-    # ``data.verify`` decodes them all too (``segsweep check-data`` does the same).
-    require_files(data)
-    if cfg.data.verify:
-        require_valid(data)
     # Read one labeled image and one validation image now: a wrong root or an unreadable
     # file is reported before any run exists, not after minutes of set-up.
     if data.split.labeled:
