@@ -45,6 +45,26 @@ def tiny_tree(cache: Path, **over: object) -> dict:
     return tree
 
 
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """PostgreSQL, S3, the authenticated MLflow server and two Ray nodes on loopback
+    (tests/localcluster.py), shared by tests/test_cluster*.py; every process stopped after."""
+    from .localcluster import PG_BIN, LocalCluster
+
+    if not (PG_BIN / "postgres").exists():
+        pytest.fail("PostgreSQL is missing: `make test-cluster` installs Debian's postgresql package")
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.start_postgres()
+        c.start_s3()
+        c.start_mlflow()
+        c.start_ray()
+        yield c
+    finally:
+        c.stop()
+        assert c.alive() == []
+
+
 @pytest.fixture
 def tiny(cache_dir: Path, tmp_path: Path):
     """Factory: tiny(**{"train.steps": 6}) -> validated RunConfig writing under tmp_path."""

@@ -1,10 +1,11 @@
 """The deployment topology without Docker: PostgreSQL, an authenticated MLflow server and a
-two-node Ray cluster on loopback, and a sweep submitted to them with --ray-address and
---tracking-uri. Run by `make test-cluster` and by CI."""
+two-node Ray cluster on loopback (the ``cluster`` fixture), its authentication, a tracking
+server restart and a password in a tracking URI. The sweeps submitted to it with --ray-address
+and --tracking-uri, and the faults they survive, are in test_cluster_faults.py. Run by
+`make test-cluster` and by CI."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import urllib.error
@@ -15,24 +16,9 @@ import pytest
 import yaml
 
 from .helpers import tiny_spec
-from .localcluster import PG_BIN, LocalCluster
+from .localcluster import LocalCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    if not (PG_BIN / "postgres").exists():
-        pytest.fail("PostgreSQL is missing: `make test-cluster` installs Debian's postgresql package")
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        c.start_postgres()
-        c.start_mlflow()
-        c.start_ray()
-        yield c
-    finally:
-        c.stop()
-        assert c.alive() == []
 
 
 def spec(name: str) -> dict:
@@ -41,67 +27,6 @@ def spec(name: str) -> dict:
     tree["base"]["train"]["steps"] = 4
     del tree["early_stop"], tree["max_failures"]
     return tree
-
-
-def test_a_sweep_on_the_cluster_lands_in_the_server_and_postgres(
-    cluster: LocalCluster, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "cluster.yaml"
-    path.write_text(yaml.safe_dump(spec("cluster")))
-    env = cluster.env(SEGSWEEP_OPTUNA_STORAGE=cluster.optuna_storage, SEGSWEEP_CACHE=str(cache_dir))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "segsweep.cli",
-            "sweep",
-            str(path),
-            "--ray-address",
-            cluster.ray_address,
-            "--tracking-uri",
-            cluster.tracking_uri,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert cluster.admin_password not in proc.stdout + proc.stderr  # credentials are never printed
-
-    from mlflow.tracking import MlflowClient
-
-    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # this test's, not later ones'
-        monkeypatch.setenv(key, env[key])
-    client = MlflowClient(cluster.tracking_uri)
-    exp = client.get_experiment_by_name("cluster")
-    runs = client.search_runs([exp.experiment_id])
-    [parent] = [r for r in runs if r.data.tags.get("segsweep.kind") == "sweep"]
-    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and len(kids) == 2 + 2 * 2
-    for k in kids:
-        assert k.info.status == "FINISHED" and "val/mIoU" in k.data.metrics and "train/loss" in k.data.metrics
-        assert not any(cluster.admin_password in v for v in k.data.params.values())
-        files = {f.path for f in client.list_artifacts(k.info.run_id)}
-        assert {"config.yaml", "checkpoints"} <= files, files
-        steps = [m.step for m in client.get_metric_history(k.info.run_id, "val/mIoU")]
-        assert sorted(steps) == [2, 4]
-    fixmatch = [k for k in kids if k.data.params["method"] == "fixmatch"]
-    assert all(
-        any(f.path.startswith("images/") for f in client.list_artifacts(k.info.run_id, "images"))
-        for k in fixmatch
-    )
-    # the trials ran on both Ray nodes
-    assert len({k.data.tags["ray.node_id"] for k in kids}) == 2
-    # the Optuna studies live in PostgreSQL, one per searched cell, with their trials
-    from segsweep.sweep.studies import counts
-
-    prefix = "cluster@" + json.loads((tmp_path / "sweeps/cluster/sweep.json").read_text())["instance"]
-    assert counts(cluster.optuna_storage) == {
-        f"{prefix}:method=fixmatch,ratio=0.25,seed=0": 2,
-        f"{prefix}:method=fixmatch,ratio=0.5,seed=0": 2,
-    }
 
 
 def test_the_mlflow_server_refuses_unauthenticated_requests(cluster: LocalCluster) -> None:

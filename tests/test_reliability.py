@@ -895,3 +895,23 @@ def test_status_codes_count_only_as_whole_numbers_never_inside_a_run_id() -> Non
     assert is_transient(Exception("API request failed with error code 504 != 200"))
     assert is_transient(Exception("HTTPError: 503 Server Error: Service Unavailable"))
     assert not is_transient(Exception("API request failed with error code 403 != 200: connection ok"))
+
+
+def test_a_refusal_from_a_server_that_took_our_login_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's basic-auth app answers 401 to every request while its database restarts: from
+    a server this process (or its sweep's driver) has used, that is retried; from any other
+    it is a wrong login, said at once."""
+    from segsweep.tracking import retries
+
+    monkeypatch.setattr(retries, "AUTHENTICATED", set())
+    refused = Exception(
+        "401 Client Error: Unauthorized for url: http://127.0.0.1:5000/api/2.0/mlflow-artifacts/artifacts/1/x"
+    )
+    elsewhere = Exception(
+        "401 Client Error: Unauthorized for url: http://127.0.0.1:5001/api/2.0/mlflow/runs/get"
+    )
+    assert not retries.is_transient(refused)
+    retries.authenticated("http://admin:secret@127.0.0.1:5000")  # the login worked there
+    assert retries.is_transient(refused) and not retries.is_transient(elsewhere)
+    retries.authenticated("sqlite:///mlflow.db")  # not a server: nothing remembered
+    assert retries.AUTHENTICATED == {"http://127.0.0.1:5000"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -611,3 +612,50 @@ def test_a_dotted_key_through_a_value_is_one_line_naming_where_it_came_from() ->
     assert got["data"]["augment"]["scale"] is not values["data.augment.scale"]  # no list shared with the spec
     set_dotted(tree, "train.lr", 0.1)
     assert tree == {"train": {"steps": 3, "lr": 0.1}}
+
+
+def test_a_study_rides_out_its_database_not_answering_and_writes_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A study call whose database drops the connection (a PostgreSQL restart) is made again
+    until it answers, said once on stderr; a refused statement is not retried; a tell whose
+    first attempt landed before the connection dropped is not told twice."""
+    import sqlalchemy.exc as sa
+
+    from segsweep.sweep import studies
+    from segsweep.sweep.spec import SearchParam
+
+    space = {"fixmatch.conf_threshold": SearchParam(type="float", low=0.5, high=0.95)}
+    study = studies.CellStudy(f"sqlite:///{tmp_path / 'o.db'}", "s:cell", space, "max", 0)
+    real_ask, real_tell = study.study.ask, study.study.tell
+    drops = iter([True, True, False])
+
+    def flaky_ask(*args: object, **kwargs: object) -> object:
+        if next(drops):
+            raise sa.OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+        return real_ask(*args, **kwargs)
+
+    monkeypatch.setattr(study.study, "ask", flaky_ask)
+    monkeypatch.setattr(studies, "poll", functools.partial(studies.poll, max_delay_s=0.01))
+    number, params = study.ask()
+    assert number == 0 and 0.5 <= params["fixmatch.conf_threshold"] <= 0.95
+    assert capsys.readouterr().err.count("note: the Optuna storage does not answer") == 1
+
+    told = []
+
+    def tell_then_drop(*args: object, **kwargs: object) -> object:
+        told.append(args)
+        if len(told) == 1:  # written, and the connection lost before the answer came back
+            real_tell(*args, **kwargs)
+            raise sa.OperationalError("COMMIT", {}, Exception("connection reset by peer"))
+        return real_tell(*args, **kwargs)
+
+    monkeypatch.setattr(study.study, "tell", tell_then_drop)
+    study.tell(number, "complete", 0.5)
+    assert len(told) == 1 and len(study.study.trials) == 1 and study.study.trials[0].value == 0.5
+
+    monkeypatch.setattr(
+        study.study, "ask", lambda *a, **k: (_ for _ in ()).throw(sa.IntegrityError("x", {}, None))
+    )
+    with pytest.raises(sa.IntegrityError):
+        study.ask()  # refused: raised at once

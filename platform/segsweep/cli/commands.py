@@ -61,6 +61,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 # segsweep sweep
 
 
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this sweep where it stopped (said if its Ray head is lost)."""
+    from segsweep.sweep.head_watch import resume_command
+
+    again = ["sweep", args.spec, *(["--dir", args.dir] if args.dir != "sweeps" else [])]
+    for flag, value in (("--ray-address", args.ray_address), ("--tracking-uri", args.tracking_uri)):
+        again += [flag, value] if value else []
+    return resume_command(again)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from segsweep.sweep.driver import run_sweep
     from segsweep.sweep.spec import plan_sweep
@@ -92,7 +102,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
 
     result = run_sweep(
-        plan, Path(args.dir), resume=args.resume, ray_address=args.ray_address, echo=echo_of(False)
+        plan,
+        Path(args.dir),
+        resume=args.resume,
+        ray_address=args.ray_address,
+        echo=echo_of(False),
+        continue_with=_resume_command(args),
     )
     uri = redact(result.tracking_uri)  # never print a password that came inside the URI
     print(

@@ -21,6 +21,7 @@ from segsweep.data import DataCache
 from segsweep.errors import ConfigError, redact
 from segsweep.files import new_folder, only_writer, require_writable_file, write_atomic
 from segsweep.sweep import ray_tune
+from segsweep.sweep.head_watch import watch_head
 from segsweep.sweep.interrupt import INTERRUPT, SweepInterrupted, signals_caught
 from segsweep.sweep.live import LiveView
 from segsweep.sweep.reconcile import close_orphans, mark_interrupted
@@ -55,10 +56,12 @@ def run_sweep(
     resume: bool = False,
     ray_address: str | None = None,
     echo: Callable[[str], None] = print,
+    continue_with: str = "segsweep sweep SPEC --resume",
 ) -> SweepResult:
-    """Run (or ``resume``) the sweep of ``plan`` in ``sweep_root/<name>``: one driver at a time."""
+    """Run (or ``resume``) the sweep of ``plan`` in ``sweep_root/<name>``: one driver at a time.
+    On a cluster whose head is lost, the driver ends in one line naming ``continue_with``."""
     with only_writer(sweep_root / plan.spec.name, "sweep folder"):
-        return _run_sweep(plan, sweep_root, resume, ray_address, echo)
+        return _run_sweep(plan, sweep_root, resume, ray_address, echo, continue_with)
 
 
 @dataclass
@@ -84,7 +87,12 @@ class _Sweep:
 
 
 def _run_sweep(
-    plan: Plan, sweep_root: Path, resume: bool, ray_address: str | None, echo: Callable[[str], None]
+    plan: Plan,
+    sweep_root: Path,
+    resume: bool,
+    ray_address: str | None,
+    echo: Callable[[str], None],
+    continue_with: str,
 ) -> SweepResult:
     spec = plan.spec
     sweep_dir = (sweep_root / spec.name).resolve()
@@ -120,6 +128,8 @@ def _run_sweep(
     search = CellSearch(
         plan.cells, {c.id: plan.samples(c) for c in plan.cells}, storage_url, key_prefix, spec.early_stop.mode
     )
+    # On a cluster, a lost head ends the driver in one line (head_watch.py).
+    watch = watch_head(address, continue_with) if address else None
     try:
         with signals_caught():  # Ctrl+C and SIGTERM stop the sweep gracefully
             _search(sweep, search)
@@ -128,6 +138,9 @@ def _run_sweep(
     except KeyboardInterrupt:
         parent.finish("KILLED", "killed")
         raise SweepInterrupted(spec.name) from None
+    finally:
+        if watch is not None:
+            watch.set()
 
     close_orphans(parent, sweep.outcomes, echo)
     best = best_per_cell(sweep.outcomes, spec.early_stop.mode)
@@ -198,6 +211,8 @@ def _prepare_ray_storage(sweep: _Sweep) -> None:
     """Ray's folder and settings; the header line."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume loses at most ~2 s of scheduling
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our live view instead of Ray's tables
+    # A failed trial is one line of ours (its traceback stays in Ray's trial folder, error.txt).
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     # Reports of pipeline stages before the main one carry no tuning metric yet.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Ray pickles the searcher, the schedulers and the trials' configs in here (tuner.pkl,

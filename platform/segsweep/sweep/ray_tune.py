@@ -211,6 +211,18 @@ class CellScheduler(FIFOScheduler):
 CALLBACK_RETRY_S = 10.0
 
 
+#: Ray's words (its error types, or what its error.txt keeps of them) for a trial whose
+#: worker process or node went away mid-trial.
+WORKER_LOST = (
+    "ActorUnavailableError",
+    "ActorDiedError",
+    "NodeDiedError",
+    "WorkerCrashedError",
+    "The actor is temporarily unavailable",
+    "The actor died unexpectedly",
+)
+
+
 def error_line(trial: Any) -> str:
     """The last line of a failed trial's error, without a URI's password."""
     try:
@@ -219,6 +231,8 @@ def error_line(trial: Any) -> str:
         text = ""
     lines = [ln for ln in (text or "").splitlines() if ln.strip()]
     last = redact(lines[-1] if lines else "error")  # shown on the terminal: no URI password
+    if any(lost in last for lost in WORKER_LOST):
+        return "its Ray worker was lost (its node down, the worker killed or out of memory)"
     return last.split("Error: ", 1)[-1][:200] if "Error: " in last else last[:200]
 
 

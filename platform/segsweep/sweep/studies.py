@@ -8,9 +8,12 @@ trials of every cell in turn (the scheduler's searcher in ``ray_tune.py`` wraps 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import optuna
 from optuna.distributions import (
@@ -21,11 +24,64 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
-from segsweep.errors import first_line
+from segsweep.errors import UserError, first_line, redact
 from segsweep.sweep.spec import Cell, SearchParam
 from segsweep.sweep.trial import TrialOrder
+from segsweep.waiting import poll
 
 optuna.logging.set_verbosity(logging.WARNING)
+
+#: Seconds a study call rides out its database not answering (a PostgreSQL restart, SQLite's
+#: writer lock), as the tracker does its store's; then the sweep fails in one line.
+STORAGE_RETRY_S = 120.0
+
+T = TypeVar("T")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The database did not answer or dropped the connection (worth retrying), as opposed to a
+    refused statement. Optuna wraps a failed commit in StorageInternalError."""
+    import sqlalchemy.exc as sa
+
+    cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+    return isinstance(cause, sa.OperationalError | sa.InterfaceError | sa.DisconnectionError) or (
+        isinstance(cause, sa.DBAPIError) and cause.connection_invalidated
+    )
+
+
+def riding_out_outages(method: Callable[..., T]) -> Callable[..., T]:
+    """``method`` of a study, called again while its database does not answer, up to
+    ``STORAGE_RETRY_S``; said once on stderr. Each call reads the study's state afresh, so a
+    retry after a write that did land is not a second write (``tell`` checks first)."""
+
+    @functools.wraps(method)
+    def call(self: CellStudy, *args: Any, **kwargs: Any) -> T:
+        result: list[T] = []
+
+        def attempt() -> str | None:
+            try:
+                result.append(method(self, *args, **kwargs))
+            except Exception as exc:
+                if not _unreachable(exc):
+                    raise
+                return redact(first_line(getattr(exc.__cause__, "orig", None) or exc.__cause__ or exc))
+            return None
+
+        def note(reason: str, _: float, waits: int) -> None:
+            if waits == 0:
+                print(
+                    f"note: the Optuna storage does not answer ({reason}); retrying for up to {STORAGE_RETRY_S:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        reason = poll(attempt, STORAGE_RETRY_S, delay_s=0.5, on_wait=note)
+        if reason is not None:
+            raise UserError(f"optuna_storage: no answer for {STORAGE_RETRY_S:.0f}s ({reason})")
+        return result[0]
+
+    return call
+
 
 STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "fail": TrialState.FAIL}
 
@@ -47,18 +103,24 @@ class CellStudy:
         sampler = optuna.samplers.TPESampler(
             seed=seed, multivariate=True, constant_liar=True, n_startup_trials=min(5, max(1, len(space) * 2))
         )
+        self._open(storage, sampler, mode)
+
+    @riding_out_outages
+    def _open(self, storage: str, sampler: optuna.samplers.BaseSampler, mode: str) -> None:
         self.study = optuna.create_study(
             storage=storage,
-            study_name=name,
+            study_name=self.name,
             load_if_exists=True,
             sampler=sampler,
             direction="maximize" if mode == "max" else "minimize",
         )
 
+    @riding_out_outages
     def ask(self) -> tuple[int, dict[str, Any]]:
         trial = self.study.ask(self.space)
         return trial.number, dict(trial.params)
 
+    @riding_out_outages
     def report(self, number: int, value: float, step: int) -> None:
         """An intermediate value (TPE ranks pruned trials by how far they got)."""
         trial = self._trial(number)
@@ -68,6 +130,7 @@ class CellStudy:
             except (RuntimeError, ValueError):
                 pass  # already finished, or this step was reported before a retry
 
+    @riding_out_outages
     def tell(self, number: int, state: str, value: float | None = None) -> None:
         trial = self._frozen(number)
         if trial is None or trial.state.is_finished():
@@ -77,12 +140,14 @@ class CellStudy:
         else:
             self.study.tell(number, state=STATES[state])
 
+    @riding_out_outages
     def fail_orphans(self, known: set[int]) -> None:
         """Trials asked for but never handed to Ray (the driver died in between): FAIL them."""
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.number not in known:
                 self.study.tell(t.number, state=TrialState.FAIL)
 
+    @riding_out_outages
     def best(self) -> tuple[int, dict[str, Any], float] | None:
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not done:
@@ -91,6 +156,7 @@ class CellStudy:
         best = max(done, key=lambda t: sign * float(t.value))
         return best.number, dict(best.params), float(best.value)
 
+    @riding_out_outages
     def importances(self) -> dict[str, float]:
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if len(self.space) < 2 or len(done) < 3:

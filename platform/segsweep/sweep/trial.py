@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from segsweep.sweep.spec import Cell, run_config_of, trial_run_name
+from segsweep.tracking.retries import authenticated
 from segsweep.tracking.store import finished_run
 from segsweep.tracking.tags import TAG_CELL, TAG_PHASE
 
@@ -201,6 +202,7 @@ def run_trial(order: TrialOrder, ctx: SweepContext, session: TrialSession) -> No
     cell = ctx.cells[order.cell]
     cfg = run_config_of(cell, order.params, order.seed)
     cfg.tracking.uri = ctx.tracking_uri  # never the trial folder's own store
+    authenticated(ctx.tracking_uri)  # the driver's login worked there: a 401 now is a hiccup
     cfg.train.device = trial_device(cfg.train.device, session.gpu_ids())
     key = order.key(ctx.key_prefix)
     run_dir = Path(ctx.sweep_dir) / "trials" / key.split("/", 1)[1]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from segsweep.errors import first_line, redact
-from segsweep.tracking.retries import TrackingError, await_server, with_retries
+from segsweep.tracking.retries import TrackingError, authenticated, await_server, with_retries
 from segsweep.tracking.store import client_for, end_run, ensure_experiment, runs_tagged, tag_run
 from segsweep.tracking.tags import ENDING_TAGS, TAG_ERROR, TAG_KEY, TAG_PARENT, TAG_RESUMED_WITH, TAG_STATUS
 from segsweep.tracking.uris import resolve_uri, safe_params, safe_tags
@@ -134,6 +134,7 @@ class RunTracker:
             "create experiment",
             retry_budget_s,
         )
+        authenticated(self.uri)  # a refusal from here on is its auth database, not our login
         #: Per metric, the last step an earlier attempt of this run logged (read when needed).
         self._logged_through: dict[str, int] = {}
         self.steps_once = steps_once

@@ -51,13 +51,35 @@ TRANSIENT_STATUS = re.compile(r"\b50[0234]\b")
 REFUSED_STATUS = re.compile(r"\b40[13]\b")
 
 
+#: Servers (``scheme://host:port``) known to take this process's credentials: the sweep's
+#: server once its driver used it, any server once a run was opened there. A 401 or 403 from one
+#: of them is its auth database not answering (MLflow's basic-auth app refuses every request
+#: while PostgreSQL restarts), retried like a 503; from any other server it is a wrong login.
+AUTHENTICATED: set[str] = set()
+
+
+def origin(uri: str) -> str:
+    """``scheme://host:port`` of an http(s) URI, without its user and password."""
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}".lower()
+
+
+def authenticated(uri: str) -> None:
+    """Remember that ``uri``'s server took this process's credentials (see ``AUTHENTICATED``)."""
+    if uri.startswith(("http://", "https://")):
+        AUTHENTICATED.add(origin(uri))
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: a server restarting, a network hiccup, SQLite's writer lock. A local
-    file error (permissions, not a directory, disk full) or a rejected request is not."""
+    """Worth retrying: a server restarting, a network hiccup, SQLite's writer lock, a server
+    that took our login before refusing it now. A local file error (permissions, not a
+    directory, disk full) or a rejected request is not."""
     if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
         return False
     text = f"{type(exc).__name__}: {exc}".lower()
-    if "resource_already_exists" in text or "invalid_parameter" in text or REFUSED_STATUS.search(text):
+    if REFUSED_STATUS.search(text):
+        return any(f"{server}/" in text for server in AUTHENTICATED)
+    if "resource_already_exists" in text or "invalid_parameter" in text:
         return False
     return any(hint in text for hint in TRANSIENT_HINTS) or bool(TRANSIENT_STATUS.search(text))
 

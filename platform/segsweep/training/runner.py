@@ -162,9 +162,10 @@ def execute(
     try:
         if not tracker.resumed:
             tracker.log_params(params)
-            tracker.log_text(dump_yaml(cfg), "config.yaml")
         else:  # settings changed on resume are tagged (a param keeps its first value)
             tracker.log_resumed_params(params)
+        # Again on a resume: an attempt lost before it was written (its node gone) leaves none.
+        tracker.log_text(dump_yaml(cfg), "config.yaml")
         result = trainer.run(run_dir, tracker, reporter, resume_from, should_stop)
         tracker.log_metrics(
             {**result.metrics, "time/run_seconds": trainer.elapsed_seconds()}, cfg.train.steps
