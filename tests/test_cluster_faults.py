@@ -6,10 +6,12 @@ nothing is left running afterwards."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,30 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 #: Trials per fault sweep: supervised at two ratios, FixMatch at two ratios x 3 samples.
 TRIALS = 2 + 2 * 3
+
+#: Every sweep driver a test started: one a failed test left running is killed after it.
+DRIVERS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_driver_left() -> Iterator[None]:
+    """After each test: no sweep driver it started still running, and this process's Ctrl+C
+    handler and signal mask as they were, said and put back if not (a clean-clone run of
+    2026-12-06 found Ctrl+C no longer stopping two later tests' processes; a targeted run of
+    these tests found neither changed, so the cause is still open)."""
+    handler, mask = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    if signal.getsignal(signal.SIGINT) != handler or signal.pthread_sigmask(signal.SIG_BLOCK, []) != mask:
+        print(
+            f"note: SIGINT changed: {signal.getsignal(signal.SIGINT)}, mask {signal.pthread_sigmask(signal.SIG_BLOCK, [])}"
+        )
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    while DRIVERS:
+        driver = DRIVERS.pop()
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # its group: started with start_new_session
+            driver.wait(timeout=30)
 
 
 class ClusterSweep:
@@ -64,6 +90,7 @@ class ClusterSweep:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        DRIVERS.append(self.driver)
         return self.driver
 
     @property
