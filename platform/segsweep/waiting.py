@@ -8,6 +8,7 @@ for trials to close) are plain deadlines and stay where they are.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
@@ -36,3 +37,24 @@ def poll(
             on_wait(reason, delay, waits)
         time.sleep(delay)
         delay, waits = min(delay * 2, max_delay_s), waits + 1
+
+
+def said_once(line: Callable[[str], str]) -> Callable[[str, float, int], None]:
+    """An ``on_wait`` for ``poll`` that prints ``line(reason)`` on stderr at the first wait only."""
+
+    def note(reason: str, _: float, waits: int) -> None:
+        if waits == 0:
+            print(line(reason), file=sys.stderr, flush=True)
+
+    return note
+
+
+def unanswered(host: str, port: int, timeout_s: float) -> str | None:
+    """Why ``host:port`` takes no TCP connection now, or None when it does."""
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), port), timeout=timeout_s).close()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 
 from segsweep.errors import redact
+from segsweep.waiting import unanswered
 
 #: Seconds without an answer from the head before the sweep is ended: a head does not come
 #: back by itself (a new one has none of the old one's state), so a short grace is enough.
@@ -32,15 +32,6 @@ def resume_command(argv: list[str]) -> str:
     if "--resume" not in args:
         args.append("--resume")
     return shlex.join(["segsweep", *args])
-
-
-def unanswered(host: str, port: int) -> str | None:
-    """Why ``host:port`` takes no TCP connection now, or None when it does."""
-    try:
-        socket.create_connection((host, port), timeout=PROBE_EVERY_S).close()
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
-    return None
 
 
 def watch_head(
@@ -64,7 +55,7 @@ def watch_head(
     def run() -> None:
         silent_since = None
         while not stop.wait(PROBE_EVERY_S):
-            reason = unanswered(host.strip("[]"), int(port))
+            reason = unanswered(host, int(port), PROBE_EVERY_S)
             if reason is None:
                 silent_since = None
                 continue

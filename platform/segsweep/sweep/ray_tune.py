@@ -22,8 +22,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,7 @@ from segsweep.sweep.studies import CellSearch
 from segsweep.sweep.trial import Outcome, SweepContext, TrialOrder, ended_status, run_trial
 from segsweep.tracking.retries import with_retries
 from segsweep.tracking.tags import TAG_STOPPED_AT
-from segsweep.waiting import poll
+from segsweep.waiting import poll, said_once, unanswered
 
 #: Trial statuses that Ray keeps for trials that ended.
 ENDED = ("TERMINATED", "ERROR")
@@ -375,22 +373,10 @@ def await_ray_head(address: str | None, budget_s: float | None = None, named: st
     if not host or not port.isdigit():
         return
 
-    def listens() -> str | None:
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-        except OSError as exc:
-            return exc.strerror or type(exc).__name__
-        return None
-
-    def note(reason: str, _: float, waits: int) -> None:
-        if waits == 0:
-            print(
-                f"note: Ray head {address} does not answer ({reason}); waiting up to {budget_s:.0f}s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    reason = poll(listens, budget_s, on_wait=note)
+    note = said_once(
+        lambda reason: f"note: Ray head {address} does not answer ({reason}); waiting up to {budget_s:.0f}s"
+    )
+    reason = poll(lambda: unanswered(host, int(port), 5.0), budget_s, on_wait=note)
     if reason is not None:
         raise ConfigError(f"{named} {address}: nothing answers there within {budget_s:.0f}s ({reason})")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,7 +26,7 @@ from optuna.trial import TrialState
 from segsweep.errors import UserError, first_line, redact
 from segsweep.sweep.spec import Cell, SearchParam
 from segsweep.sweep.trial import TrialOrder
-from segsweep.waiting import poll
+from segsweep.waiting import poll, said_once
 
 optuna.logging.set_verbosity(logging.WARNING)
 
@@ -67,14 +66,11 @@ def riding_out_outages(method: Callable[..., T]) -> Callable[..., T]:
                 return redact(first_line(getattr(exc.__cause__, "orig", None) or exc.__cause__ or exc))
             return None
 
-        def note(reason: str, _: float, waits: int) -> None:
-            if waits == 0:
-                print(
-                    f"note: the Optuna storage does not answer ({reason}); retrying for up to {STORAGE_RETRY_S:.0f}s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
+        note = said_once(
+            lambda reason: (
+                f"note: the Optuna storage does not answer ({reason}); retrying for up to {STORAGE_RETRY_S:.0f}s"
+            )
+        )
         reason = poll(attempt, STORAGE_RETRY_S, delay_s=0.5, on_wait=note)
         if reason is not None:
             raise UserError(f"optuna_storage: no answer for {STORAGE_RETRY_S:.0f}s ({reason})")
