@@ -40,8 +40,11 @@ postgres:
 	@test -x /usr/lib/postgresql/15/bin/postgres || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
+# Two pytest workers (pytest-xdist), a test module each at a time: on 2 cores the tests wait
+# on processes and servers a third of the time, and the other worker fills it.
+TEST_WORKERS ?= 2
 test: install browser postgres
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-cluster: install postgres
 	$(PY) -m pytest -m cluster

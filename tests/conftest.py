@@ -13,6 +13,19 @@ torch.set_num_threads(2)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+#: The longest modules, started first: under `make test`'s two workers (``--dist loadfile``)
+#: each goes to its own worker at once instead of one of them ending the run alone.
+LONGEST_FIRST = ("test_cluster.py", "test_sweep.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each module, and of the rest, as collected
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("segsweep-cache")

@@ -15,7 +15,7 @@ from segsweep.tracking.protocol import NullTracker
 from segsweep.training.probe import ProbeSettings, fit, network, probe_logits, read_at
 from segsweep.training.runner import prepare
 
-from .helpers import assert_user_error, segsweep
+from .helpers import assert_user_error, segsweep, segsweep_here
 
 
 def test_reading_features_at_pixels_matches_upsampling() -> None:
@@ -90,9 +90,10 @@ def test_probe_command_reports_the_start_and_each_checkpoint(
 
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert_user_error(segsweep("probe", "missing.pt", cwd=tmp_path), "missing.pt", "file not found")
-    assert_user_error(segsweep("probe", "notes.txt", cwd=tmp_path), "notes.txt", "cannot read")
-    assert_user_error(segsweep("probe", str(ckpts / "last.pt"), "--iters", "0", cwd=tmp_path), "--iters")
-    wrong = segsweep("probe", str(ckpts / "last.pt"), "--set", "model.encoder=resnet18", cwd=tmp_path)
+    # the other refusals in this process (the same exit code and lines, no new interpreter)
+    assert_user_error(segsweep_here("probe", "notes.txt", cwd=tmp_path), "notes.txt", "cannot read")
+    assert_user_error(segsweep_here("probe", str(ckpts / "last.pt"), "--iters", "0", cwd=tmp_path), "--iters")
+    wrong = segsweep_here("probe", str(ckpts / "last.pt"), "--set", "model.encoder=resnet18", cwd=tmp_path)
     assert_user_error(wrong, "--set model.encoder", "checkpoint's own config")
     # a checkpoint whose network predicts other classes (trained on another dataset) is
     # refused before anything is fitted, with the counts and the file
@@ -101,9 +102,9 @@ def test_probe_command_reports_the_start_and_each_checkpoint(
         if "segmentation_head.0." in key:
             other["method"][key] = torch.zeros(21, *value.shape[1:])
     torch.save(other, tmp_path / "voc.pt")
-    mixed = segsweep("probe", str(ckpts / "last.pt"), str(tmp_path / "voc.pt"), cwd=tmp_path)
+    mixed = segsweep_here("probe", str(ckpts / "last.pt"), str(tmp_path / "voc.pt"), cwd=tmp_path)
     assert_user_error(mixed, "voc.pt: its network predicts 21 classes", "has 7", "or choose the data")
-    chosen = segsweep(
+    chosen = segsweep_here(
         "probe", str(ckpts / "last.pt"), str(tmp_path / "voc.pt"), "--set", "data.split_seed=3", cwd=tmp_path
     )
     assert_user_error(chosen, "config with --set data.split_seed=3) has 7", "one dataset together")

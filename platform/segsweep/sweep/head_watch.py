@@ -4,7 +4,7 @@ Without a head (its GCS) the cluster is gone: the trials on every node are lost 
 Ray's own driver waits a minute for it, then ends the process with a fatal log of its own.
 The watch says it sooner, in one line with the command that continues the sweep once the head
 is back: Ray's experiment state, the checkpoints and the MLflow runs let ``--resume`` go on
-where the sweep was (``tests/test_cluster_faults.py``).
+where the sweep was (``tests/test_cluster.py``).
 """
 
 from __future__ import annotations
