@@ -374,7 +374,8 @@ def _meet_every_fault(cluster: LocalCluster, cache_dir: Path, tmp_path: Path) ->
     seen.at["end"] = time.time()
     print(", ".join(f"{step} {t - seen.at['start']:.0f}s" for step, t in seen.at.items()))
     print(
-        f"node lost: retry after {seen.seconds['node']:.0f}s; head lost: driver ended after {seen.seconds['head']:.0f}s"
+        f"node lost: retry after {seen.seconds['node']:.0f}s; S3 refused {seen.s3_refused} connections; "
+        f"head lost: driver ended after {seen.seconds['head']:.0f}s"
     )
     return seen
 
