@@ -13,9 +13,24 @@ torch.set_num_threads(2)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-#: The longest modules, started first: under `make test`'s two workers (``--dist loadfile``)
-#: each goes to its own worker at once instead of one of them ending the run alone.
-LONGEST_FIRST = ("test_cluster.py", "test_sweep.py")
+#: The longest modules by their time on 2 cores (2026-12-07), longest first, then the rest as
+#: collected: under `make test`'s two workers (``--dist loadfile``, a module at a time each) the
+#: two longest start at once on their own workers and no long module starts last, to run alone
+#: while the other worker idles (longest-processing-time-first scheduling).
+LONGEST_FIRST = (
+    "test_cluster.py",
+    "test_sweep.py",
+    "test_protocols.py",
+    "test_cli_run.py",
+    "test_reliability.py",
+    "test_mlflow_view.py",
+    "test_bench.py",
+    "test_packaging.py",
+    "test_methods_weak.py",
+    "test_contract.py",
+    "test_probe.py",
+    "test_bad_input.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

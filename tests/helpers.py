@@ -58,9 +58,10 @@ def segsweep(
 
 
 def segsweep_here(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``segsweep ARGS`` run in this process, for commands that stop at a check: the same exit
-    code and printed lines as ``segsweep()`` without a new interpreter importing torch (about
-    4 s each). Each kind of refusal keeps one test through ``segsweep()``, the real process."""
+    """``segsweep ARGS`` run in this process: the same exit code and printed lines as
+    ``segsweep()`` without a new interpreter importing torch (about 5 CPU-seconds each), for
+    refusals and failing runs. Each command and each kind of refusal keeps one test through
+    ``segsweep()``, the real process."""
     import contextlib
     import io
 

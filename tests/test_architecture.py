@@ -75,3 +75,11 @@ def test_every_layer_is_a_folder_and_only_the_core_sits_at_the_top() -> None:
     assert top == {"config.py", "errors.py", "files.py", "primitives.py", "waiting.py"}
     layers = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert {"cli", "methods", "data", "models", "training", "sweep", "tracking", "reports", "bench"} <= layers
+
+
+def test_the_modules_make_test_starts_first_exist() -> None:
+    """``LONGEST_FIRST`` names test modules by file: one renamed would silently start last."""
+    from .conftest import LONGEST_FIRST
+
+    tests = Path(__file__).parent
+    assert [name for name in LONGEST_FIRST if not (tests / name).is_file()] == []

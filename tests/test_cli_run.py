@@ -104,7 +104,8 @@ def test_resume_continues_the_same_mlflow_run(cache_dir: Path, tmp_path: Path) -
     assert sorted(h.step for h in losses) == [1, 2, 3, 4, 5, 6]
     assert "segsweep.resumed_with" not in run.data.tags  # resumed as it was configured
     # extended on resume: MLflow keeps a param's first value, the tag says what ran instead
-    longer = segsweep(
+    # (this resume and the next in this process: the real one is above)
+    longer = segsweep_here(
         "run", "--resume", str(run_dir), "--tracking-uri", uri, "--set", "train.steps=8", cwd=tmp_path
     )
     assert longer.returncode == 0, longer.stderr
@@ -117,7 +118,7 @@ def test_resume_continues_the_same_mlflow_run(cache_dir: Path, tmp_path: Path) -
     assert run.data.tags["segsweep.resumed_with"] == "train.steps: 6 -> 8"
     assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "val/mIoU")) == [2, 4, 6, 8]
     # a resume as first configured again: the earlier resume's tag no longer holds
-    again = segsweep(
+    again = segsweep_here(
         "run", "--resume", str(run_dir), "--tracking-uri", uri, "--set", "train.steps=6", cwd=tmp_path
     )
     assert again.returncode == 0, again.stderr
@@ -212,7 +213,7 @@ def folder_run(tmp_path: Path, cache_dir: Path) -> tuple[Path, str]:
 def test_unreadable_image_found_up_front_leaves_no_run(cache_dir: Path, tmp_path: Path) -> None:
     cfg, uri = folder_run(tmp_path, cache_dir)
     (tmp_path / "data/images/im00.png").write_bytes(b"\x89PNG truncated")  # the first val image
-    proc = segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
+    proc = segsweep_here("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
     assert_user_error(proc, "im00.png", "cannot read image")
     assert not (tmp_path / "mlflow.db").exists() or runs_in(uri) == []
 
@@ -226,7 +227,7 @@ def test_bad_mask_met_during_training_fails_the_run_cleanly(cache_dir: Path, tmp
     labeled = build_data(load_run_config(cfg).data).split.labeled
     for sample in labeled[1:]:  # every labeled mask but the one read up front
         Image.fromarray(np.full((40, 40), 9, dtype=np.uint8), mode="L").save(tmp_path / "data" / sample.mask)
-    proc = segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
+    proc = segsweep_here("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path)
     assert "run " in proc.stdout  # the run had started: the bad mask was met while training
     assert_user_error(proc, ".png", "class id 9", "3 classes")
     statuses = [r.info.status for r in runs_in(uri)]
@@ -242,11 +243,11 @@ def test_resuming_from_a_corrupt_checkpoint_leaves_the_finished_run_as_it_was(
     cfg = write_config(
         tmp_path / "run.yaml", tiny_tree(cache_dir, **{"tracking.enabled": True, "train.steps": 2})
     )
-    assert segsweep("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path).returncode == 0
+    assert segsweep_here("run", str(cfg), "--tracking-uri", uri, cwd=tmp_path).returncode == 0
     [run_dir] = (tmp_path / "runs").iterdir()
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a copy cut short
-    proc = segsweep("run", "--resume", str(run_dir), "--tracking-uri", uri, cwd=tmp_path)
+    proc = segsweep_here("run", "--resume", str(run_dir), "--tracking-uri", uri, cwd=tmp_path)
     assert_user_error(proc, "last.pt", "not a readable checkpoint")
     [run] = runs_in(uri)
     assert run.info.status == "FINISHED" and run.data.tags["segsweep.status"] == "finished"

@@ -21,47 +21,10 @@ from segsweep.tracking.uris import redact, safe_params
 
 from .conftest import tiny_tree
 from .fixtures import write_folder
-from .helpers import assert_user_error, runs_in, segsweep, without_collector, write_config
+from .helpers import assert_user_error, runs_in, segsweep, segsweep_here, without_collector, write_config
 from .writer_process import write_metrics
 
 # -- divergence -------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_a_diverging_trial_stops_at_once_is_not_retried_and_the_sweep_goes_on(
-    cache_dir: Path, tmp_path: Path
-) -> None:
-    spec = {
-        "name": "nan",
-        "base": tiny_tree(cache_dir, **{"train.steps": 6}) | {"tracking": {}},
-        "grid": {
-            "method": ["supervised"],
-            "data.label_ratio": [0.25],
-            "seed": [0],
-            "debug.nan_at_step": [3, 99],
-        },
-        "max_failures": 3,
-    }
-    for key in ("output_dir",):
-        spec["base"].pop(key, None)
-    path = tmp_path / "nan.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    proc = segsweep("sweep", str(path), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "NaN!" in proc.stdout and "retry" not in proc.stdout
-    assert "1 finished, 0 stopped early, 0 failed, 1 diverged" in proc.stdout
-    runs = [
-        r
-        for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "nan")
-        if "mlflow.parentRunId" in r.data.tags
-    ]
-    status = {
-        r.data.params["debug.nan_at_step"]: (r.info.status, r.data.tags["segsweep.status"]) for r in runs
-    }
-    assert status == {"3": ("FAILED", "diverged"), "99": ("FINISHED", "finished")}
-    [diverged] = [r for r in runs if r.data.params["debug.nan_at_step"] == "3"]
-    assert "is nan at step 3" in diverged.data.tags["segsweep.error"]
-    assert diverged.data.metrics.get("train/loss") is None or np.isfinite(diverged.data.metrics["train/loss"])
 
 
 @pytest.mark.slow
@@ -69,7 +32,7 @@ def test_a_diverging_run_exits_1_with_one_line(cache_dir: Path, tmp_path: Path) 
     cfg = write_config(
         tmp_path / "r.yaml", tiny_tree(cache_dir, **{"debug.nan_at_step": 2, "tracking.enabled": True})
     )
-    proc = segsweep("run", str(cfg), cwd=tmp_path)
+    proc = segsweep_here("run", str(cfg), cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: loss 'loss' is nan at step 2")
     [run] = runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -345,7 +308,7 @@ def test_an_unwritable_artifact_store_fails_the_run_and_keeps_the_checkpoint(
             **{"tracking.enabled": True, "method": "fixmatch", "output_dir": str(tmp_path / "runs")},
         ),
     )
-    proc = segsweep("run", str(cfg), cwd=tmp_path)
+    proc = segsweep_here("run", str(cfg), cwd=tmp_path)
     assert_user_error(proc, "tracking store:", "the last checkpoint stays on local disk at")
     path = Path(proc.stderr.split("stays on local disk at ")[1].strip())
     assert path.name == "last.pt" and path.is_file()
@@ -466,7 +429,7 @@ def test_a_run_with_data_verify_fails_before_training(
     cache_dir: Path, tmp_path: Path, broken_folder: Path
 ) -> None:
     cfg = folder_config(cache_dir, tmp_path, broken_folder, **{"data.verify": True})
-    proc = segsweep("run", str(cfg), cwd=tmp_path)
+    proc = segsweep_here("run", str(cfg), cwd=tmp_path)
     assert_user_error(proc, "(and 2 more problems; run segsweep check-data)")
     assert not (tmp_path / "mlflow.db").exists() or runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}") == []
 
@@ -480,11 +443,11 @@ def test_a_split_list_naming_a_missing_file_fails_before_training(cache_dir: Pat
     (split / "unlabeled.txt").write_text("images/im05.png masks/im05.png\nimages/adir.png masks/im05.png\n")
     (root / "images" / "adir.png").mkdir()  # a folder where a file is named: said as such
     cfg = folder_config(cache_dir, tmp_path, root, **{"data.split": str(split)})
-    proc = segsweep("run", str(cfg), cwd=tmp_path)
+    proc = segsweep_here("run", str(cfg), cwd=tmp_path)
     assert_user_error(proc, "images/gone.png: file not found", "(and 2 more missing files)")
     assert not (tmp_path / "mlflow.db").exists() or runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}") == []
     # check-data names each missing file once (not once as missing, again as unreadable)
-    check = segsweep("check-data", str(cfg), cwd=tmp_path)
+    check = segsweep_here("check-data", str(cfg), cwd=tmp_path)
     assert check.stdout.count("gone.png") == 2  # the image and its mask
     assert "images/adir.png: is a folder, not a file" in check.stdout
     assert check.stderr.strip().startswith("error: 3 problem(s)")

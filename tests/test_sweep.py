@@ -4,6 +4,7 @@ MLflow and Optuna, a trial retried from its checkpoint, and resume after the dri
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import stat
@@ -250,31 +251,39 @@ def test_tiny_sweep_leaves_parent_and_child_runs(cache_dir: Path, tmp_path: Path
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
-def test_a_crashing_trial_is_retried_from_its_checkpoint(cache_dir: Path, tmp_path: Path) -> None:
-    """One sweep, two cells alike but for a crash injected at step 5 in one: the crashed trial
-    is retried from its step-4 checkpoint and ends exactly where the uninterrupted one ends."""
-    cells = {
-        "method": ["supervised"],
-        "data.label_ratio": [0.25],
-        "seed": [0],
-        "debug.fail_at_step": [5, None],
-    }
-    tree = tiny_spec("crash", grid=cells)
+def test_a_crashing_trial_is_retried_from_its_checkpoint_and_a_diverging_one_is_not(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """One sweep, three cells alike but for a crash injected at step 5 in one and a NaN loss at
+    step 3 in another: the crashed trial is retried from its step-4 checkpoint and ends exactly
+    where the uninterrupted one ends; the diverging one stops at once, FAILED and never
+    retried; the sweep goes on and ends 0."""
+    cells = {"method": ["supervised"], "data.label_ratio": [0.25], "seed": [0]}
+    variants = [{"debug.fail_at_step": 5}, {"debug.nan_at_step": 3}, {"debug.fail_at_step": None}]
+    tree = tiny_spec("crash", grid=cells, variants=variants, max_failures=3)
     tree["base"]["train"]["steps"] = 8
     proc = segsweep("sweep", str(write_spec(tmp_path, tree)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "retry" in proc.stdout and "injected failure at step 5" in proc.stdout
+    assert "injected failure at step 5" in proc.stdout and "NaN!" in proc.stdout
+    retries = [line for line in proc.stdout.splitlines() if "retry" in line]
+    assert retries and all("fail_at_step=5" in line for line in retries), retries  # the crash only
+    assert "2 finished, 0 stopped early, 0 failed, 1 diverged" in proc.stdout
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _, kids = children(uri, "crash")
-    [run] = [k for k in kids if k.data.params["debug.fail_at_step"] == "5"]
-    [clean] = [k for k in kids if k.data.params["debug.fail_at_step"] == "None"]
-    assert run.info.status == clean.info.status == "FINISHED"
+    by_cell = {(k.data.params["debug.fail_at_step"], k.data.params["debug.nan_at_step"]): k for k in kids}
+    run, diverged, clean = by_cell["5", "None"], by_cell["None", "3"], by_cell["None", "None"]
+    assert run.info.status == clean.info.status == "FINISHED" and len(kids) == 3
     from mlflow.tracking import MlflowClient
 
     steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == [2, 4, 6, 8]  # resumed from the step-4 checkpoint, not from scratch
     # the retried trial ends exactly where an uninterrupted run with the same seed ends (CPU)
     assert run.data.metrics["val/mIoU"] == clean.data.metrics["val/mIoU"]
+    # the diverged trial: FAILED once, saying where, no NaN logged as its loss
+    assert (diverged.info.status, diverged.data.tags["segsweep.status"]) == ("FAILED", "diverged")
+    assert "is nan at step 3" in diverged.data.tags["segsweep.error"]
+    loss = diverged.data.metrics.get("train/loss")
+    assert loss is None or math.isfinite(loss)
 
 
 def _children_now(uri: str, experiment: str) -> list:
