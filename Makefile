@@ -41,10 +41,12 @@ postgres:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
 # Two pytest workers (pytest-xdist), a test module each at a time: on 2 cores the tests wait
-# on processes and servers a third of the time, and the other worker fills it.
+# on processes and servers a third of the time, and the other worker fills it. One torch thread
+# per process there: two of two threads each on 2 cores spin-wait for one another (a training
+# test took 10 times its time alone).
 TEST_WORKERS ?= 2
 test: install browser postgres
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-cluster: install postgres
 	$(PY) -m pytest -m cluster

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # make test: 1 per worker
 # Tests make their own stores; a user's server in the environment must never receive them.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 

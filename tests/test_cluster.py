@@ -352,8 +352,12 @@ def _meet_every_fault(cluster: LocalCluster, cache_dir: Path, tmp_path: Path) ->
     _outage(seen, "postgres", cluster.stop_postgres, 30, cluster.start_postgres_server)
     server_log = cluster.root / "mlflow.log"
     refused_before = server_log.read_text().count(S3_REFUSED)
-    _outage(seen, "s3", cluster.s3_link.cut, 30, cluster.s3_link.up)
-    seen.s3_refused = server_log.read_text().count(S3_REFUSED) - refused_before
+
+    def refused() -> int:  # S3 connections the server found refused since the cut
+        return server_log.read_text().count(S3_REFUSED) - refused_before
+
+    _outage(seen, "s3", cluster.s3_link.cut, 30, cluster.s3_link.up, until=refused)
+    seen.s3_refused = refused()
 
     # The Ray head's processes (its GCS, raylet and workers) are SIGKILLed; once a head and the
     # second node are back, the sweep is resumed.
@@ -381,15 +385,22 @@ def _meet_every_fault(cluster: LocalCluster, cache_dir: Path, tmp_path: Path) ->
 
 
 def _outage(
-    seen: Faulted, fault: str, down: Callable[[], None], seconds: float, up: Callable[[], None]
+    seen: Faulted,
+    fault: str,
+    down: Callable[[], None],
+    seconds: float,
+    up: Callable[[], None],
+    until: Callable[[], Any] = lambda: True,
 ) -> None:
-    """``fault`` for ``seconds`` once a trial has finished and two train (one on each node);
-    the runs training then are kept for the fault's test."""
+    """``fault`` for ``seconds`` once a trial has finished and two train (one on each node),
+    and longer until ``until()`` (a trial met it: on a loaded machine no trial may end within
+    the 30 s); the runs training then are kept for the fault's test."""
     seen.sweep.wait_until_mid_sweep(running=2)
     seen.training[fault] = seen.sweep.running()
     seen.at[fault] = time.time()
     down()
     time.sleep(seconds)
+    seen.sweep.wait_for(f"a trial meeting the {fault} outage", until, timeout=120)
     up()
 
 
