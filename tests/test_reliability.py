@@ -878,3 +878,33 @@ def test_a_refusal_from_a_server_that_took_our_login_is_retried(monkeypatch: pyt
     assert retries.is_transient(refused) and not retries.is_transient(elsewhere)
     retries.authenticated("sqlite:///mlflow.db")  # not a server: nothing remembered
     assert retries.AUTHENTICATED == {"http://127.0.0.1:5000"}
+
+
+def test_rays_traceback_for_a_checkpoint_already_gone_is_dropped_and_no_other(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ray resumed on a new head may delete again a checkpoint the lost driver had deleted:
+    that FileNotFoundError's traceback is dropped; any other error handling a checkpoint, or
+    a FileNotFoundError elsewhere, is kept."""
+    import logging
+
+    from segsweep.sweep.ray_tune import GoneCheckpointFilter
+
+    log = logging.getLogger("segsweep.test.gone_checkpoint")
+    log.addFilter(GoneCheckpointFilter())
+    cases = [
+        (
+            FileNotFoundError("Path not found: .../checkpoint_000002"),
+            "Trial %s: Error handling checkpoint %s",
+        ),
+        (OSError("No space left on device"), "Trial %s: Error handling checkpoint %s"),
+        (FileNotFoundError("spec.yaml"), "Trial %s: could not read %s"),
+    ]
+    with caplog.at_level(logging.ERROR, logger=log.name):
+        for error, message in cases:
+            try:
+                raise error
+            except OSError:
+                log.exception(message, "t1", "c")
+    kept = [(type(r.exc_info[1]), r.msg) for r in caplog.records if r.name == log.name]
+    assert kept == [(OSError, cases[1][1]), (FileNotFoundError, cases[2][1])]

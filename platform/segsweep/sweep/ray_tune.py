@@ -381,6 +381,18 @@ def await_ray_head(address: str | None, budget_s: float | None = None, named: st
         raise ConfigError(f"{named} {address}: nothing answers there within {budget_s:.0f}s ({reason})")
 
 
+class GoneCheckpointFilter(logging.Filter):
+    """Drops Ray's traceback for a checkpoint that is already gone. A sweep resumed after its
+    driver or the Ray head was lost restores Ray's saved state, which may still list a
+    checkpoint past ``num_to_keep`` that the lost driver had deleted; Ray deletes it again,
+    logs the FileNotFoundError with a traceback and carries on. Nothing is lost (seen in the
+    cluster test of 2026-12-07)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, FileNotFoundError) and "Error handling checkpoint" in str(record.msg))
+
+
 def ray_init(address: str | None, plan: Plan) -> None:
     """Join the Ray cluster at ``address``, or start a local instance sized to this process's
     CPUs and the machine's GPUs; a trial's resources that no node has are one line."""
@@ -388,6 +400,7 @@ def ray_init(address: str | None, plan: Plan) -> None:
 
     if ray.is_initialized():
         return
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(GoneCheckpointFilter())
     env_vars = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": str(TRIAL_THREAD_TIMEOUT_S)}
     kwargs: dict[str, Any] = {
         "logging_level": logging.ERROR,
