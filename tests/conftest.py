@@ -76,8 +76,8 @@ def tiny_tree(cache: Path, **over: object) -> dict:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     """PostgreSQL, S3, the authenticated MLflow server and two Ray nodes on loopback
-    (tests/localcluster.py), one per module of tests/test_cluster*.py; every process stopped
-    after the module. (Kept for the whole session, one clean-clone run of 2026-12-06 found
+    (tests/localcluster.py), for tests/test_cluster.py; every process stopped after that
+    module. (Kept for the whole session, one clean-clone run of 2026-12-06 found
     Ctrl+C no longer stopping two later tests' processes; cause not found.)"""
     from .localcluster import PG_BIN, LocalCluster
 

@@ -230,6 +230,12 @@ class ClusterSweep:
                 f"the sweep did not end within {timeout:.0f}s:\n{self.log[-3000:]}"
             ) from None
 
+    def assert_every_step_once(self, run_id: str, what: str) -> None:
+        """The run's loss and evaluation logged at each reporting step (2, 4, ...) once."""
+        for key in ("train/loss", "val/mIoU"):
+            logged = [m.step for m in self.client.get_metric_history(run_id, key)]
+            assert sorted(logged) == list(range(2, self.steps + 1, 2)), (what, key, logged)
+
     def assert_complete(self) -> list[Any]:
         """Every trial has exactly one run, FINISHED, each evaluation and loss step once; each
         Optuna study holds each of its trials once; the parent run FINISHED."""
@@ -240,12 +246,10 @@ class ClusterSweep:
         assert parent.info.status == "FINISHED"
         assert len(kids) == TRIALS and len({k.data.tags["segsweep.run_key"] for k in kids}) == TRIALS
         assert {k.info.status for k in kids} == {"FINISHED"}, [(k.info.run_name, k.info.status) for k in kids]
-        steps, password = self.steps, self.cluster.admin_password
+        password = self.cluster.admin_password
         assert password not in "".join(p.read_text() for p in self.logs)  # never printed
         for k in kids:
-            for key in ("train/loss", "val/mIoU"):
-                logged = [m.step for m in self.client.get_metric_history(k.info.run_id, key)]
-                assert sorted(logged) == list(range(2, steps + 1, 2)), (k.info.run_name, key, logged)
+            self.assert_every_step_once(k.info.run_id, k.info.run_name)
             assert not any(password in v for v in k.data.params.values())
             files = {f.path for f in self.client.list_artifacts(k.info.run_id)}
             assert {"config.yaml", "checkpoints"} <= files, files
@@ -418,12 +422,10 @@ def test_after_every_fault_each_trial_has_one_finished_run_with_every_step_once(
 
 def _finished_with_every_step(faulted: Faulted, fault: str) -> None:
     """The runs that trained while ``fault`` happened ended FINISHED with every step once."""
-    client, steps = faulted.sweep.client, list(range(2, STEPS + 1, 2))
     assert faulted.training[fault]
     for run_id in faulted.training[fault]:
-        assert client.get_run(run_id).info.status == "FINISHED"
-        for key in ("train/loss", "val/mIoU"):
-            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == steps, (fault, key)
+        assert faulted.sweep.client.get_run(run_id).info.status == "FINISHED"
+        faulted.sweep.assert_every_step_once(run_id, fault)
 
 
 def test_a_lost_worker_nodes_trial_goes_on_from_its_checkpoint_and_the_node_gets_trials_again(

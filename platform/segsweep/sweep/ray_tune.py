@@ -393,6 +393,10 @@ class GoneCheckpointFilter(logging.Filter):
         return not (isinstance(error, FileNotFoundError) and "Error handling checkpoint" in str(record.msg))
 
 
+#: One instance, so that starting Ray again in this process does not stack filters.
+GONE_CHECKPOINT = GoneCheckpointFilter()
+
+
 def ray_init(address: str | None, plan: Plan) -> None:
     """Join the Ray cluster at ``address``, or start a local instance sized to this process's
     CPUs and the machine's GPUs; a trial's resources that no node has are one line."""
@@ -400,7 +404,7 @@ def ray_init(address: str | None, plan: Plan) -> None:
 
     if ray.is_initialized():
         return
-    logging.getLogger("ray.tune.execution.tune_controller").addFilter(GoneCheckpointFilter())
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(GONE_CHECKPOINT)
     env_vars = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": str(TRIAL_THREAD_TIMEOUT_S)}
     kwargs: dict[str, Any] = {
         "logging_level": logging.ERROR,
